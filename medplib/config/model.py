@@ -1,0 +1,126 @@
+"""Model configuration: sub-configs for the vision tower, LLM, SAM grounding path and MoE (REFERENCE §2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from medplib.config.base import ConfigError
+
+
+@dataclass
+class VisionConfig:
+    """CLIP vision tower; features from `select_layer` (-2 = second-to-last), CLS dropped."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    select_layer: int = -2
+    freeze: bool = False
+    weights: Optional[str] = None  # local folder of a CLIPVisionModel checkpoint (full preset)
+
+    def validate(self, prefix: str = "") -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"Config key '{prefix}image_size' = {self.image_size} is not a multiple of "
+                              f"'{prefix}patch_size' = {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"Config key '{prefix}hidden_size' = {self.hidden_size} does not divide by "
+                              f"'{prefix}num_heads' = {self.num_heads}")
+
+
+@dataclass
+class LLMConfig:
+    """LLaMA causal LM (LLaVA-1.5 / Vicuna in the full preset)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    max_position_embeddings: int = 512
+    rms_norm_eps: float = 1e-5
+    vocab_size: int = 2048  # tokenizer size for the tiny preset's locally trained BPE
+    weights: Optional[str] = None  # local folder of a LlavaForConditionalGeneration / LlamaForCausalLM checkpoint
+    tokenizer: Optional[str] = None  # local tokenizer folder (full preset)
+
+    def validate(self, prefix: str = "") -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"Config key '{prefix}hidden_size' = {self.hidden_size} does not divide by "
+                              f"'{prefix}num_heads' = {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"Config key '{prefix}num_kv_heads' = {self.num_kv_heads} must divide "
+                              f"'{prefix}num_heads' = {self.num_heads}")
+
+
+@dataclass
+class SamConfig:
+    """SAM(-Med2D) image encoder + prompt encoder + mask decoder."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden_size: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    global_attn_indexes: tuple[int, ...] = (1,)
+    hidden_size: int = 64  # prompt encoder / mask decoder width (256 in SAM)
+    decoder_mlp_dim: int = 256
+    decoder_heads: int = 4
+    initializer_range: float = 0.02  # transformers defaults SAM vision to 1e-10, which does not learn
+    freeze_image_encoder: bool = False
+    weights: Optional[str] = None  # local folder of a SamModel checkpoint (SAM-Med2D converted)
+
+    def validate(self, prefix: str = "") -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"Config key '{prefix}image_size' = {self.image_size} is not a multiple of "
+                              f"'{prefix}patch_size' = {self.patch_size}")
+
+
+@dataclass
+class MoEConfig:
+    """Top-1 mixture of FFN experts in every LLM layer; 1 expert = the dense model."""
+
+    num_experts: int = 1
+    top_k: int = 1
+    capacity_factor_train: float = 1.5
+    capacity_factor_eval: float = 2.0
+    aux_loss_weight: float = 0.0
+
+    def validate(self, prefix: str = "") -> None:
+        if self.num_experts < 1:
+            raise ConfigError(f"Config key '{prefix}num_experts' = {self.num_experts} must be >= 1")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"Config key '{prefix}top_k' = {self.top_k} must be between 1 and num_experts")
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    projector: str = "mlp2x_gelu"
+    region_max_points: int = 512
+    point_prompt_size: int = 41  # side of the square a point prompt becomes, at 336 px
+    seg_feature_dim: Optional[int] = None  # text_hidden_fcs output; defaults to sam.hidden_size
+
+    def validate(self, prefix: str = "") -> None:
+        if self.projector not in ("linear", "mlp2x_gelu"):
+            raise ConfigError(f"Config key '{prefix}projector' = {self.projector!r} is not 'linear' or 'mlp2x_gelu'")
+
+    @classmethod
+    def tiny(cls) -> "ModelConfig":
+        return cls()
+
+    @classmethod
+    def full(cls) -> "ModelConfig":
+        return cls(
+            vision=VisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                                num_layers=24, num_heads=16, freeze=True),
+            llm=LLMConfig(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
+                          max_position_embeddings=4096, vocab_size=32000),
+            sam=SamConfig(image_size=256, patch_size=16, vision_hidden_size=768, vision_layers=12, vision_heads=12,
+                          global_attn_indexes=(2, 5, 8, 11), hidden_size=256, decoder_mlp_dim=2048, decoder_heads=8,
+                          freeze_image_encoder=True),
+        )

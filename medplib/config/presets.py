@@ -1,0 +1,74 @@
+"""The top-level config and its named presets; YAML files override any key."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from medplib.config.base import ConfigError, from_dict, merge
+from medplib.config.model import ModelConfig
+from medplib.data.schema import MODALITIES
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 64  # side of the synthetic phantoms
+    synth_n: int = 240  # synthetic images (each gives several QA samples)
+    synth_seed: int = 42
+    # Held out of grounding training: their grounding questions form the zero-shot split.
+    zeroshot_modalities: tuple[str, ...] = ("pet", "fundus")
+    test_fraction: float = 0.2
+    max_image_pixels: int = 8192 * 8192
+
+    def validate(self, prefix: str = "") -> None:
+        for m in self.zeroshot_modalities:
+            if m not in MODALITIES:
+                raise ConfigError(f"Config key '{prefix}zeroshot_modalities' has {m!r}, not one of {list(MODALITIES)}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"Config key '{prefix}test_fraction' = {self.test_fraction} must be in (0, 1)")
+        if self.image_size < 16 or self.image_size > 1024:
+            raise ConfigError(f"Config key '{prefix}image_size' = {self.image_size} must be in [16, 1024]")
+        if self.synth_n < 1:
+            raise ConfigError(f"Config key '{prefix}synth_n' = {self.synth_n} must be >= 1")
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"Config key '{prefix}preset' = {self.preset!r} is not one of {sorted(PRESETS)}")
+
+
+PRESETS = {
+    "tiny": lambda: Config(preset="tiny", data=DataConfig(), model=ModelConfig.tiny()),
+    "full": lambda: Config(preset="full", data=DataConfig(image_size=336), model=ModelConfig.full()),
+}
+
+
+def load_config(preset: str = "tiny", overrides: Path | dict | None = None) -> Config:
+    """The named preset with optional overrides (a YAML file or a dict), validated as a whole."""
+    if preset not in PRESETS:
+        raise ConfigError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[preset]()
+    if overrides is None:
+        return merge(cfg, {})
+    if isinstance(overrides, (str, Path)):
+        path = Path(overrides)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"Config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"Config file {path} must hold a mapping at the top, got {type(data).__name__}")
+        try:
+            return merge(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return merge(cfg, overrides)

@@ -1,0 +1,1 @@
+"""Data: record schema, synthetic generator, source readers, ingest, expectations, torch dataset."""

@@ -1,0 +1,285 @@
+"""Ingest: normalise a source into `data/` (records JSONL + files), quarantine what fails, version with DVC.
+
+Every source is first brought into the MeCoVQA layout (synth generates it, DICOM/NIfTI are converted to it),
+then one normalisation path checks each record. A record that fails any check goes to `quarantine.jsonl` with
+the file, field, value and reason; counts always add up: total = valid + quarantined.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from tqdm import tqdm
+
+from medplib.config import Config, Home
+from medplib.data.images import ImageReadError, read_image, read_mask, write_png
+from medplib.data.readers.mecovqa import RawItem, read_mecovqa
+from medplib.data.schema import (
+    IMAGE_TOKEN, MASK_RE, MODALITIES, REGION_RE, SEG_TOKEN, Record, RecordError, modality_from_filename, stable_id,
+)
+from medplib.data.versioning import track_data
+
+log = logging.getLogger(__name__)
+
+SOURCE_KINDS = ("synth", "mecovqa", "dicom", "nifti")
+FAMILY_TASK = {"region": "region_vqa", "grounding": "grounding", "caption": "caption"}
+
+
+@dataclass
+class IngestResult:
+    total: int
+    valid: int
+    quarantined: int
+    version: str
+    data_dir: Path
+    source: str
+    by_task: dict[str, int] = field(default_factory=dict)
+    by_modality: dict[str, int] = field(default_factory=dict)
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "valid": self.valid, "quarantined": self.quarantined, "version": self.version,
+                "data_dir": str(self.data_dir), "source": self.source, "by_task": self.by_task,
+                "by_modality": self.by_modality, "quarantine_reasons": self.quarantine_reasons}
+
+
+def parse_source(spec: str) -> tuple[str, Path | None]:
+    """`synth` or `KIND:DIR` with KIND in mecovqa, dicom, nifti."""
+    if spec == "synth":
+        return "synth", None
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in SOURCE_KINDS or kind == "synth" or not path:
+        raise ValueError(f"Source {spec!r} is not understood: use 'synth' or one of "
+                         f"{', '.join(k + ':DIR' for k in SOURCE_KINDS if k != 'synth')}")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ValueError(f"Source {spec!r}: folder {p} does not exist")
+    return kind, p.resolve()
+
+
+def stage_source(spec: str, home: Home, cfg: Config, seed: int | None = None) -> tuple[Path, list[RecordError], str]:
+    """Bring a source into the MeCoVQA layout; returns (folder, conversion errors, canonical source name)."""
+    kind, path = parse_source(spec)
+    if kind == "synth":
+        from medplib.data.synth import generate
+
+        d = cfg.data
+        seed = d.synth_seed if seed is None else seed
+        name = f"synth(n={d.synth_n},seed={seed},size={d.image_size},zeroshot={','.join(d.zeroshot_modalities)})"
+        out = home.sources / hashlib.sha256(name.encode()).hexdigest()[:16]
+        if out.exists():
+            shutil.rmtree(out)
+        generate(out, n=d.synth_n, seed=seed, image_size=d.image_size,
+                 zeroshot_modalities=d.zeroshot_modalities, test_fraction=d.test_fraction)
+        return out, [], name
+    if kind == "mecovqa":
+        return path, [], "mecovqa"
+    out = home.sources / f"{kind}-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}"
+    if out.exists():
+        shutil.rmtree(out)
+    if kind == "dicom":
+        from medplib.data.readers.dicom import convert_dicom
+
+        errors = convert_dicom(path, out, test_fraction=cfg.data.test_fraction)
+    else:
+        from medplib.data.readers.nifti import convert_nifti
+
+        errors = convert_nifti(path, out, test_fraction=cfg.data.test_fraction)
+    return out, errors, kind
+
+
+class _Files:
+    """Reads each image/mask of the source once; remembers failures so every record that uses a file fails alike."""
+
+    def __init__(self, root: Path, max_pixels: int):
+        self.root, self.max_pixels = root, max_pixels
+        self.cache: dict[tuple[str, str], np.ndarray | ImageReadError] = {}
+
+    def safe_path(self, rel: object, where: str, field_name: str) -> str:
+        if not isinstance(rel, str) or not rel.strip():
+            raise RecordError(where, field_name, rel, "expected a non-empty relative path")
+        rel = rel.strip()
+        p = PurePosixPath(rel)
+        if p.is_absolute() or rel.startswith("\\") or (len(rel) > 1 and rel[1] == ":"):
+            raise RecordError(where, field_name, rel, "absolute paths are not allowed; use a path inside the dataset")
+        if ".." in p.parts:
+            raise RecordError(where, field_name, rel, "path escapes the dataset folder ('..')")
+        full = (self.root / p).resolve()
+        if not full.is_relative_to(self.root.resolve()):
+            raise RecordError(where, field_name, rel, "path resolves outside the dataset folder (symlink?)")
+        return str(p)
+
+    def load(self, rel: str, kind: str, where: str, field_name: str) -> np.ndarray:
+        key = (rel, kind)
+        if key not in self.cache:
+            path = self.root / rel
+            try:
+                if not path.is_file():
+                    raise ImageReadError("file does not exist")
+                self.cache[key] = read_mask(path, self.max_pixels) if kind == "mask" else read_image(path, self.max_pixels)
+            except ImageReadError as e:
+                self.cache[key] = ImageReadError(str(e).replace(str(self.root) + os.sep, ""))
+        value = self.cache[key]
+        if isinstance(value, ImageReadError):
+            raise RecordError(where, field_name, rel, str(value))
+        return value
+
+
+def _check_text(value: object, where: str, field_name: str) -> str:
+    if not isinstance(value, str):
+        raise RecordError(where, field_name, value, "expected a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RecordError(where, field_name, value.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
+                          "text is not valid UTF-8") from None
+    return value
+
+
+def normalise(item: RawItem, files: _Files) -> tuple[Record, dict[str, np.ndarray]]:
+    """Check one raw MeCoVQA record and return the normalised record and the files it needs."""
+    where, raw = item.where, item.raw
+    if not isinstance(raw, dict):
+        raise RecordError(where, "record", raw, "expected a JSON object")
+    image_rel = files.safe_path(raw.get("image"), where, "image")
+    modality = modality_from_filename(image_rel)
+    if modality not in MODALITIES:
+        raise RecordError(where, "image", image_rel,
+                          f"unknown modality {modality!r} (file-name prefix); expected one of {list(MODALITIES)}")
+    image = files.load(image_rel, "image", where, "image")
+    convs = raw.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise RecordError(where, "conversations", convs, "empty conversation: expected a non-empty list of turns")
+    turns = []
+    for i, turn in enumerate(convs):
+        if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt"):
+            raise RecordError(where, f"conversations[{i}]", turn, "expected {'from': 'human'|'gpt', 'value': text}")
+        value = _check_text(turn.get("value"), where, f"conversations[{i}].value")
+        if not value.strip():
+            raise RecordError(where, f"conversations[{i}].value", value, "empty turn")
+        turns.append({"from": turn["from"], "value": value})
+    roles = [t["from"] for t in turns]
+    if "human" not in roles or "gpt" not in roles:
+        raise RecordError(where, "conversations", roles, "need at least one human and one gpt turn")
+    if IMAGE_TOKEN not in turns[0]["value"]:
+        raise RecordError(where, "conversations[0].value", turns[0]["value"], f"no {IMAGE_TOKEN} placeholder")
+    out_files = {image_rel: image}
+    masks, regions = [], []
+    for i, t in enumerate(turns):
+        fld = f"conversations[{i}].value"
+        n_seg, mask_paths = t["value"].count(SEG_TOKEN), MASK_RE.findall(t["value"])
+        if n_seg != len(mask_paths):
+            raise RecordError(where, fld, t["value"], f"{n_seg} {SEG_TOKEN} token(s) but {len(mask_paths)} <mask> path(s)")
+        for kind, paths, bucket in (("mask", mask_paths, masks), ("region", REGION_RE.findall(t["value"]), regions)):
+            for rel in paths:
+                rel = files.safe_path(rel, where, f"{fld} <{kind}>")
+                m = files.load(rel, "mask", where, f"{fld} <{kind}>")
+                if m.shape != image.shape[:2]:
+                    raise RecordError(where, f"{fld} <{kind}>", rel,
+                                      f"mask is {m.shape[1]}x{m.shape[0]} but image '{image_rel}' is "
+                                      f"{image.shape[1]}x{image.shape[0]}")
+                if not m.any():
+                    raise RecordError(where, f"{fld} <{kind}>", rel, "mask is empty (no foreground pixel)")
+                bucket.append(rel)
+                out_files[rel] = m
+    answer_type = raw.get("answer_type")
+    answer = next(t["value"] for t in turns if t["from"] == "gpt")
+    if answer_type is None:
+        answer_type = "closed" if answer.strip().lower().rstrip(".") in ("yes", "no") else "open"
+    if answer_type not in ("open", "closed"):
+        raise RecordError(where, "answer_type", answer_type, "expected 'open' or 'closed'")
+    if item.family == "complex":
+        task = "vqa_closed" if answer_type == "closed" else "vqa_open"
+    else:
+        task = FAMILY_TASK[item.family]
+    if task == "grounding" and not masks:
+        raise RecordError(where, "conversations", answer, f"a grounding record needs a {SEG_TOKEN} with a <mask>")
+    if task == "region_vqa" and not regions:
+        raise RecordError(where, "conversations", turns[0]["value"], "a region record needs a <region> prompt mask")
+    digest = hashlib.sha256(np.ascontiguousarray(image).tobytes() + str(image.shape).encode()).hexdigest()
+    rid = stable_id(digest, turns, item.split, task)
+    source_id = raw.get("id") if isinstance(raw.get("id"), str) else where
+    record = Record(id=rid, image=image_rel, modality=modality, split=item.split, task=task, conversations=turns,
+                    masks=masks, regions=regions, answer_type=answer_type, source=item.file, source_id=source_id)
+    return record, out_files
+
+
+def _quarantine_entry(err: RecordError, raw: object = None) -> dict:
+    return {**err.as_dict(), "message": str(err), "record": raw}
+
+
+def build_dataset(root: Path, data_dir: Path, source_name: str, pre_errors: list[RecordError],
+                  max_pixels: int) -> IngestResult:
+    """Normalise a MeCoVQA-layout folder into `data_dir` (replaced atomically); no DVC here."""
+    files = _Files(Path(root).resolve(), max_pixels)
+    records: dict[str, Record] = {}
+    quarantine = [_quarantine_entry(e) for e in pre_errors]
+    to_write: dict[str, np.ndarray] = {}
+    items = list(read_mecovqa(root))
+    for item in tqdm(items, desc="ingest", unit="rec", disable=len(items) < 2000):
+        if isinstance(item, RecordError):
+            quarantine.append(_quarantine_entry(item))
+            continue
+        try:
+            rec, needed = normalise(item, files)
+            if rec.id in records:
+                first = records[rec.id]
+                raise RecordError(item.where, "id", rec.id,
+                                  f"duplicate of {first.source}[{first.source_id}]: same image, conversation, "
+                                  "split and task")
+        except RecordError as e:
+            quarantine.append(_quarantine_entry(e, item.raw))
+            continue
+        records[rec.id] = rec
+        to_write.update(needed)
+    total = len(items) + len(pre_errors)
+    if total != len(records) + len(quarantine):  # an invariant of this function, not user input
+        raise RuntimeError(f"ingest lost records: total {total} != {len(records)} valid + {len(quarantine)} quarantined")
+
+    data_dir = Path(data_dir)
+    tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for rel, arr in sorted(to_write.items()):
+        write_png(tmp / rel, arr)
+    ordered = [records[k] for k in sorted(records)]
+    (tmp / "records.jsonl").write_text("".join(r.to_json() + "\n" for r in ordered), encoding="utf-8")
+    (tmp / "quarantine.jsonl").write_text(
+        "".join(json.dumps(q, ensure_ascii=False, sort_keys=True, default=repr) + "\n" for q in quarantine),
+        encoding="utf-8")
+    result = IngestResult(
+        total=total, valid=len(records), quarantined=len(quarantine), version="", data_dir=data_dir,
+        source=source_name, by_task=dict(sorted(Counter(r.task for r in ordered).items())),
+        by_modality=dict(sorted(Counter(r.modality for r in ordered).items())),
+        quarantine_reasons=dict(sorted(Counter(q["reason"].split(":")[0] for q in quarantine).items())),
+    )
+    manifest = {"source": source_name, "total": total, "valid": result.valid, "quarantined": result.quarantined,
+                "by_task": result.by_task, "by_modality": result.by_modality,
+                "files": {rel: hashlib.sha256((tmp / rel).read_bytes()).hexdigest() for rel in sorted(to_write)}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    old = data_dir.with_name(f".{data_dir.name}.old-{os.getpid()}")
+    if data_dir.exists():
+        data_dir.rename(old)
+    tmp.rename(data_dir)
+    if old.exists():
+        shutil.rmtree(old)
+    return result
+
+
+def ingest(spec: str, project: Path, home: Home, cfg: Config, seed: int | None = None) -> IngestResult:
+    """Stage the source, normalise it into `<project>/data`, track it with DVC and push to the home's remote."""
+    home.ensure()
+    root, pre_errors, name = stage_source(spec, home, cfg, seed)
+    result = build_dataset(root, Path(project) / "data", name, pre_errors, cfg.data.max_image_pixels)
+    result.version = track_data(Path(project), home)
+    log.info("ingested %s: %d total = %d valid + %d quarantined; version %s", name, result.total, result.valid,
+             result.quarantined, result.version)
+    return result

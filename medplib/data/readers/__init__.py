@@ -1,0 +1,1 @@
+"""Source readers: each turns a source folder into MeCoVQA-layout items for ingest."""

@@ -1,0 +1,70 @@
+"""Reader for a folder in the real MeCoVQA layout (REFERENCE §4); every other source is converted to it."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from medplib.data.schema import RecordError
+
+# Where a file sits and what its name says decide the split and the task family.
+SPLIT_DIRS = {"train": "train", "test": "test", "zeroshot4grounding": "zeroshot"}
+FAMILIES = (("complex", "complex"), ("region", "region"), ("grounding", "grounding"), ("alignment", "caption"),
+            ("caption", "caption"))
+
+
+@dataclass
+class RawItem:
+    """One record as found in the source, with where it came from."""
+
+    raw: object
+    file: str  # source file, relative to the source root
+    index: int  # position in that file
+    split: str
+    family: str  # complex | region | grounding | caption
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}[{self.index}]"
+
+
+def family_of(rel: Path) -> str | None:
+    if rel.parts[0] == "zeroshot4grounding":
+        return "grounding"
+    name = rel.name.lower()
+    return next((fam for key, fam in FAMILIES if key in name), None)
+
+
+def read_mecovqa(root: Path) -> Iterator[RawItem | RecordError]:
+    """Yield every record of every annotation file under `root`, or a RecordError for a file that cannot be read."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"MeCoVQA source {root} is not a folder")
+    files = sorted(p for d in SPLIT_DIRS if (root / d).is_dir() for p in (root / d).rglob("*.json"))
+    if not files:
+        raise FileNotFoundError(
+            f"MeCoVQA source {root} has no annotation files: expected train/*.json, test/*.json or "
+            "zeroshot4grounding/*.json")
+    for path in files:
+        rel = path.relative_to(root)
+        split = SPLIT_DIRS[rel.parts[0]]
+        family = family_of(rel)
+        if family is None:
+            yield RecordError(str(rel), "file name", rel.name,
+                              "cannot tell the task from the file name (expected Complex, Region, Grounding or "
+                              "alignment in it)")
+            continue
+        raw_bytes = path.read_bytes()
+        # Decode leniently so one bad string quarantines one record, not the whole file.
+        text = raw_bytes.decode("utf-8", errors="surrogateescape")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield RecordError(str(rel), "json", f"line {e.lineno} column {e.colno}", f"malformed JSON: {e.msg}")
+            continue
+        if not isinstance(data, list):
+            yield RecordError(str(rel), "json", type(data).__name__, "expected a JSON list of records")
+            continue
+        for i, raw in enumerate(data):
+            yield RawItem(raw=raw, file=str(rel), index=i, split=split, family=family)

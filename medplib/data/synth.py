@@ -1,0 +1,216 @@
+"""Deterministic synthetic MeCoVQA: phantoms of the 8 modalities, each with 1–3 named structures and masks.
+
+Written in the real MeCoVQA layout (REFERENCE §4) so that the real dataset can replace it:
+images/, masks/ (pixel prompts), masks_merged/ (grounding targets), train/, test/, zeroshot4grounding/.
+Each structure has a fixed shape and brightness, so a question naming it picks one object among several:
+a model must read the question to segment the right one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from medplib.data.images import write_png
+from medplib.data.schema import MODALITIES, MODALITY_NAMES
+
+log = logging.getLogger(__name__)
+
+# (name, shape, brightness) per modality; shapes differ within a modality so the name decides the object.
+STRUCTURES: dict[str, list[tuple[str, str, float]]] = {
+    "ct": [("liver", "ellipse", 0.85), ("kidney", "rectangle", 0.55), ("spleen", "triangle", 0.7)],
+    "mr": [("tumor", "ellipse", 0.9), ("ventricle", "rectangle", 0.25), ("edema", "triangle", 0.65)],
+    "x": [("nodule", "ellipse", 0.9), ("heart", "rectangle", 0.6), ("fracture", "triangle", 0.75)],
+    "pet": [("lesion", "ellipse", 1.0), ("bladder", "rectangle", 0.8), ("myocardium", "triangle", 0.6)],
+    "endoscopy": [("polyp", "ellipse", 0.8), ("instrument", "rectangle", 0.95), ("ulcer", "triangle", 0.5)],
+    "dermoscopy": [("melanoma", "ellipse", 0.2), ("nevus", "rectangle", 0.4), ("scar", "triangle", 0.75)],
+    "fundus": [("optic disc", "ellipse", 0.95), ("exudate", "rectangle", 0.85), ("hemorrhage", "triangle", 0.3)],
+    "ultrasound": [("cyst", "ellipse", 0.1), ("thyroid", "rectangle", 0.6), ("plaque", "triangle", 0.85)],
+}
+# Each modality's look: background tint (RGB) and whether the image is colour.
+LOOKS: dict[str, tuple[tuple[float, float, float], bool]] = {
+    "ct": ((0.3, 0.3, 0.3), False), "mr": ((0.2, 0.2, 0.2), False), "x": ((0.1, 0.1, 0.1), False),
+    "pet": ((0.05, 0.05, 0.05), False), "endoscopy": ((0.7, 0.35, 0.3), True),
+    "dermoscopy": ((0.85, 0.65, 0.55), True), "fundus": ((0.6, 0.2, 0.05), True),
+    "ultrasound": ((0.15, 0.15, 0.15), False),
+}
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+PROMPT_KINDS = ("point", "box", "free-form")
+POINT_SIDE_AT_336 = 41  # MedPLIB: a point prompt becomes a 41x41 square at 336 px
+
+FILES = {
+    ("train", "complex"): "train/MeCoVQA-Complex.json",
+    ("train", "region"): "train/MeCoVQA-Region.json",
+    ("train", "grounding"): "train/MeCoVQA-Grounding.json",
+    ("train", "caption"): "train/alignment.json",
+    ("test", "complex"): "test/MeCoVQA_Complex_VQA_test.json",
+    ("test", "region"): "test/MeCoVQA_Region_VQA_test.json",
+    ("test", "grounding"): "test/MeCoVQA_Grounding_test.json",
+    ("test", "caption"): "test/alignment_test.json",
+}
+
+
+@dataclass
+class SynthSummary:
+    out: Path
+    images: int
+    records: int
+    files: dict[str, int]
+
+
+def _shape_mask(kind: str, size: int, cy: float, cx: float, r: float, angle: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    dy, dx = yy - cy, xx - cx
+    c, s = np.cos(angle), np.sin(angle)
+    u, v = c * dx + s * dy, -s * dx + c * dy
+    if kind == "ellipse":
+        return (u / r) ** 2 + (v / (0.7 * r)) ** 2 <= 1.0
+    if kind == "rectangle":
+        return (np.abs(u) <= r) & (np.abs(v) <= 0.6 * r)
+    if kind == "triangle":  # apex up in the rotated frame
+        h = 1.7 * r
+        return (v >= -h / 2) & (v <= h / 2) & (np.abs(u) <= (v + h / 2) / h * r * 1.1)
+    raise ValueError(f"unknown shape kind {kind!r}")
+
+
+def _where(mask: np.ndarray) -> str:
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    vert = "upper" if ys.mean() < h / 2 else "lower"
+    horiz = "left" if xs.mean() < w / 2 else "right"
+    return f"in the {vert} {horiz}"
+
+
+def _render(modality: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
+    """One phantom: image (uint8, HxW or HxWx3) and its structures as (name, mask)."""
+    tint, colour = LOOKS[modality]
+    k = int(rng.integers(1, 4))
+    chosen = sorted(rng.choice(3, size=k, replace=False).tolist())
+    yy, xx = np.mgrid[0:size, 0:size]
+    base = np.ones((size, size), np.float64)
+    if modality in ("ct", "mr"):  # a body/head outline
+        body = ((yy - size / 2) / (0.46 * size)) ** 2 + ((xx - size / 2) / (0.4 * size)) ** 2 <= 1
+        base = np.where(body, 1.0, 0.3)
+    elif modality == "ultrasound":  # fan-shaped field of view
+        ang = np.arctan2(xx - size / 2, yy + 0.2 * size)
+        base = np.where(np.abs(ang) < 0.6, 1.0, 0.0)
+    elif modality in ("fundus", "endoscopy"):  # circular aperture
+        base = np.where((yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= (0.48 * size) ** 2, 1.0, 0.0)
+    img = base[..., None] * np.array(tint)[None, None, :]
+    structures: list[tuple[str, np.ndarray]] = []
+    occupied = np.zeros((size, size), bool)
+    for idx in chosen:
+        name, kind, bright = STRUCTURES[modality][idx]
+        for _ in range(30):  # place without overlap
+            r = rng.uniform(0.11, 0.17) * size
+            cy, cx = rng.uniform(0.25 * size, 0.75 * size, size=2)
+            m = _shape_mask(kind, size, cy, cx, r, rng.uniform(-0.3, 0.3))
+            if m.sum() >= 12 and not (m & occupied).any():
+                break
+        else:
+            continue
+        occupied |= m
+        colour_vec = np.array([bright, bright * (0.6 if colour else 1), bright * (0.5 if colour else 1)])
+        img[m] = colour_vec
+        structures.append((name, m))
+    noise = 0.12 if modality == "ultrasound" else 0.06  # speckle
+    img = img + rng.normal(0, noise, size=img.shape[:2])[..., None]
+    img = np.clip(img, 0, 1)
+    out = (img * 255).round().astype(np.uint8)
+    return (out if colour else out[..., 0]), structures
+
+
+def _prompt_mask(kind: str, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    size = mask.shape[0]
+    ys, xs = np.nonzero(mask)
+    if kind == "point":
+        i = int(rng.integers(len(ys)))
+        half = max(1, round(POINT_SIDE_AT_336 * size / 336) // 2)
+        p = np.zeros_like(mask)
+        p[max(0, ys[i] - half): ys[i] + half + 1, max(0, xs[i] - half): xs[i] + half + 1] = True
+        return p
+    if kind == "box":
+        p = np.zeros_like(mask)
+        p[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1] = True
+        return p
+    # free-form: the structure itself with a ragged edge (a scribble around it)
+    pad = np.pad(mask, 1)
+    grown = pad[1:-1, 1:-1] | pad[:-2, 1:-1] | pad[2:, 1:-1] | pad[1:-1, :-2] | pad[1:-1, 2:]
+    return np.where(rng.random(mask.shape) < 0.5, grown, mask)
+
+
+def _turns(question: str, answer: str) -> list[dict]:
+    return [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]
+
+
+def generate(out: Path, n: int = 240, seed: int = 42, image_size: int = 64,
+             zeroshot_modalities: tuple[str, ...] = ("pet", "fundus"), test_fraction: float = 0.2) -> SynthSummary:
+    """Write `n` phantoms and their QA records to `out` in the MeCoVQA layout; same arguments, same bytes."""
+    out = Path(out)
+    if n < 1:
+        raise ValueError(f"n = {n}: need at least one image")
+    bad = [m for m in zeroshot_modalities if m not in MODALITIES]
+    if bad:
+        raise ValueError(f"zeroshot_modalities has {bad[0]!r}, not one of {list(MODALITIES)}")
+    buckets: dict[str, list[dict]] = {}
+    add = lambda key, rec: buckets.setdefault(key, []).append(rec)  # noqa: E731
+    for i in tqdm(range(n), desc="synth", unit="img", disable=n < 200):
+        rng = np.random.default_rng([seed, i])
+        modality = MODALITIES[i % len(MODALITIES)]
+        img, structures = _render(modality, image_size, rng)
+        stem = f"{modality}_00--synth{seed}--case{i:05d}--z_0000"
+        image_rel = f"images/{stem}.png"
+        write_png(out / image_rel, img)
+        split = "test" if rng.random() < test_fraction else "train"
+        zeroshot = modality in zeroshot_modalities and rng.random() < 0.5
+        mod_name = MODALITY_NAMES[modality]
+        names = [s[0] for s in structures]
+        if zeroshot:  # held out of grounding training: these images carry grounding questions only
+            for name, m in structures:
+                rel = f"masks_merged/{stem}--{name.replace(' ', '-')}_merged.png"
+                write_png(out / rel, m)
+                add(f"zeroshot4grounding/{'xray' if modality == 'x' else modality}.json", {
+                    "image": image_rel, "answer_type": "open",
+                    "conversations": _turns(f"Segment the {name}.", f"It is the {name}. <SEG> <mask>{rel}</mask>")})
+            continue
+        listing = " and ".join(names) if names else "no visible structure"
+        add(FILES[(split, "caption")], {"image": image_rel, "answer_type": "open",
+                                        "conversations": _turns("Describe the image briefly.",
+                                                                f"A {mod_name} image showing {listing}.")})
+        other = MODALITIES[(i + 1 + int(rng.integers(len(MODALITIES) - 1))) % len(MODALITIES)]
+        asked = modality if rng.random() < 0.5 else other
+        add(FILES[(split, "complex")], {"image": image_rel, "answer_type": "closed", "conversations": _turns(
+            f"Is this a {MODALITY_NAMES[asked]} image?", "yes" if asked == modality else "no")})
+        probe = STRUCTURES[modality][int(rng.integers(3))][0]
+        add(FILES[(split, "complex")], {"image": image_rel, "answer_type": "closed", "conversations": _turns(
+            f"Is there a {probe} in this image?", "yes" if probe in names else "no")})
+        add(FILES[(split, "complex")], {"image": image_rel, "answer_type": "open", "conversations": _turns(
+            "What modality is this image?", f"This is a {mod_name} image.")})
+        if not structures:
+            continue
+        add(FILES[(split, "complex")], {"image": image_rel, "answer_type": "open", "conversations": _turns(
+            "How many structures are visible?", f"{COUNT_WORDS[len(structures)]}.")})
+        name, m = structures[int(rng.integers(len(structures)))]
+        add(FILES[(split, "complex")], {"image": image_rel, "answer_type": "open", "conversations": _turns(
+            f"Where is the {name}?", f"The {name} is {_where(m)}.")})
+        kind = PROMPT_KINDS[int(rng.integers(3))]
+        prompt_rel = f"masks/{stem}--{name.replace(' ', '-')}--{kind}.png"
+        write_png(out / prompt_rel, _prompt_mask(kind, m, rng))
+        add(FILES[(split, "region")], {"image": image_rel, "answer_type": "open", "conversations": _turns(
+            f"What is in <region>{prompt_rel}</region>?", f"It is the {name}.")})
+        for name, m in structures:
+            rel = f"masks_merged/{stem}--{name.replace(' ', '-')}_merged.png"
+            write_png(out / rel, m)
+            add(FILES[(split, "grounding")], {"image": image_rel, "answer_type": "open", "conversations": _turns(
+                f"Segment the {name}.", f"It is the {name}. <SEG> <mask>{rel}</mask>")})
+    for rel, records in buckets.items():
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(records, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    files = {rel: len(r) for rel, r in sorted(buckets.items())}
+    log.info("synthetic MeCoVQA: %d images, %d records in %s", n, sum(files.values()), out)
+    return SynthSummary(out=out, images=n, records=sum(files.values()), files=files)

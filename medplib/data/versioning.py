@@ -1,0 +1,84 @@
+"""DVC versioning of `data/`: the top-level `data.dvc` pointer, a local default remote in the state folder.
+
+The dataset version is the DVC hash of `data/` (the `md5` in `data.dvc`, ending in `.dir`): the same files give
+the same hash on any machine.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+from medplib.config import Home
+
+REMOTE_NAME = "local"
+
+
+def _dvc_env(home: Home) -> None:
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    # DVC writes a site cache to /var/tmp/dvc otherwise; keep everything under the state folder.
+    os.environ.setdefault("DVC_SITE_CACHE_DIR", str(home.root / "dvc-site-cache"))
+
+
+@contextmanager
+def open_repo(project: Path, home: Home) -> Iterator["object"]:
+    """The DVC repo at `project`, created if absent, with its default remote pointing into the state folder."""
+    from dvc.repo import Repo
+
+    _dvc_env(home)
+    project = Path(project).resolve()
+    if not (project / ".dvc").is_dir():
+        Repo.init(str(project), no_scm=not (project / ".git").exists()).close()
+    home.dvc_remote.mkdir(parents=True, exist_ok=True)
+    repo = Repo(str(project))
+    try:
+        # config.local (not committed) points the default remote at this home's folder; the committed
+        # .dvc/config holds the default for the repository's own `.medplib/`.
+        with repo.config.edit(level="local") as conf:
+            conf["remote"][REMOTE_NAME] = {"url": str(home.dvc_remote)}
+            conf["core"]["remote"] = REMOTE_NAME
+        yield repo
+    finally:
+        repo.close()
+
+
+def read_version(project: Path) -> str | None:
+    """The dataset version recorded in `<project>/data.dvc`, or None if data was never ingested."""
+    pointer = Path(project) / "data.dvc"
+    if not pointer.exists():
+        return None
+    return yaml.safe_load(pointer.read_text(encoding="utf-8"))["outs"][0]["md5"]
+
+
+def track_data(project: Path, home: Home) -> str:
+    """`dvc add data` + `dvc push` to the default remote; returns the new version."""
+    project = Path(project).resolve()
+    with open_repo(project, home) as repo:
+        repo.add(str(project / "data"))
+        repo.push()
+    version = read_version(project)
+    if version is None:
+        raise RuntimeError(f"DVC did not write {project / 'data.dvc'}")
+    return version
+
+
+def data_status(project: Path, home: Home) -> dict:
+    """Version, whether `data/` matches `data.dvc`, and whether the remote holds that version."""
+    project = Path(project).resolve()
+    version = read_version(project)
+    if version is None:
+        return {"version": None, "in_sync": False, "pushed": False, "data_dir": str(project / "data")}
+    with open_repo(project, home) as repo:
+        local = repo.status(targets=[str(project / "data.dvc")])
+        remote = repo.status(targets=[str(project / "data.dvc")], cloud=True)
+    return {"version": version, "in_sync": not local, "pushed": not remote, "data_dir": str(project / "data")}
+
+
+def checkout_version(project: Path, home: Home) -> None:
+    """Restore `data/` to what `data.dvc` records, pulling from the remote if the cache lacks it."""
+    project = Path(project).resolve()
+    with open_repo(project, home) as repo:
+        repo.pull(targets=[str(project / "data.dvc")], force=True)
