@@ -253,7 +253,8 @@ def build_dataset(root: Path, data_dir: Path, source_name: str, pre_errors: list
     ordered = [records[k] for k in sorted(records)]
     (tmp / "records.jsonl").write_text("".join(r.to_json() + "\n" for r in ordered), encoding="utf-8")
     (tmp / "quarantine.jsonl").write_text(
-        "".join(json.dumps(q, ensure_ascii=False, sort_keys=True, default=repr) + "\n" for q in quarantine),
+        # ASCII escapes keep raw records with invalid UTF-8 (lone surrogates) writable as they were found.
+        "".join(json.dumps(q, ensure_ascii=True, sort_keys=True, default=repr) + "\n" for q in quarantine),
         encoding="utf-8")
     result = IngestResult(
         total=total, valid=len(records), quarantined=len(quarantine), version="", data_dir=data_dir,

@@ -1,0 +1,29 @@
+"""Shared fixtures: every test gets its own state folder; nothing touches the repository's .medplib/."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from medplib.config import resolve_home
+
+    h = resolve_home(tmp_path / "home").ensure()
+    monkeypatch.setenv("MEDPLIB_HOME", str(h.root))
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(h.root / "dvc-site-cache"))
+    return h
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    p = tmp_path / "project"
+    p.mkdir()
+    return p
