@@ -1,0 +1,1 @@
+"""Training: stage specs, the Ray Train + DeepSpeed worker loop, the launcher."""

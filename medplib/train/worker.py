@@ -1,0 +1,136 @@
+"""The Ray Train worker loop: DeepSpeed engine, distributed sampler, gradient accumulation, checkpoints, resume.
+
+What is trained comes from a *recipe* (import path + its config), so the same loop runs every stage:
+`build_model()`, `train_dataset()`, `collate(items)`, `loss(engine, batch) -> (loss, parts)`, `save(module, dir)`.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class Recipe(Protocol):
+    def build_model(self) -> torch.nn.Module: ...
+    def train_dataset(self) -> Dataset: ...
+    def collate(self, items: list) -> Any: ...
+    def loss(self, engine: Any, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def save(self, module: torch.nn.Module, out_dir: Path) -> None: ...
+
+
+@dataclass
+class LoopConfig:
+    """Everything one stage's worker loop needs; plain data so Ray can ship it to workers."""
+
+    recipe: str  # "package.module:Class"
+    recipe_config: dict
+    out_dir: str
+    epochs: int = 1
+    micro_batch: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.01
+    grad_clip: float = 1.0
+    zero_stage: int = 2
+    use_gpu: bool = False
+    seed: int = 42
+    checkpoint_every: int = 50  # optimizer steps; each report costs Ray's poll interval
+    log_every: int = 10
+    extra: dict = field(default_factory=dict)
+
+
+def load_recipe(path: str, config: dict) -> Recipe:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)(config)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray worker; rank 0 writes the final weights to `out_dir`."""
+    import deepspeed  # inside the worker: importing it on the driver costs seconds for nothing
+    import ray.train
+
+    from medplib.train.deepspeed_config import deepspeed_config
+
+    cfg = LoopConfig(**config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    recipe = load_recipe(cfg.recipe, cfg.recipe_config)
+    model = recipe.build_model()
+    dataset = recipe.train_dataset()
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=False)
+    loader = DataLoader(dataset, batch_size=cfg.micro_batch, sampler=sampler, collate_fn=recipe.collate)
+    steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
+    total_steps = cfg.epochs * steps_per_epoch
+    ds_cfg = deepspeed_config(micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum, world_size=world, lr=cfg.lr,
+                              betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                              warmup_steps=round(cfg.warmup_ratio * total_steps), total_steps=total_steps,
+                              grad_clip=cfg.grad_clip, zero_stage=cfg.zero_stage, use_gpu=cfg.use_gpu)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
+
+    start_epoch, skip_batches = 0, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag="state")
+        start_epoch, skip_batches = client["epoch"], client["batches_done"]
+
+    def checkpoint(epoch: int, batches_done: int, metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag="state", client_state={"epoch": epoch, "batches_done": batches_done})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    history: list[dict] = []
+    t0, samples = time.perf_counter(), 0
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        for i, batch in enumerate(loader):
+            if epoch == start_epoch and i < skip_batches:
+                continue  # resumed mid-epoch: these batches were trained before the failure
+            loss, parts = recipe.loss(engine, batch)
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()  # ask before step() moves the micro-step on
+            engine.step()
+            samples += cfg.micro_batch * world
+            if not boundary:
+                continue
+            step = engine.global_steps
+            if rank == 0 and (step % cfg.log_every == 0 or step == 1):
+                elapsed = time.perf_counter() - t0
+                history.append({"step": step, "epoch": epoch, "loss": float(loss), **parts,
+                                "lr": scheduler.get_last_lr()[0] if scheduler else cfg.lr,
+                                "samples_per_s": samples / max(elapsed, 1e-9)})
+            _maybe_fail(cfg, step)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint(epoch, i + 1, {"step": step, "loss": float(loss)})
+    if rank == 0:
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        recipe.save(engine.module, out)
+        import json
+
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+    checkpoint(cfg.epochs, 0, {"step": engine.global_steps, "done": 1})
+
+
+def _maybe_fail(cfg: LoopConfig, step: int) -> None:
+    """Fault injection for tests: fail once at a step, remembered by a marker file."""
+    fail_at, marker = cfg.extra.get("fail_once_at_step"), cfg.extra.get("fail_marker")
+    if fail_at is not None and step == fail_at and marker and not os.path.exists(marker):
+        Path(marker).write_text(str(step))
+        raise RuntimeError(f"injected failure at step {step}")
+
+
+def loop_config_dict(cfg: LoopConfig) -> dict:
+    return asdict(cfg)

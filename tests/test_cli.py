@@ -1,0 +1,60 @@
+"""The command line, called as a user would (subprocess on the installed console script)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MEDPLIB = [str(Path(sys.executable).with_name("medplib"))]
+
+
+def run(args: list[str], cwd: Path, home: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MEDPLIB_HOME": str(home)}
+    p = subprocess.run(MEDPLIB + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"medplib {' '.join(args)} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def test_bad_arguments_give_clear_errors(tmp_path: Path):
+    p = run(["data", "ingest", "--source", "mecovqa:/definitely/missing"], tmp_path, tmp_path / "h", check=False)
+    assert p.returncode == 2 and "/definitely/missing" in p.stderr and "Traceback" not in p.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  synth_n: -4\n")
+    p = run(["data", "synth", "--out", str(tmp_path / "o"), "--config", str(bad)], tmp_path, tmp_path / "h", check=False)
+    assert p.returncode == 2 and "data.synth_n" in p.stderr and "Traceback" not in p.stderr
+    p = run(["data", "validate"], tmp_path, tmp_path / "h", check=False)
+    assert p.returncode == 2 and "medplib data ingest" in p.stderr
+
+
+@pytest.mark.heavy
+def test_ingest_validate_status_and_corruption_fails_gate(tmp_path: Path):
+    home, proj = tmp_path / "home", tmp_path / "proj"
+    proj.mkdir()
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text("data:\n  synth_n: 40\n")
+    out = json.loads(run(["data", "ingest", "--source", "synth", "--config", str(cfg), "--json"], proj, home).stdout)
+    assert out["total"] == out["valid"] + out["quarantined"] and out["valid"] > 0
+    assert out["version"].endswith(".dir")
+    st = json.loads(run(["data", "status", "--json"], proj, home).stdout)
+    assert st == {**st, "version": out["version"], "in_sync": True, "pushed": True}
+    v = json.loads(run(["data", "validate", "--json"], proj, home).stdout)
+    assert v["success"] is True
+    assert Path(v["data_docs"]).is_file() and Path(v["data_docs"]).is_relative_to(home)
+    # corrupt the data after ingest: the gate fails with a non-zero exit naming what failed
+    records = (proj / "data/records.jsonl").read_text().splitlines()
+    first = json.loads(records[0])
+    img = proj / "data" / first["image"]
+    img.write_bytes(img.read_bytes()[:40])
+    first["modality"] = "xray"
+    (proj / "data/records.jsonl").write_text("\n".join([json.dumps(first)] + records[1:]) + "\n")
+    p = run(["data", "validate"], proj, home, check=False)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "modality" in p.stdout and first["id"] in p.stdout or "xray" in p.stdout
+    st = json.loads(run(["data", "status", "--json"], proj, home).stdout)
+    assert st["in_sync"] is False
