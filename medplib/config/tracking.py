@@ -42,9 +42,9 @@ class TrackingConfig:
     aliases: Aliases = field(default_factory=Aliases)
     gate: GateConfig = field(default_factory=GateConfig)
 
-    def resolved(self, home: Path) -> "TrackingConfig":
+    def resolved(self, home: "Path | object") -> "TrackingConfig":
         """URIs with `{home}` replaced by the absolute state folder."""
-        h = str(Path(home).resolve())
+        h = str(Path(getattr(home, "root", home)).resolve())  # a Home or a folder
         return TrackingConfig(
             tracking_uri=self.tracking_uri.replace("{home}", h), registry_uri=self.registry_uri.replace("{home}", h),
             artifact_location=self.artifact_location.replace("{home}", h), experiment=self.experiment,
