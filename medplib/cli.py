@@ -110,7 +110,6 @@ def run(args: argparse.Namespace) -> int:
                    "steps_missing": ["train stages I-IV", "evaluate", "register/promote"]}
         text = (f"Pipeline (data steps): ingested {r['total']} records = {r['valid']} valid + {r['quarantined']} "
                 f"quarantined; dataset version {r['version']}\n{report.summary()}\n"
-                f"Data Docs: {report.data_docs}\n"
                 "Training, evaluation and promotion are not built yet (issues 5-7).")
         _emit(args, summary, text)
         return 0 if report.success else 1

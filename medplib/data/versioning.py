@@ -6,6 +6,7 @@ the same hash on any machine.
 from __future__ import annotations
 
 import os
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -31,7 +32,14 @@ def open_repo(project: Path, home: Home) -> Iterator["object"]:
     _dvc_env(home)
     project = Path(project).resolve()
     if not (project / ".dvc").is_dir():
-        Repo.init(str(project), no_scm=not (project / ".git").exists()).close()
+        # DVC logs its greeting through a stdout handler, and stdout holds --json output.
+        dvc_log = logging.getLogger("dvc")
+        level = dvc_log.level
+        dvc_log.setLevel(logging.WARNING)
+        try:
+            Repo.init(str(project), no_scm=not (project / ".git").exists()).close()
+        finally:
+            dvc_log.setLevel(level)
     home.dvc_remote.mkdir(parents=True, exist_ok=True)
     repo = Repo(str(project))
     try:
