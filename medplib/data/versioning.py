@@ -31,15 +31,13 @@ def open_repo(project: Path, home: Home) -> Iterator["object"]:
 
     _dvc_env(home)
     project = Path(project).resolve()
+    # DVC logs hints ("git add data.dvc", its greeting) at INFO, some through a stdout handler, and stdout holds
+    # our --json output: keep its warnings and errors only while medplib drives it.
+    dvc_log = logging.getLogger("dvc")
+    level = dvc_log.level
+    dvc_log.setLevel(logging.WARNING)
     if not (project / ".dvc").is_dir():
-        # DVC logs its greeting through a stdout handler, and stdout holds --json output.
-        dvc_log = logging.getLogger("dvc")
-        level = dvc_log.level
-        dvc_log.setLevel(logging.WARNING)
-        try:
-            Repo.init(str(project), no_scm=not (project / ".git").exists()).close()
-        finally:
-            dvc_log.setLevel(level)
+        Repo.init(str(project), no_scm=not (project / ".git").exists()).close()
     home.dvc_remote.mkdir(parents=True, exist_ok=True)
     repo = Repo(str(project))
     try:
@@ -51,6 +49,7 @@ def open_repo(project: Path, home: Home) -> Iterator["object"]:
         yield repo
     finally:
         repo.close()
+        dvc_log.setLevel(level)
 
 
 def read_version(project: Path) -> str | None:
