@@ -30,6 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--source", default="synth", help="synth | mecovqa:DIR | dicom:DIR | nifti:DIR (default: synth)")
 
+    p = sub.add_parser("train", help="train one MedPLIB stage as a Ray Train job (logged to MLflow)")
+    _common(p)
+    p.add_argument("--stage", type=int, required=True, choices=[1, 2, 3, 4],
+                   help="1 align, 2 VL expert, 3 grounding expert, 4 MoE")
+    p.add_argument("--from", dest="from_", default=None,
+                   help="model folder (or MLflow run id) the stage starts from; default: the previous stage's output")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
+    p.add_argument("--epochs", type=int, default=None, help="override the stage's epochs")
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+
     data = sub.add_parser("data", help="synthesise, ingest, validate and version datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("synth", help="write a synthetic dataset in the MeCoVQA layout")
@@ -101,6 +111,21 @@ def run(args: argparse.Namespace) -> int:
         st = data_status(project, home)
         _emit(args, st, f"dataset version {st['version']} (data/ in sync: {st['in_sync']}, "
                         f"pushed to remote: {st['pushed']})")
+        return 0
+    if cmd == "train":
+        from medplib.train.runner import resolve_start, train_stage
+
+        if args.workers < 1:
+            raise ValueError(f"--workers {args.workers}: need at least 1 worker")
+        if not (project / "data" / "records.jsonl").exists():
+            raise FileNotFoundError(f"No dataset at {project / 'data'}: run `medplib data ingest` first")
+        overrides = {"epochs": args.epochs} if args.epochs else None
+        r = train_stage(args.stage, cfg, home, project, workers=args.workers, overrides=overrides,
+                        base=resolve_start(args.from_, home), address=args.ray_address)
+        d = r.to_dict()
+        _emit(args, d, f"Stage {d['stage']} ({d['name']}): {d['steps']} steps in {d['seconds']} s, loss "
+                       f"{d['first_loss']:.3f} → {d['last_loss']:.3f}; saved to {d['out_dir']} "
+                       f"(MLflow run {d['mlflow_run_id']})")
         return 0
     if cmd == "pipeline":
         r = _ingest(args, cfg, home, project)

@@ -93,6 +93,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     history: list[dict] = []
     t0, samples = time.perf_counter(), 0
+    tracker = _RankZeroTracker(cfg.extra) if rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         for i, batch in enumerate(loader):
@@ -111,6 +112,8 @@ def train_loop_per_worker(config: dict) -> None:
                 history.append({"step": step, "epoch": epoch, "loss": float(loss), **parts,
                                 "lr": scheduler.get_last_lr()[0] if scheduler else cfg.lr,
                                 "samples_per_s": samples / max(elapsed, 1e-9)})
+                if tracker:
+                    tracker.log(history[-1])
             _maybe_fail(cfg, step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpoint(epoch, i + 1, {"step": step, "loss": float(loss)})
@@ -122,6 +125,26 @@ def train_loop_per_worker(config: dict) -> None:
 
         (out / "history.json").write_text(json.dumps(history, indent=1))
     checkpoint(cfg.epochs, 0, {"step": engine.global_steps, "done": 1})
+
+
+class _RankZeroTracker:
+    """Per-step metrics to the stage's MLflow run (created by the driver), from rank 0 only."""
+
+    def __init__(self, extra: dict):
+        self.run_id, self.client = extra.get("mlflow_run_id"), None
+        if self.run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=extra["mlflow_tracking_uri"])
+
+    def log(self, row: dict) -> None:
+        if not self.client:
+            return
+        from mlflow.entities import Metric
+
+        ts, step = int(time.time() * 1000), int(row["step"])
+        metrics = [Metric(k, float(v), ts, step) for k, v in row.items() if k not in ("step", "epoch")]
+        self.client.log_batch(self.run_id, metrics=metrics)
 
 
 def _maybe_fail(cfg: LoopConfig, step: int) -> None:

@@ -1,0 +1,80 @@
+"""The MedPLIB stage recipe the Ray worker loop runs: which model a stage starts from, what trains, its data."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from medplib.config import from_dict
+from medplib.data.torch_dataset import MedDataset, collate as collate_samples
+from medplib.model import LossWeights, MedPLIB
+from medplib.train.lora import apply_lora, merge_lora, set_trainable
+from medplib.train.stages import StageSpec
+
+
+def build_stage_model(spec: StageSpec, base: Path, grounding: Path | None = None) -> MedPLIB:
+    """Stage I–III: the previous stage's folder (LoRA already merged). Stage IV: MedPLIB's upcycling, expert 0 =
+    the grounding model's FFNs (stage III), expert 1 = the VL model's (stage II), grounding path from stage III."""
+    model = MedPLIB.from_pretrained(base)
+    if spec.stage == 4:
+        if grounding is None:
+            raise ValueError("Stage 4 needs the grounding expert (stage 3 output) as well as stage 2's model")
+        g = MedPLIB.from_pretrained(grounding)
+        model.upcycle([g, copy.deepcopy(model)])
+        model.sam.load_state_dict(g.sam.state_dict())
+        model.text_hidden_fcs.load_state_dict(g.text_hidden_fcs.state_dict())
+    if spec.lora is not None:
+        apply_lora(model.llm, spec.lora)
+    set_trainable(model, spec.train)
+    if spec.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+    return model
+
+
+class StageRecipe:
+    """config: {"spec": StageSpec as dict, "data_dir": str, "base": str, "grounding": str | None}."""
+
+    def __init__(self, config: dict):
+        self.spec = from_dict(StageSpec, config["spec"])
+        self.data_dir = Path(config["data_dir"])
+        self.base = Path(config["base"])
+        self.grounding = Path(config["grounding"]) if config.get("grounding") else None
+        self.model: MedPLIB | None = None
+
+    def build_model(self) -> MedPLIB:
+        self.model = build_stage_model(self.spec, self.base, self.grounding)
+        return self.model
+
+    def train_dataset(self) -> MedDataset:
+        if self.model is None:
+            raise RuntimeError("build_model() first: the dataset uses the model's tokenizer")
+        cfg = self.model.config
+        ds = MedDataset(self.data_dir, self.model.tokenizer, cfg.vision.image_size, cfg.sam.image_size,
+                        split="train", tasks=self.spec.tasks)
+        if len(ds) == 0:
+            raise ValueError(f"Stage {self.spec.stage} ({self.spec.name}) has no train records of tasks "
+                             f"{list(self.spec.tasks)} in {self.data_dir}")
+        return ds
+
+    def collate(self, items: list) -> dict:
+        return collate_samples(items, self.model.tokenizer.pad_token_id)
+
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        out = engine(**batch, loss_weights=LossWeights(**vars(self.spec.loss)))
+        # A batch without <region> or <SEG> leaves the region adapter or mask decoder without gradients; ZeRO's
+        # gradient buckets must hold the same parameters on every rank, so give every trainable one a (zero) grad.
+        anchor = sum(p.view(-1)[0] for p in engine.module.parameters() if p.requires_grad)
+        loss = out.loss + 0.0 * anchor
+        parts = {"ce": float(out.ce_loss)}
+        if out.mask_bce is not None:
+            parts |= {"bce": float(out.mask_bce), "dice_loss": float(out.mask_dice)}
+        return loss, parts
+
+    def save(self, module: MedPLIB, out_dir: Path) -> None:
+        merge_lora(module)
+        module.llm.gradient_checkpointing_disable()
+        for p in module.parameters():
+            p.requires_grad = True
+            p.data = p.data.clone()  # DeepSpeed leaves params as views of flat buffers; safetensors refuses those
+        module.save_pretrained(out_dir)

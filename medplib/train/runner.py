@@ -1,0 +1,182 @@
+"""Run one training stage end to end on the driver: inputs, the Ray job, MLflow child run, outputs.
+
+Stage outputs are HF-style folders under `<home>/models/stage<N>` (config + safetensors + tokenizer, LoRA merged),
+which the next stage loads: II from I; III from II; IV from II with experts from III (0) and II (1).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from medplib.config import Config, Home, load_tracking_config, to_dict
+from medplib.data.torch_dataset import read_records, strip_paths
+from medplib.data.versioning import read_version
+from medplib.train.launcher import run_stage
+from medplib.train.stages import StageSpec, stage_spec
+from medplib.train.worker import LoopConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    stage: int
+    name: str
+    out_dir: Path
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+
+    @property
+    def first_loss(self) -> float:
+        k = max(1, len(self.history) // 10)
+        return sum(h["loss"] for h in self.history[:k]) / k
+
+    @property
+    def last_loss(self) -> float:
+        k = max(1, len(self.history) // 10)
+        return sum(h["loss"] for h in self.history[-k:]) / k
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "name": self.name, "out_dir": str(self.out_dir), "seconds": round(self.seconds, 1),
+                "steps": self.history[-1]["step"] if self.history else 0, "first_loss": self.first_loss,
+                "last_loss": self.last_loss, "mlflow_run_id": self.mlflow_run_id}
+
+
+def stage_dir(home: Home, stage: int | str) -> Path:
+    return home.root / "models" / (f"stage{stage}" if isinstance(stage, int) else stage)
+
+
+def build_init_model(cfg: Config, data_dir: Path, out: Path, seed: int = 42) -> Path:
+    """The model stage I starts from. Tiny: a BPE tokenizer trained on the train split's text and a seeded
+    random model. Full: CLIP, LLaVA and SAM-Med2D weights from the local paths in the config."""
+    from medplib.model import MedPLIB, MedTokenizer
+
+    if cfg.preset == "full":
+        from medplib.model.loaders import build_from_local_weights
+
+        model = build_from_local_weights(cfg.model)
+    else:
+        texts = []
+        for r in read_records(data_dir):
+            if r.split == "train":
+                turns, _, _ = strip_paths(r.conversations)
+                texts += [t["value"] for t in turns]
+        tok = MedTokenizer.train(texts, cfg.model.llm.vocab_size, cfg.model.vision.num_patches,
+                                 cfg.model.system_prompt)
+        torch.manual_seed(seed)
+        model = MedPLIB(cfg.model, tok)
+    model.save_pretrained(out)
+    return out
+
+
+def resolve_start(value: str | None, home: Home) -> Path | None:
+    """`--from`: a model folder, or an MLflow run id whose `model/` artifact is downloaded into the state folder."""
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.exists():
+        return path.resolve()
+    if len(value) == 32 and all(c in "0123456789abcdef" for c in value):
+        from mlflow.artifacts import download_artifacts
+
+        t = load_tracking_config().resolved(home)
+        dst = home.root / "downloads" / value
+        download_artifacts(run_id=value, artifact_path="model", dst_path=str(dst), tracking_uri=t.tracking_uri)
+        return dst / "model"
+    raise FileNotFoundError(f"--from {value!r} is neither a model folder nor an MLflow run id")
+
+
+def stage_inputs(stage: int, home: Home, base: Path | None) -> tuple[Path, Path | None]:
+    """Default inputs of a stage from the state folder; `base` overrides the model it starts from."""
+    default = {1: stage_dir(home, "init"), 2: stage_dir(home, 1), 3: stage_dir(home, 2), 4: stage_dir(home, 2)}
+    start = Path(base) if base else default[stage]
+    grounding = stage_dir(home, 3) if stage == 4 else None
+    for p in (start, grounding):
+        if p is not None and not (p / "config.json").exists():
+            raise FileNotFoundError(f"Stage {stage} starts from {p}, which holds no saved model: "
+                                    f"run the earlier stage first (medplib train --stage {max(1, stage - 1)})")
+    return start, grounding
+
+
+def _start_mlflow_run(home: Home, spec: StageSpec, cfg: Config, data_version: str | None,
+                      parent_run_id: str | None, inputs: dict) -> tuple[str, str]:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    t = load_tracking_config().resolved(home)
+    client = MlflowClient(tracking_uri=t.tracking_uri, registry_uri=t.registry_uri)
+    exp = client.get_experiment_by_name(t.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(t.experiment, artifact_location=t.artifact_location)
+    tags = {"medplib.stage": str(spec.stage), "medplib.stage_name": spec.name, "medplib.preset": cfg.preset,
+            "medplib.data_version": data_version or "unversioned"}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=f"stage{spec.stage}-{spec.name}-{int(time.time())}", tags=tags)
+    flat = _flatten({"stage": to_dict(spec), "model": to_dict(cfg.model), "inputs": inputs})
+    from mlflow.entities import Param
+
+    items = list(flat.items())
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in items[i:i + 100]])
+    return run.info.run_id, t.tracking_uri
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def train_stage(stage: int, cfg: Config, home: Home, project: Path, *, workers: int = 2, base: Path | None = None,
+                overrides: dict | None = None, parent_run_id: str | None = None, track: bool = True,
+                max_failures: int = 1, extra: dict | None = None, address: str | None = None) -> StageResult:
+    """Train one stage as a Ray Train job; rank 0 logs steps to an MLflow child run; returns where it saved."""
+    spec = stage_spec(cfg.preset, stage, overrides)
+    data_dir = Path(project) / "data"
+    if stage == 1:
+        build_init_model(cfg, data_dir, stage_dir(home, "init"), seed=spec.seed)
+    start, grounding = stage_inputs(stage, home, base)
+    out = stage_dir(home, stage)
+    data_version = read_version(project)
+    run_id = tracking_uri = None
+    if track:
+        run_id, tracking_uri = _start_mlflow_run(home, spec, cfg, data_version, parent_run_id,
+                                                 {"base": str(start), "grounding": str(grounding)})
+    loop = LoopConfig(
+        recipe="medplib.train.recipe:StageRecipe",
+        recipe_config={"spec": to_dict(spec), "data_dir": str(data_dir), "base": str(start),
+                       "grounding": str(grounding) if grounding else None},
+        out_dir=str(out), epochs=spec.epochs, micro_batch=spec.micro_batch, grad_accum=spec.grad_accum, lr=spec.lr,
+        betas=tuple(spec.betas), weight_decay=spec.weight_decay, warmup_ratio=spec.warmup_ratio,
+        grad_clip=spec.grad_clip, zero_stage=spec.zero_stage, use_gpu=torch.cuda.is_available(), seed=spec.seed,
+        checkpoint_every=spec.checkpoint_every, log_every=1,
+        extra={**(extra or {}), **({"mlflow_run_id": run_id, "mlflow_tracking_uri": tracking_uri} if run_id else {})},
+    )
+    t0 = time.perf_counter()
+    status = "FAILED"
+    try:
+        run_stage(loop, home, f"stage{stage}", workers=workers, max_failures=max_failures, address=address)
+        status = "FINISHED"
+    finally:
+        if run_id:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=tracking_uri)
+            if status == "FINISHED":
+                client.log_artifacts(run_id, str(out), artifact_path="model")
+            client.set_terminated(run_id, status=status)
+    history = json.loads((out / "history.json").read_text())
+    result = StageResult(stage, spec.name, out, time.perf_counter() - t0, history, run_id)
+    log.info("stage %d (%s): loss %.3f → %.3f in %.0f s", stage, spec.name, result.first_loss, result.last_loss,
+             result.seconds)
+    return result

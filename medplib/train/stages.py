@@ -1,0 +1,125 @@
+"""MedPLIB's four training stages as data (REFERENCE §3): what each starts from, trains, reads and optimises.
+
+`full` keeps MedPLIB's values. `tiny` scales epochs and batches to CPU minutes and differs where a randomly
+initialised model must: there is no pre-trained CLIP / LLaMA / SAM, so stage I trains the vision tower and the
+LLM with the projector (it stands in for their pre-training), and the SAM image encoder trains in stage III.
+Bugs of the public code are not copied: the region adapter trains in stage II, booleans are real booleans.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from medplib.config.base import ConfigError, merge
+
+LLM_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FFN = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraSpec:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: tuple[str, ...] = FFN
+
+    def validate(self, prefix: str = "") -> None:
+        if self.r < 1 or self.alpha < 1:
+            raise ConfigError(f"Config key '{prefix}r' / '{prefix}alpha' = {self.r} / {self.alpha} must be >= 1")
+        bad = [t for t in self.targets if t not in LLM_ALL]
+        if bad:
+            raise ConfigError(f"Config key '{prefix}targets' has {bad[0]!r}; LoRA targets are {list(LLM_ALL)}")
+
+
+@dataclass
+class LossSpec:
+    ce: float = 1.0
+    bce: float = 1.0
+    dice: float = 1.0
+
+
+@dataclass
+class StageSpec:
+    stage: int
+    name: str
+    tasks: tuple[str, ...]  # the data mix: record tasks of the train split
+    train: tuple[str, ...]  # parameter-name patterns trained fully (fnmatch on MedPLIB.named_parameters())
+    lora: Optional[LoraSpec] = None
+    loss: LossSpec = field(default_factory=LossSpec)
+    lr: float = 1e-4
+    epochs: int = 1
+    max_len: int = 2048
+    warmup_ratio: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch: int = 4
+    grad_accum: int = 8
+    zero_stage: int = 2
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    checkpoint_every: int = 100
+
+    def validate(self, prefix: str = "") -> None:
+        if self.stage not in (1, 2, 3, 4):
+            raise ConfigError(f"Config key '{prefix}stage' = {self.stage} must be 1, 2, 3 or 4")
+        if self.lr <= 0 or self.epochs < 1:
+            raise ConfigError(f"Config key '{prefix}lr' / '{prefix}epochs' = {self.lr} / {self.epochs} must be > 0")
+        if not self.train and self.lora is None:
+            raise ConfigError(f"Stage {self.stage} trains nothing: set '{prefix}train' or '{prefix}lora'")
+
+
+NORMS = "llm.*norm*"
+EMBED = ("llm.model.embed_tokens.*", "llm.lm_head.*")
+GROUNDING = ("sam.mask_decoder.*", "text_hidden_fcs.*")
+
+
+def full_stages() -> dict[int, StageSpec]:
+    """MedPLIB's values: 4 GPUs, effective batch 128 (4 × micro 4 × accumulation 8), bf16, ZeRO-2."""
+    return {
+        1: StageSpec(1, "align", tasks=("caption",), train=("projector.*",), lr=1e-3, epochs=1, max_len=2048),
+        2: StageSpec(2, "vl_expert", tasks=("vqa_closed", "vqa_open", "region_vqa"),
+                     train=("projector.*", "region_encoder.*", NORMS, *EMBED), lora=LoraSpec(16, 32, 0.05, LLM_ALL),
+                     lr=1e-4, epochs=3, max_len=2048, gradient_checkpointing=True),
+        3: StageSpec(3, "grounding_expert", tasks=("grounding",), train=GROUNDING, lora=LoraSpec(8, 16, 0.05, FFN),
+                     loss=LossSpec(ce=1.0, bce=1.0, dice=5.0), lr=3e-4, epochs=10, max_len=2048,
+                     gradient_checkpointing=True),
+        4: StageSpec(4, "moe", tasks=("vqa_closed", "vqa_open", "region_vqa", "grounding"),
+                     train=("*.router.*", *EMBED, *GROUNDING, "region_encoder.*"),
+                     lora=LoraSpec(8, 16, 0.05, ("gate_proj", "up_proj", "down_proj", "q_proj", "v_proj")),
+                     loss=LossSpec(ce=1.0, bce=2.0, dice=0.5), lr=3e-4, epochs=3, max_len=1024,
+                     gradient_checkpointing=True),
+    }
+
+
+def tiny_stages() -> dict[int, StageSpec]:
+    """CPU minutes on the synthetic dataset; the same stages with full-size steps scaled down."""
+    cpu = dict(micro_batch=16, grad_accum=1, max_len=512, warmup_ratio=0.05, checkpoint_every=50)
+    return {
+        1: StageSpec(1, "align", tasks=("caption",), train=("vision_tower.*", "projector.*", "llm.*"),
+                     lr=2e-3, epochs=4, **cpu),
+        2: StageSpec(2, "vl_expert", tasks=("vqa_closed", "vqa_open", "region_vqa"),
+                     train=("projector.*", "region_encoder.*", NORMS, *EMBED), lora=LoraSpec(16, 32, 0.0, LLM_ALL),
+                     lr=2e-3, epochs=4, **cpu),
+        3: StageSpec(3, "grounding_expert", tasks=("grounding",), train=(*GROUNDING, "sam.*"),
+                     lora=LoraSpec(8, 16, 0.0, FFN), loss=LossSpec(ce=1.0, bce=1.0, dice=5.0), lr=1e-3, epochs=8,
+                     **cpu),
+        4: StageSpec(4, "moe", tasks=("vqa_closed", "vqa_open", "region_vqa", "grounding"),
+                     train=("*.router.*", *EMBED, *GROUNDING, "region_encoder.*"),
+                     lora=LoraSpec(8, 16, 0.0, ("gate_proj", "up_proj", "down_proj", "q_proj", "v_proj")),
+                     loss=LossSpec(ce=1.0, bce=2.0, dice=0.5), lr=1e-3, epochs=2, **cpu),
+    }
+
+
+STAGE_PRESETS = {"tiny": tiny_stages, "full": full_stages}
+
+
+def stage_spec(preset: str, stage: int, overrides: dict | None = None) -> StageSpec:
+    """The stage's spec for a preset, with optional overrides validated key by key."""
+    if preset not in STAGE_PRESETS:
+        raise ConfigError(f"Unknown preset {preset!r}; choose one of {sorted(STAGE_PRESETS)}")
+    specs = STAGE_PRESETS[preset]()
+    if stage not in specs:
+        raise ConfigError(f"Stage {stage} does not exist; MedPLIB has stages 1 (align), 2 (VL expert), "
+                          "3 (grounding expert) and 4 (MoE)")
+    return merge(specs[stage], overrides or {}, prefix=f"train.stage{stage}.")
