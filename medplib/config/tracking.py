@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from medplib.config.base import ConfigError, from_dict
+from medplib.config.home import Home
 
 DEFAULT_FILE = Path(__file__).resolve().parents[2] / "mlflow.yaml"
 
@@ -42,9 +43,10 @@ class TrackingConfig:
     aliases: Aliases = field(default_factory=Aliases)
     gate: GateConfig = field(default_factory=GateConfig)
 
-    def resolved(self, home: "Path | object") -> "TrackingConfig":
+    def resolved(self, home: "Home | Path | str") -> "TrackingConfig":
         """URIs with `{home}` replaced by the absolute state folder."""
-        h = str(Path(getattr(home, "root", home)).resolve())  # a Home or a folder
+        # A Home or a folder; not getattr(home, "root"): every Path has `.root` ("/").
+        h = str(Path(home.root if isinstance(home, Home) else home).resolve())
         return TrackingConfig(
             tracking_uri=self.tracking_uri.replace("{home}", h), registry_uri=self.registry_uri.replace("{home}", h),
             artifact_location=self.artifact_location.replace("{home}", h), experiment=self.experiment,

@@ -1,0 +1,1 @@
+"""Evaluation as MedPLIB does it: per-sample metrics (`medplib.eval.metrics`), aggregated per modality."""

@@ -1,0 +1,121 @@
+"""Evaluate a model on the test and zero-shot splits as MedPLIB does (REFERENCE §5), per task and modality."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from medplib.data.images import read_image, read_mask
+from medplib.data.schema import Record
+from medplib.data.torch_dataset import read_records, strip_paths
+from medplib.eval.metrics import aggregate_by_modality, closed_vqa_correct, dice_iou, vqa_open_scores
+from medplib.model import MedPLIB
+
+log = logging.getLogger(__name__)
+
+OPEN_TASKS = ("vqa_open", "region_vqa", "caption")
+
+
+@dataclass
+class EvalReport:
+    rows: list[dict]  # one per sample: id, split, task, modality, question, prediction, reference, metric values
+    tables: dict[str, dict[str, dict[str, float]]]  # "<split>/<task>" -> {modality: {metric: mean, n}}
+    summary: dict[str, float] = field(default_factory=dict)  # flat metrics for MLflow and the promotion gate
+    masks: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)  # id -> image, pred, gt
+
+    def per_modality(self, table: str, metric: str) -> dict[str, float]:
+        return {m: v[metric] for m, v in self.tables.get(table, {}).items() if m != "all" and metric in v}
+
+
+def _question(rec: Record) -> tuple[str, str, list[str], list[str]]:
+    turns, regions, masks = strip_paths(rec.conversations)
+    human = next(t["value"] for t in turns if t["from"] == "human")
+    gpt = next(t["value"] for t in turns if t["from"] == "gpt")
+    return human, gpt, regions, masks
+
+
+def score_sample(rec: Record, prediction: str, pred_masks: Sequence[np.ndarray], reference: str,
+                 target: np.ndarray | None) -> dict:
+    """The metric values of one sample for its task."""
+    row: dict = {}
+    if rec.task == "vqa_closed":
+        row["accuracy"] = closed_vqa_correct(prediction, reference)
+    elif rec.task in OPEN_TASKS:
+        row |= vqa_open_scores(prediction, reference)
+    elif rec.task == "grounding":
+        pred = pred_masks[0] if pred_masks else np.zeros_like(target, dtype=bool)  # no <SEG> generated → empty
+        row["dice"], row["iou"] = dice_iou(pred, target)
+        row["seg_generated"] = float(bool(pred_masks))
+    return row
+
+
+def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("test", "zeroshot"),
+             tasks: Sequence[str] | None = None, batch_size: int = 16, max_new_tokens: int = 24,
+             limit: int | None = None) -> EvalReport:
+    """Generate an answer (and masks) for every record of `splits`, score it, and aggregate per modality."""
+    data_dir = Path(data_dir)
+    records = [r for r in read_records(data_dir) if r.split in splits and (tasks is None or r.task in tasks)]
+    records.sort(key=lambda r: (r.split, r.task, r.id))
+    if limit:
+        records = records[:limit]
+    if not records:
+        raise ValueError(f"No records of splits {list(splits)} in {data_dir}")
+    model.eval()
+    rows: list[dict] = []
+    kept: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    bar = tqdm(total=len(records), desc="evaluate", unit="sample", disable=len(records) < 64)
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        images, questions, regions, refs, targets = [], [], [], [], []
+        for rec in batch:
+            human, gpt, region_paths, mask_paths = _question(rec)
+            images.append(read_image(data_dir / rec.image))
+            questions.append(human)
+            regions.append([read_mask(data_dir / p) for p in region_paths])
+            refs.append(gpt.replace("<SEG>", "").strip())
+            targets.append(read_mask(data_dir / mask_paths[0]) if mask_paths else None)
+        outputs = model.generate(images, questions, regions, max_new_tokens=max_new_tokens)
+        for rec, question, out, ref, target, image in zip(batch, questions, outputs, refs, targets, images):
+            prediction = out.text.replace("<SEG>", "").strip()
+            row = {"id": rec.id, "split": rec.split, "task": rec.task, "modality": rec.modality,
+                   "question": question, "prediction": out.text, "reference": ref,
+                   **score_sample(rec, prediction, out.masks, ref, target)}
+            rows.append(row)
+            if rec.task == "grounding":
+                pred = out.masks[0] if out.masks else np.zeros_like(target, dtype=bool)
+                kept[rec.id] = (image, pred, target)
+        bar.update(len(batch))
+    bar.close()
+
+    tables: dict[str, dict] = {}
+    for split in splits:
+        for task in sorted({r["task"] for r in rows if r["split"] == split}):
+            subset = [{k: v for k, v in r.items() if k not in ("id", "split", "task")}
+                      for r in rows if r["split"] == split and r["task"] == task]
+            tables[f"{split}/{task}"] = aggregate_by_modality(subset)
+    summary = summarise(tables)
+    log.info("evaluated %d samples: %s", len(rows), {k: round(v, 3) for k, v in summary.items()})
+    return EvalReport(rows=rows, tables=tables, summary=summary, masks=kept)
+
+
+SUMMARY_KEYS = {  # flat name -> (table, metric)
+    "grounding_mdice": ("test/grounding", "dice"), "grounding_miou": ("test/grounding", "iou"),
+    "zeroshot_grounding_mdice": ("zeroshot/grounding", "dice"), "zeroshot_grounding_miou": ("zeroshot/grounding", "iou"),
+    "closed_vqa_accuracy": ("test/vqa_closed", "accuracy"), "open_vqa_recall": ("test/vqa_open", "recall"),
+    "open_vqa_f1": ("test/vqa_open", "f1"), "open_vqa_bleu1": ("test/vqa_open", "bleu1"),
+    "region_vqa_recall": ("test/region_vqa", "recall"), "caption_bleu1": ("test/caption", "bleu1"),
+}
+
+
+def summarise(tables: dict[str, dict]) -> dict[str, float]:
+    """Headline metrics (over all modalities) of the evaluation tables that exist."""
+    out = {}
+    for name, (table, metric) in SUMMARY_KEYS.items():
+        value = tables.get(table, {}).get("all", {}).get(metric)
+        if value is not None:
+            out[name] = float(value)
+    return out

@@ -1,0 +1,385 @@
+"""The model registry: versions with lineage, the promotion gate, champion/challenger aliases, rollback.
+
+Registry operations live only here (DESIGN.md). Aliases only (stages are deprecated); versions are never
+deleted, a promotion or rollback only moves aliases.
+
+What is stored where, all on the MLflow model version:
+- lineage tags: `medplib.git_commit`, `medplib.data_version` (DVC hash of the training data),
+  `medplib.config_digest`, `medplib.parent_run_id`, plus any extra tags given to `register`;
+- eval metrics: tag `medplib.eval` = JSON `{"data_version", "split", "metrics": {"all": {...}, "<modality>": {...}}}`
+  (the shape `medplib.eval.metrics.aggregate_by_modality` returns), and `medplib.eval_data_version` /
+  `medplib.eval_split` as plain tags for searching. Metrics are compared only when both were measured on the
+  same data version and split;
+- the last gate decision: `medplib.decision` (promoted | rejected), `medplib.decision_reason`,
+  `medplib.decision_run_id`; on a champion, `medplib.replaced_version` names the champion it replaced, which is
+  where a second rollback goes;
+- after a rollback: `medplib.rolled_back_by_run_id` (+ reason) on the demoted version,
+  `medplib.restored_by_run_id` on the restored one.
+Every decision (promotion or not, rollback) is also an MLflow run in the experiment: tags `medplib.kind`,
+`medplib.decision`, `medplib.reason`; params (versions, thresholds, data version); metrics (primary values and
+deltas); the full record as `decision.json`.
+
+Alias moves are not transactional across processes: run one promotion or rollback at a time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+
+from medplib.config import Home, TrackingConfig, load_tracking_config, resolve_home
+from medplib.config.tracking import GateConfig
+
+log = logging.getLogger(__name__)
+
+TAG_GIT_COMMIT = "medplib.git_commit"
+TAG_DATA_VERSION = "medplib.data_version"
+TAG_CONFIG_DIGEST = "medplib.config_digest"
+TAG_PARENT_RUN = "medplib.parent_run_id"
+TAG_EVAL = "medplib.eval"
+TAG_EVAL_DATA_VERSION = "medplib.eval_data_version"
+TAG_EVAL_SPLIT = "medplib.eval_split"
+TAG_DECISION = "medplib.decision"
+TAG_DECISION_REASON = "medplib.decision_reason"
+TAG_DECISION_RUN = "medplib.decision_run_id"
+TAG_REPLACED = "medplib.replaced_version"
+TAG_ROLLED_BACK_RUN = "medplib.rolled_back_by_run_id"
+TAG_ROLLED_BACK_REASON = "medplib.rollback_reason"
+TAG_RESTORED_RUN = "medplib.restored_by_run_id"
+
+_EPS = 1e-12  # float slack so that 0.75 - 0.70 counts as a delta of 0.05
+_MAX_RUN_TAG = 7900  # MLflow run tag values stop at 8000 characters; decision.json keeps the full text
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    """Aggregated eval metrics of one model on one dataset version and split.
+
+    `metrics` is `{"all": {metric: value, ...}, "<modality>": {...}, ...}` as `aggregate_by_modality` returns.
+    """
+
+    data_version: str
+    metrics: dict[str, dict[str, float]]
+    split: str = "test"
+
+    def primary(self, metric: str, group: str = "all") -> float | None:
+        value = self.metrics.get(group, {}).get(metric)
+        return None if value is None else float(value)
+
+    def to_json(self) -> str:
+        return json.dumps({"data_version": self.data_version, "split": self.split, "metrics": self.metrics},
+                          sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EvalMetrics":
+        d = json.loads(text)
+        return cls(data_version=d["data_version"], metrics=d["metrics"], split=d.get("split", "test"))
+
+
+@dataclass
+class Decision:
+    """What the gate decided and why; deltas are challenger minus champion on the primary metric."""
+
+    promote: bool
+    reason: str
+    primary_metric: str
+    challenger: float | None = None
+    champion: float | None = None
+    delta: float | None = None
+    modality_deltas: dict[str, float] = field(default_factory=dict)
+
+
+def gate(challenger: EvalMetrics, champion: EvalMetrics | None, cfg: GateConfig) -> Decision:
+    """Promote iff there is no champion, or on the same eval data the primary metric improves by > 0 and
+    ≥ `min_delta` while no modality's primary metric drops by more than `max_modality_regression`."""
+    p = cfg.primary_metric
+    c = challenger.primary(p)
+    if c is None:
+        raise ValueError(f"Challenger metrics have no '{p}' in their 'all' row "
+                         f"(has: {sorted(challenger.metrics.get('all', {}))}); the gate's primary_metric is '{p}'")
+    if champion is None:
+        return Decision(True, f"no champion yet: promote with {p} = {c:.4f}", p, challenger=c)
+    if (challenger.data_version, challenger.split) != (champion.data_version, champion.split):
+        return Decision(False, f"not comparable: challenger evaluated on data {challenger.data_version} "
+                               f"split '{challenger.split}', champion on data {champion.data_version} split "
+                               f"'{champion.split}'; re-evaluate the champion on the same data", p, challenger=c)
+    ch = champion.primary(p)
+    if ch is None or math.isnan(ch) or math.isnan(c):
+        return Decision(False, f"not comparable: {p} is {c} for the challenger and {ch} for the champion", p,
+                        challenger=c, champion=ch)
+
+    delta = c - ch
+    failures: list[str] = []
+    if delta <= 0:
+        failures.append(f"{p} {c:.4f} does not beat the champion's {ch:.4f} (delta {delta:+.4f})")
+    elif delta < cfg.min_delta - _EPS:
+        failures.append(f"{p} {c:.4f} beats the champion's {ch:.4f} by {delta:+.4f}, "
+                        f"less than min_delta {cfg.min_delta}")
+
+    modality_deltas: dict[str, float] = {}
+    for modality in sorted(m for m in champion.metrics if m != "all"):
+        ch_m = champion.primary(p, modality)
+        if ch_m is None:
+            continue
+        c_m = challenger.primary(p, modality)
+        if c_m is None:
+            failures.append(f"modality '{modality}' has {p} {ch_m:.4f} for the champion but none for the challenger")
+            continue
+        d = c_m - ch_m
+        modality_deltas[modality] = d
+        if -d > cfg.max_modality_regression + _EPS:
+            failures.append(f"modality '{modality}' {p} drops {ch_m:.4f} -> {c_m:.4f} ({d:+.4f}), "
+                            f"more than max_modality_regression {cfg.max_modality_regression}")
+
+    if failures:
+        return Decision(False, "; ".join(failures), p, c, ch, delta, modality_deltas)
+    worst = min(modality_deltas.items(), key=lambda kv: kv[1]) if modality_deltas else None
+    worst_text = f"; smallest modality change {worst[0]} {worst[1]:+.4f}" if worst else ""
+    return Decision(True, f"{p} {c:.4f} vs champion {ch:.4f} (delta {delta:+.4f} >= min_delta {cfg.min_delta}); "
+                          f"no modality dropped more than {cfg.max_modality_regression}{worst_text}",
+                    p, c, ch, delta, modality_deltas)
+
+
+class Registry:
+    """Registered-model operations for one tracking config (URIs already resolved against the home)."""
+
+    def __init__(self, cfg: TrackingConfig):
+        if "{home}" in cfg.tracking_uri + cfg.registry_uri + cfg.artifact_location:
+            raise ValueError("TrackingConfig still contains '{home}': call .resolved(home) first")
+        self.cfg = cfg
+        self.name = cfg.registered_model
+        self.client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.registry_uri)
+
+    @classmethod
+    def from_home(cls, home: Home | str | Path | None = None, config_path: Path | None = None) -> "Registry":
+        """The registry of a state folder (`--home`, MEDPLIB_HOME or `.medplib/`), settings from `mlflow.yaml`."""
+        h = home if isinstance(home, Home) else resolve_home(home)
+        h.ensure()
+        return cls(load_tracking_config(config_path).resolved(h))
+
+    # ---- reading -------------------------------------------------------------------------------------------
+
+    def aliases(self) -> dict[str, str]:
+        """{alias: version} of the registered model; empty if it is not registered yet."""
+        try:
+            rm = self.client.get_registered_model(self.name)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return {}
+            raise
+        return {alias: str(version) for alias, version in rm.aliases.items()}
+
+    def champion_version(self) -> str | None:
+        """The version the `champion` alias points at, or None."""
+        return self.aliases().get(self.cfg.aliases.champion)
+
+    def version_tags(self, version: str | int) -> dict[str, str]:
+        """All tags of a version: lineage, eval metrics, decisions."""
+        return dict(self._version(version).tags)
+
+    def eval_metrics(self, version: str | int) -> EvalMetrics | None:
+        """The eval metrics recorded on a version (tag `medplib.eval`), or None."""
+        text = self._version(version).tags.get(TAG_EVAL)
+        return EvalMetrics.from_json(text) if text else None
+
+    def experiment_id(self) -> str:
+        """The experiment's id, creating it with the configured artifact location if absent."""
+        exp = self.client.get_experiment_by_name(self.cfg.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(self.cfg.experiment, artifact_location=self.cfg.artifact_location)
+        except MlflowException as e:  # created meanwhile by another process
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+            return self.client.get_experiment_by_name(self.cfg.experiment).experiment_id
+
+    # ---- writing -------------------------------------------------------------------------------------------
+
+    def register(self, run_id: str, artifact_path: str, *, git_commit: str, data_version: str,
+                 config_digest: str, parent_run_id: str | None = None,
+                 tags: dict[str, str] | None = None) -> str:
+        """Register the model logged by `run_id` at `artifact_path` as a new version with its lineage tags and
+        point `challenger` at it; creates the registered model if absent. Returns the version."""
+        missing = [k for k, v in (("git_commit", git_commit), ("data_version", data_version),
+                                  ("config_digest", config_digest)) if not v]
+        if missing:
+            raise ValueError(f"Lineage missing for run {run_id}: {', '.join(missing)} must be non-empty")
+        run = self._run(run_id)
+        source, model_id = self._model_source(run, artifact_path)
+        parent = parent_run_id or run.data.tags.get("mlflow.parentRunId")
+        if not parent:
+            log.warning("Run %s has no parent run; tagging %s = 'none'", run_id, TAG_PARENT_RUN)
+        all_tags = {**(tags or {}), TAG_GIT_COMMIT: git_commit, TAG_DATA_VERSION: data_version,
+                    TAG_CONFIG_DIGEST: config_digest, TAG_PARENT_RUN: parent or "none"}
+        self._ensure_registered_model()
+        mv = self.client.create_model_version(self.name, source, run_id=run_id, tags=all_tags, model_id=model_id)
+        self.client.set_registered_model_alias(self.name, self.cfg.aliases.challenger, mv.version)
+        log.info("Registered %s version %s from %s (run %s); alias '%s' -> %s", self.name, mv.version, source,
+                 run_id, self.cfg.aliases.challenger, mv.version)
+        return str(mv.version)
+
+    def record_eval(self, version: str | int, metrics: EvalMetrics) -> None:
+        """Store eval metrics on a version (replacing earlier ones) so later gates can read them."""
+        version = str(version)
+        self._version(version)
+        self.client.set_model_version_tag(self.name, version, TAG_EVAL, metrics.to_json())
+        self.client.set_model_version_tag(self.name, version, TAG_EVAL_DATA_VERSION, metrics.data_version)
+        self.client.set_model_version_tag(self.name, version, TAG_EVAL_SPLIT, metrics.split)
+
+    def promote_if_better(self, version: str | int, metrics: EvalMetrics | None = None, *,
+                          parent_run_id: str | None = None) -> Decision:
+        """Gate `version` against the champion (recording `metrics` on it first if given); on promotion point
+        `previous-champion` at the old champion, then `champion` at `version`. The decision is recorded as
+        version tags and as a run in the experiment either way."""
+        version = str(version)
+        self._version(version)
+        if metrics is not None:
+            self.record_eval(version, metrics)
+        challenger = self.eval_metrics(version)
+        if challenger is None:
+            raise RegistryError(f"Version {version} of '{self.name}' has no recorded eval metrics: "
+                                "pass metrics= or call record_eval first")
+        old = self.champion_version()
+        champion = self.eval_metrics(old) if old is not None else None
+        p = self.cfg.gate.primary_metric
+        if old == version:
+            decision = Decision(False, f"version {version} is already the champion", p,
+                                challenger=challenger.primary(p))
+        elif old is not None and champion is None:
+            decision = Decision(False, f"champion version {old} has no recorded eval metrics: cannot compare; "
+                                       "evaluate it and call record_eval", p, challenger=challenger.primary(p))
+        else:
+            decision = gate(challenger, champion, self.cfg.gate)
+
+        g = self.cfg.gate
+        params = {"version": version, "champion_version": old or "none", "primary_metric": p,
+                  "min_delta": g.min_delta, "max_modality_regression": g.max_modality_regression,
+                  "eval_data_version": challenger.data_version, "eval_split": challenger.split}
+        metrics_out = {"challenger": decision.challenger, "champion": decision.champion, "delta": decision.delta,
+                       **{f"modality_delta.{m}": d for m, d in decision.modality_deltas.items()}}
+        label = "promoted" if decision.promote else "rejected"
+        with self._decision_run(f"promote-v{version}", "promotion", label, decision.reason, params, metrics_out,
+                                {"decision": asdict(decision), **params}, parent_run_id) as run_id:
+            if decision.promote:
+                if old is not None:
+                    # Set the fallback first: each alias set replaces atomically, so `champion` is never missing.
+                    self.client.set_registered_model_alias(self.name, self.cfg.aliases.previous_champion, old)
+                    self.client.set_model_version_tag(self.name, version, TAG_REPLACED, old)
+                self.client.set_registered_model_alias(self.name, self.cfg.aliases.champion, version)
+            for key, value in ((TAG_DECISION, label), (TAG_DECISION_REASON, decision.reason),
+                               (TAG_DECISION_RUN, run_id)):
+                self.client.set_model_version_tag(self.name, version, key, value)
+        log.info("%s version %s %s: %s", self.name, version, label, decision.reason)
+        return decision
+
+    def rollback(self, reason: str = "manual rollback", *, parent_run_id: str | None = None) -> str:
+        """Point `champion` back at `previous-champion` (and `previous-champion` one further back, or remove
+        it); recorded like a decision. Returns the restored version."""
+        a = self.cfg.aliases
+        aliases = self.aliases()
+        current, previous = aliases.get(a.champion), aliases.get(a.previous_champion)
+        if previous is None:
+            raise RegistryError(f"Cannot roll back '{self.name}': no '{a.previous_champion}' alias (champion is "
+                                f"{'version ' + current if current else 'not set'}). A rollback needs an earlier "
+                                "promotion to go back to.")
+        if previous == current:
+            raise RegistryError(f"Cannot roll back '{self.name}': '{a.champion}' and '{a.previous_champion}' both "
+                                f"point at version {previous}")
+        further_back = self._version(previous).tags.get(TAG_REPLACED)
+        if further_back == current:
+            further_back = None
+        full_reason = f"{reason}: champion version {current} -> {previous}"
+        params = {"from_version": current or "none", "to_version": previous,
+                  "new_previous_champion": further_back or "none"}
+        with self._decision_run(f"rollback-v{current}-to-v{previous}", "rollback", "rolled-back", full_reason,
+                                params, {}, params, parent_run_id) as run_id:
+            self.client.set_registered_model_alias(self.name, a.champion, previous)
+            if further_back:
+                self.client.set_registered_model_alias(self.name, a.previous_champion, further_back)
+            else:
+                self.client.delete_registered_model_alias(self.name, a.previous_champion)
+            if current:
+                self.client.set_model_version_tag(self.name, current, TAG_ROLLED_BACK_RUN, run_id)
+                self.client.set_model_version_tag(self.name, current, TAG_ROLLED_BACK_REASON, reason)
+            self.client.set_model_version_tag(self.name, previous, TAG_RESTORED_RUN, run_id)
+        log.info("%s rolled back: %s", self.name, full_reason)
+        return previous
+
+    # ---- internals -----------------------------------------------------------------------------------------
+
+    def _version(self, version: str | int):
+        try:
+            return self.client.get_model_version(self.name, str(version))
+        except MlflowException as e:
+            raise RegistryError(f"No version {version} of registered model '{self.name}' in "
+                                f"{self.cfg.registry_uri}: {e.message}") from None
+
+    def _run(self, run_id: str):
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException as e:
+            raise RegistryError(f"Run '{run_id}' not found in {self.cfg.tracking_uri}: {e.message}") from None
+
+    def _ensure_registered_model(self) -> None:
+        try:
+            self.client.create_registered_model(self.name, description="MedPLIB-style models trained by medplib")
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+
+    def _model_source(self, run, artifact_path: str) -> tuple[str, str | None]:
+        """(source URI, logged-model id) of the model a run logged at `artifact_path`."""
+        run_id = run.info.run_id
+        # MLflow 3 `log_model(name=...)` keeps the model as a LoggedModel outside the run's artifact folder.
+        logged = self.client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{artifact_path}'")
+        if logged:
+            newest = max(logged, key=lambda m: m.creation_timestamp)
+            if len(logged) > 1:
+                log.warning("Run %s logged %d models named '%s'; registering the newest, %s", run_id, len(logged),
+                            artifact_path, newest.model_id)
+            return f"models:/{newest.model_id}", newest.model_id
+        # A model folder logged as plain run artifacts (save_model + log_artifacts).
+        files = {f.path for f in self.client.list_artifacts(run_id, artifact_path)}
+        if f"{artifact_path}/MLmodel" in files:
+            return f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}", None
+        raise RegistryError(f"Run {run_id} has no model at '{artifact_path}': no logged model of that name and no "
+                            f"{artifact_path}/MLmodel among its artifacts. Log it with "
+                            f"mlflow.pyfunc.log_model(name='{artifact_path}', ...)")
+
+    @contextmanager
+    def _decision_run(self, run_name: str, kind: str, label: str, reason: str, params: dict[str, Any],
+                      metrics: dict[str, float | None], record: dict[str, Any],
+                      parent_run_id: str | None) -> Iterator[str]:
+        """A run recording one decision: RUNNING while the aliases move, then FINISHED (FAILED on error)."""
+        tags = {"medplib.kind": kind, "medplib.decision": label, "medplib.reason": reason[:_MAX_RUN_TAG],
+                "medplib.registered_model": self.name}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run_id = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags).info.run_id
+        status = "FAILED"
+        try:
+            now = int(time.time() * 1000)
+            self.client.log_batch(run_id,
+                                  metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],
+                                  params=[Param(k, str(v)) for k, v in params.items()])
+            self.client.log_dict(run_id, {"kind": kind, "decision": label, "reason": reason, **record},
+                                 "decision.json")
+            yield run_id
+            status = "FINISHED"
+        finally:
+            self.client.set_terminated(run_id, status=status)
