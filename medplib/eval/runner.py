@@ -119,3 +119,62 @@ def summarise(tables: dict[str, dict]) -> dict[str, float]:
         if value is not None:
             out[name] = float(value)
     return out
+
+
+def overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """RGB picture: ground truth in green, prediction in red, overlap in yellow, over the grey image."""
+    grey = image if image.ndim == 2 else image.mean(axis=2)
+    rgb = np.repeat((grey.astype(np.float32) * 0.6)[..., None], 3, axis=2)
+    rgb[..., 0] = np.where(pred, 255, rgb[..., 0])
+    rgb[..., 1] = np.where(target, 255, rgb[..., 1])
+    return rgb.clip(0, 255).astype(np.uint8)
+
+
+def overlay_grid(report: EvalReport, split: str = "test", per_side: int = 3) -> dict[str, np.ndarray]:
+    """Per modality, one strip: its `per_side` best then worst grounding samples by Dice."""
+    grids = {}
+    rows = [r for r in report.rows if r["split"] == split and r["task"] == "grounding" and r["id"] in report.masks]
+    for modality in sorted({r["modality"] for r in rows}):
+        ranked = sorted((r for r in rows if r["modality"] == modality), key=lambda r: -r["dice"])
+        chosen = ranked[:per_side] + ranked[-per_side:] if len(ranked) > 2 * per_side else ranked
+        tiles = [overlay(*report.masks[r["id"]]) for r in chosen]
+        size = max(t.shape[0] for t in tiles)
+        tiles = [np.pad(t, ((0, size - t.shape[0]), (0, size - t.shape[1]), (0, 0))) for t in tiles]
+        grids[modality] = np.concatenate(tiles, axis=1)
+    return grids
+
+
+def table_markdown(table: dict[str, dict[str, float]], metrics: Sequence[str]) -> str:
+    lines = ["| modality | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for modality, values in table.items():
+        cells = [f"{values[m]:.3f}" if m in values else "" for m in metrics]
+        lines.append(f"| {modality} | {int(values['n'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def log_report(report: EvalReport, client, run_id: str, data_version: str | None) -> None:
+    """Metrics, per-modality tables (JSON + markdown), per-sample rows and overlay grids into an MLflow run."""
+    import json
+
+    import pandas as pd
+    from mlflow.entities import Metric
+
+    ts = int(__import__("time").time() * 1000)
+    metrics = [Metric(k, v, ts, 0) for k, v in report.summary.items()]
+    for table, by_mod in report.tables.items():
+        key = table.replace("/", "_")
+        for modality, values in by_mod.items():
+            metrics += [Metric(f"{key}.{modality}.{m}", float(v), ts, 0) for m, v in values.items() if m != "n"]
+    for i in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[i:i + 500])
+    client.set_tag(run_id, "medplib.eval_data_version", data_version or "unversioned")
+    md = []
+    for table, by_mod in report.tables.items():
+        cols = [m for m in next(iter(by_mod.values())) if m != "n"]
+        md.append(f"### {table}\n\n{table_markdown(by_mod, cols)}\n")
+    client.log_text(run_id, "\n".join(md), "eval/tables.md")
+    client.log_dict(run_id, report.tables, "eval/tables.json")
+    client.log_table(run_id, pd.DataFrame(report.rows), "eval/samples.json")
+    for modality, grid in overlay_grid(report).items():
+        client.log_image(run_id, grid, f"eval/overlays/{modality}_best_worst.png")
+    client.log_text(run_id, json.dumps(report.summary, indent=1), "eval/summary.json")
