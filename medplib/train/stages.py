@@ -1,8 +1,9 @@
 """MedPLIB's four training stages as data (REFERENCE §3): what each starts from, trains, reads and optimises.
 
 `full` keeps MedPLIB's values. `tiny` scales epochs and batches to CPU minutes and differs where a randomly
-initialised model must: there is no pre-trained CLIP / LLaMA / SAM, so stage I trains the vision tower and the
-LLM with the projector (it stands in for their pre-training), and the SAM image encoder trains in stage III.
+initialised model must: there is no pre-trained CLIP / LLaMA / LLaVA / SAM, so stage I trains the vision tower,
+the projector and the LLM on captions and the VQA text (it stands in for CLIP, Vicuna and LLaVA-1.5 training),
+and the SAM image encoder trains in stage III.
 Bugs of the public code are not copied: the region adapter trains in stage II, booleans are real booleans.
 """
 from __future__ import annotations
@@ -96,18 +97,18 @@ def tiny_stages() -> dict[int, StageSpec]:
     """CPU minutes on the synthetic dataset; the same stages with full-size steps scaled down."""
     cpu = dict(micro_batch=16, grad_accum=1, max_len=512, warmup_ratio=0.05, checkpoint_every=50)
     return {
-        1: StageSpec(1, "align", tasks=("caption",), train=("vision_tower.*", "projector.*", "llm.*"),
-                     lr=2e-3, epochs=4, **cpu),
+        1: StageSpec(1, "align", tasks=("caption", "vqa_closed", "vqa_open"),
+                     train=("vision_tower.*", "projector.*", "llm.*"), lr=2e-3, epochs=3, **cpu),
         2: StageSpec(2, "vl_expert", tasks=("vqa_closed", "vqa_open", "region_vqa"),
                      train=("projector.*", "region_encoder.*", NORMS, *EMBED), lora=LoraSpec(16, 32, 0.0, LLM_ALL),
-                     lr=2e-3, epochs=4, **cpu),
+                     lr=2e-3, epochs=3, **cpu),
         3: StageSpec(3, "grounding_expert", tasks=("grounding",), train=(*GROUNDING, "sam.*"),
-                     lora=LoraSpec(8, 16, 0.0, FFN), loss=LossSpec(ce=1.0, bce=1.0, dice=5.0), lr=1e-3, epochs=8,
+                     lora=LoraSpec(8, 16, 0.0, FFN), loss=LossSpec(ce=1.0, bce=1.0, dice=5.0), lr=1e-3, epochs=10,
                      **cpu),
         4: StageSpec(4, "moe", tasks=("vqa_closed", "vqa_open", "region_vqa", "grounding"),
                      train=("*.router.*", *EMBED, *GROUNDING, "region_encoder.*"),
                      lora=LoraSpec(8, 16, 0.0, ("gate_proj", "up_proj", "down_proj", "q_proj", "v_proj")),
-                     loss=LossSpec(ce=1.0, bce=2.0, dice=0.5), lr=1e-3, epochs=2, **cpu),
+                     loss=LossSpec(ce=1.0, bce=2.0, dice=0.5), lr=1e-3, epochs=3, **cpu),
     }
 
 

@@ -46,6 +46,7 @@ class LoopConfig:
     seed: int = 42
     checkpoint_every: int = 50  # optimizer steps; each report costs Ray's poll interval
     log_every: int = 10
+    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
     extra: dict = field(default_factory=dict)
 
 
@@ -111,12 +112,16 @@ def train_loop_per_worker(config: dict) -> None:
                 elapsed = time.perf_counter() - t0
                 history.append({"step": step, "epoch": epoch, "loss": float(loss), **parts,
                                 "lr": scheduler.get_last_lr()[0] if scheduler else cfg.lr,
-                                "samples_per_s": samples / max(elapsed, 1e-9)})
+                                "samples_per_s": samples / max(elapsed, 1e-9), "time": elapsed})
                 if tracker:
                     tracker.log(history[-1])
             _maybe_fail(cfg, step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpoint(epoch, i + 1, {"step": step, "loss": float(loss)})
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+        if cfg.max_steps and engine.global_steps >= cfg.max_steps:
+            break
     if rank == 0:
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
