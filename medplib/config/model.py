@@ -6,6 +6,9 @@ from typing import Optional
 
 from medplib.config.base import ConfigError
 
+VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
 
 @dataclass
 class VisionConfig:
@@ -20,6 +23,10 @@ class VisionConfig:
     select_layer: int = -2
     freeze: bool = False
     weights: Optional[str] = None  # local folder of a CLIPVisionModel checkpoint (full preset)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
 
     def validate(self, prefix: str = "") -> None:
         if self.image_size % self.patch_size:
@@ -41,6 +48,10 @@ class LLMConfig:
     num_kv_heads: int = 4
     max_position_embeddings: int = 512
     rms_norm_eps: float = 1e-5
+    # Random init only (loaded weights ignore it). With transformers' 0.02 a tiny model's token embeddings are
+    # small beside the projected image features, the <SEG> state barely depends on the question, and the
+    # grounding head sat through 400 overfitting steps on "segment every object"; with 0.1 it learns to choose.
+    initializer_range: float = 0.1
     vocab_size: int = 2048  # tokenizer size for the tiny preset's locally trained BPE
     weights: Optional[str] = None  # local folder of a LlavaForConditionalGeneration / LlamaForCausalLM checkpoint
     tokenizer: Optional[str] = None  # local tokenizer folder (full preset)
@@ -64,6 +75,7 @@ class SamConfig:
     vision_layers: int = 2
     vision_heads: int = 4
     global_attn_indexes: tuple[int, ...] = (1,)
+    window_size: int = 4  # windowed attention in the other blocks (14 in SAM ViT-B)
     hidden_size: int = 64  # prompt encoder / mask decoder width (256 in SAM)
     decoder_mlp_dim: int = 256
     decoder_heads: int = 4
@@ -75,6 +87,16 @@ class SamConfig:
         if self.image_size % self.patch_size:
             raise ConfigError(f"Config key '{prefix}image_size' = {self.image_size} is not a multiple of "
                               f"'{prefix}patch_size' = {self.patch_size}")
+        if self.hidden_size % 2 or (self.hidden_size // 2) % self.decoder_heads:
+            raise ConfigError(f"Config key '{prefix}hidden_size' = {self.hidden_size}: half of it must divide by "
+                              f"'{prefix}decoder_heads' = {self.decoder_heads} (SAM's cross-attention downsamples 2x)")
+        if self.vision_hidden_size % self.vision_heads:
+            raise ConfigError(f"Config key '{prefix}vision_hidden_size' = {self.vision_hidden_size} does not divide "
+                              f"by '{prefix}vision_heads' = {self.vision_heads}")
+        bad = [i for i in self.global_attn_indexes if not 0 <= i < self.vision_layers]
+        if bad:
+            raise ConfigError(f"Config key '{prefix}global_attn_indexes' has {bad[0]}, not a block index below "
+                              f"'{prefix}vision_layers' = {self.vision_layers}")
 
 
 @dataclass
@@ -86,16 +108,27 @@ class MoEConfig:
     capacity_factor_train: float = 1.5
     capacity_factor_eval: float = 2.0
     aux_loss_weight: float = 0.0
+    # The chosen expert's output is scaled by a gate of value 1 that passes p's gradient to the router (moe.py);
+    # false = scale by p as Switch / DeepSpeed top-1 do.
+    straight_through: bool = True
 
     def validate(self, prefix: str = "") -> None:
         if self.num_experts < 1:
             raise ConfigError(f"Config key '{prefix}num_experts' = {self.num_experts} must be >= 1")
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"Config key '{prefix}top_k' = {self.top_k} must be between 1 and num_experts")
+        if self.top_k != 1:
+            raise ConfigError(f"Config key '{prefix}top_k' = {self.top_k}: only top-1 routing is implemented "
+                              "(MedPLIB's choice: inference cost of one expert)")
+        for key in ("capacity_factor_train", "capacity_factor_eval"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"Config key '{prefix}{key}' = {getattr(self, key)} must be > 0")
 
 
 @dataclass
 class ModelConfig:
+    """The composed MedPLIB model: CLIP tower, projector, LLaMA (+MoE), region adapter, SAM grounding path."""
+
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     sam: SamConfig = field(default_factory=SamConfig)
@@ -103,11 +136,15 @@ class ModelConfig:
     projector: str = "mlp2x_gelu"
     region_max_points: int = 512
     point_prompt_size: int = 41  # side of the square a point prompt becomes, at 336 px
-    seg_feature_dim: Optional[int] = None  # text_hidden_fcs output; defaults to sam.hidden_size
+    system_prompt: str = ""  # the one conversation template's system line (Vicuna's in the full preset)
 
     def validate(self, prefix: str = "") -> None:
         if self.projector not in ("linear", "mlp2x_gelu"):
             raise ConfigError(f"Config key '{prefix}projector' = {self.projector!r} is not 'linear' or 'mlp2x_gelu'")
+        if self.region_max_points < 1:
+            raise ConfigError(f"Config key '{prefix}region_max_points' = {self.region_max_points} must be >= 1")
+        if self.point_prompt_size < 1:
+            raise ConfigError(f"Config key '{prefix}point_prompt_size' = {self.point_prompt_size} must be >= 1")
 
     @classmethod
     def tiny(cls) -> "ModelConfig":
@@ -119,8 +156,9 @@ class ModelConfig:
             vision=VisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
                                 num_layers=24, num_heads=16, freeze=True),
             llm=LLMConfig(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
-                          max_position_embeddings=4096, vocab_size=32000),
+                          max_position_embeddings=4096, vocab_size=32000, initializer_range=0.02),
             sam=SamConfig(image_size=256, patch_size=16, vision_hidden_size=768, vision_layers=12, vision_heads=12,
                           global_attn_indexes=(2, 5, 8, 11), hidden_size=256, decoder_mlp_dim=2048, decoder_heads=8,
-                          freeze_image_encoder=True),
+                          window_size=14, freeze_image_encoder=True),
+            system_prompt=VICUNA_SYSTEM,
         )

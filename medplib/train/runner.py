@@ -53,25 +53,16 @@ def stage_dir(home: Home, stage: int | str) -> Path:
 
 
 def build_init_model(cfg: Config, data_dir: Path, out: Path, seed: int = 42) -> Path:
-    """The model stage I starts from. Tiny: a BPE tokenizer trained on the train split's text and a seeded
-    random model. Full: CLIP, LLaVA and SAM-Med2D weights from the local paths in the config."""
-    from medplib.model import MedPLIB, MedTokenizer
+    """The model stage I starts from: parts with local weights in the config are loaded (full preset), the rest
+    is seeded random init; without a tokenizer folder a BPE is trained on the train split's text (tiny)."""
+    from medplib.model.loaders import build_model, load_tokenizer
 
-    if cfg.preset == "full":
-        from medplib.model.loaders import build_from_local_weights
-
-        model = build_from_local_weights(cfg.model)
-    else:
-        texts = []
-        for r in read_records(data_dir):
-            if r.split == "train":
-                turns, _, _ = strip_paths(r.conversations)
-                texts += [t["value"] for t in turns]
-        tok = MedTokenizer.train(texts, cfg.model.llm.vocab_size, cfg.model.vision.num_patches,
-                                 cfg.model.system_prompt)
-        torch.manual_seed(seed)
-        model = MedPLIB(cfg.model, tok)
-    model.save_pretrained(out)
+    texts = None
+    if not (cfg.model.llm.tokenizer or cfg.model.llm.weights):
+        texts = [t["value"] for r in read_records(data_dir) if r.split == "train"
+                 for t in strip_paths(r.conversations)[0]]
+    torch.manual_seed(seed)
+    build_model(cfg.model, load_tokenizer(cfg.model, texts)).save_pretrained(out)
     return out
 
 

@@ -1,0 +1,168 @@
+"""A torch Dataset over normalised records; it is handed a tokenizer object and never builds a model.
+
+Geometry: every image is padded to a square (centred) and resized, once for the CLIP tower and once for the SAM
+encoder; prompt masks follow the CLIP geometry, target masks the SAM geometry. `unsquare` undoes it for outputs.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from medplib.data.images import read_image, read_mask
+from medplib.data.schema import MASK_RE, REGION_RE, Record
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+SAM_MEAN, SAM_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IGNORE_INDEX = -100
+
+
+class ConversationTokenizer(Protocol):
+    """What the dataset needs from a tokenizer (medplib.model.MedTokenizer is one)."""
+
+    pad_token_id: int
+
+    def encode_conversation(self, turns: Sequence[dict]) -> tuple[list[int], list[int]]: ...
+
+
+def _square(arr: np.ndarray, fill: float | tuple) -> np.ndarray:
+    h, w = arr.shape[:2]
+    side = max(h, w)
+    if h == w:
+        return arr
+    out = np.empty((side, side) + arr.shape[2:], arr.dtype)
+    out[...] = fill
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top: top + h, left: left + w] = arr
+    return out
+
+
+def preprocess_image(image: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (H, W) or (H, W, 3) → float (3, size, size): padded square with the mean colour, resized, normalised."""
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    fill = tuple(int(round(m * 255)) for m in mean)
+    sq = Image.fromarray(_square(image, fill)).resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(sq, np.float32) / 255.0).permute(2, 0, 1)
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def preprocess_mask(mask: np.ndarray, size: int, keep_any: bool = False) -> torch.Tensor:
+    """bool (H, W) → bool (size, size) in the padded-square geometry; `keep_any` keeps every covered pixel."""
+    sq = _square(mask.astype(np.float32), 0.0)
+    img = Image.fromarray(sq).resize((size, size), Image.BOX)
+    arr = np.asarray(img)
+    return torch.from_numpy(arr > (0.0 if keep_any else 0.5))
+
+
+def unsquare(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Mask logits (..., S, S) in the padded-square geometry → (..., height, width) of the original image."""
+    side = max(height, width)
+    lead = logits.shape[:-2]
+    x = F.interpolate(logits.reshape(-1, 1, *logits.shape[-2:]).float(), size=(side, side), mode="bilinear",
+                      align_corners=False)
+    top, left = (side - height) // 2, (side - width) // 2
+    return x[:, 0, top: top + height, left: left + width].reshape(*lead, height, width)
+
+
+def strip_paths(turns: Sequence[dict]) -> tuple[list[dict], list[str], list[str]]:
+    """Conversation text for the model plus the region and mask paths it named, in order.
+
+    `<region>PATH</region>` becomes `<region></region>` (the `<region>` embedding is replaced by the region's
+    features); `<mask>PATH</mask>` is dropped: the mask is the `<SEG>` target, not text to generate.
+    """
+    regions: list[str] = []
+    masks: list[str] = []
+    out = []
+    for t in turns:
+        text = t["value"]
+        regions += REGION_RE.findall(text)
+        masks += MASK_RE.findall(text)
+        text = REGION_RE.sub("<region></region>", text)
+        text = MASK_RE.sub("", text)
+        out.append({"from": t["from"], "value": re.sub(r" {2,}", " ", text).strip()})
+    return out, regions, masks
+
+
+def read_records(data_dir: Path) -> list[Record]:
+    path = Path(data_dir) / "records.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run `medplib data ingest` first")
+    return [Record.from_dict(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+@dataclass
+class Sample:
+    input_ids: torch.Tensor  # (L,)
+    labels: torch.Tensor  # (L,)
+    pixel_values: torch.Tensor  # (3, Sv, Sv) CLIP input
+    sam_pixel_values: torch.Tensor  # (3, Ss, Ss) SAM input
+    region_masks: torch.Tensor  # (R, Sv, Sv) bool, one per <region>
+    seg_masks: torch.Tensor  # (S, Ss, Ss) float, one per <SEG>
+    record: Record
+
+
+class MedDataset(Dataset):
+    """Records of `data_dir/records.jsonl` (optionally one split / some tasks) as model-ready tensors."""
+
+    def __init__(self, data_dir: Path, tokenizer: ConversationTokenizer, image_size: int, sam_image_size: int,
+                 split: str | None = None, tasks: Sequence[str] | None = None,
+                 records: Sequence[Record] | None = None):
+        self.data_dir = Path(data_dir)
+        self.tokenizer = tokenizer
+        self.image_size, self.sam_image_size = image_size, sam_image_size
+        recs = list(records) if records is not None else read_records(self.data_dir)
+        self.records = [r for r in recs if (split is None or r.split == split) and (tasks is None or r.task in tasks)]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Sample:
+        rec = self.records[i]
+        image = read_image(self.data_dir / rec.image)
+        turns, regions, masks = strip_paths(rec.conversations)
+        ids, labels = self.tokenizer.encode_conversation(turns)
+        region_masks = [preprocess_mask(read_mask(self.data_dir / p), self.image_size, keep_any=True) for p in regions]
+        seg_masks = [preprocess_mask(read_mask(self.data_dir / p), self.sam_image_size).float() for p in masks]
+        return Sample(
+            input_ids=torch.tensor(ids), labels=torch.tensor(labels),
+            pixel_values=preprocess_image(image, self.image_size, CLIP_MEAN, CLIP_STD),
+            sam_pixel_values=preprocess_image(image, self.sam_image_size, SAM_MEAN, SAM_STD),
+            region_masks=torch.stack(region_masks) if region_masks else
+            torch.zeros(0, self.image_size, self.image_size, dtype=torch.bool),
+            seg_masks=torch.stack(seg_masks) if seg_masks else torch.zeros(0, self.sam_image_size, self.sam_image_size),
+            record=rec,
+        )
+
+    def collate(self, samples: Sequence[Sample]) -> dict:
+        """Right-padded batch; regions and SEG targets are concatenated in batch order, with their sample index."""
+        return collate(samples, self.tokenizer.pad_token_id)
+
+
+def collate(samples: Sequence[Sample], pad_token_id: int) -> dict:
+    """Right-padded batch; regions and SEG targets are concatenated in batch order, with their sample index."""
+    length = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    attn = torch.zeros((len(samples), length), dtype=torch.long)
+    for b, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids[b, :n], labels[b, :n], attn[b, :n] = s.input_ids, s.labels, 1
+    return {
+        "input_ids": ids, "labels": labels, "attention_mask": attn,
+        "pixel_values": torch.stack([s.pixel_values for s in samples]),
+        "sam_pixel_values": torch.stack([s.sam_pixel_values for s in samples]),
+        "region_masks": torch.cat([s.region_masks for s in samples]),
+        "region_batch_index": torch.tensor([b for b, s in enumerate(samples) for _ in range(len(s.region_masks))],
+                                           dtype=torch.long),
+        "seg_masks": torch.cat([s.seg_masks for s in samples]),
+        "records": [s.record for s in samples],
+    }

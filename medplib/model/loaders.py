@@ -1,0 +1,129 @@
+"""Build a MedPLIB model from a config: random init (tiny) or local CLIP, LLaVA and SAM checkpoints (full).
+
+Accepted local formats (hub downloads are impossible here):
+- CLIP: a `CLIPModel` (openai/clip-vit-large-patch14-336) or `CLIPVisionModel` folder.
+- LLaVA: a llava-hf `LlavaForConditionalGeneration` folder (language model, projector, vision tower), or the original
+  LLaVA / Vicuna layout: a LLaMA folder whose weights may carry `model.mm_projector.{0,2}.*`.
+- SAM: a transformers `SamModel` folder (SAM-Med2D converted to it; its adapters are not part of SamModel).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration, SamModel
+
+from medplib.config.model import ModelConfig
+from medplib.model.model import MedPLIB
+from medplib.model.tokenizer import MedTokenizer
+
+log = logging.getLogger(__name__)
+PROJECTOR_PREFIX = "model.mm_projector."
+
+
+def _folder(path: str | Path, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(f"{what} checkpoint folder {p} has no config.json (give a local folder saved by "
+                                "transformers' save_pretrained)")
+    return p
+
+
+def _check(what: str, pairs: Iterable[tuple[str, object, object]]) -> None:
+    for key, ours, theirs in pairs:
+        if ours != theirs:
+            raise ValueError(f"The {what} checkpoint has {key} = {theirs} but the model config says {ours}")
+
+
+def load_clip_vision(path: str | Path, cfg: ModelConfig) -> CLIPVisionModel:
+    """CLIP vision tower from a CLIPModel or CLIPVisionModel folder, checked against `cfg.vision`."""
+    clip = CLIPVisionModel.from_pretrained(str(_folder(path, "CLIP")), attn_implementation="sdpa")
+    c, v = clip.config, cfg.vision
+    _check("CLIP", [("hidden_size", v.hidden_size, c.hidden_size), ("num_hidden_layers", v.num_layers,
+                    c.num_hidden_layers), ("image_size", v.image_size, c.image_size),
+                    ("patch_size", v.patch_size, c.patch_size)])
+    return clip
+
+
+def _projector_from_shards(folder: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(PROJECTOR_PREFIX):
+                    state[key[len(PROJECTOR_PREFIX):]] = f.get_tensor(key)
+    for shard in sorted(folder.glob("pytorch_model*.bin")):  # original LLaVA releases; tensors only, no code
+        for key, value in torch.load(shard, map_location="cpu", weights_only=True).items():
+            if key.startswith(PROJECTOR_PREFIX):
+                state[key[len(PROJECTOR_PREFIX):]] = value
+    return state
+
+
+def load_llava(path: str | Path, cfg: ModelConfig) -> tuple[LlamaForCausalLM, dict[str, torch.Tensor],
+                                                             CLIPVisionModel | None]:
+    """LLaMA causal LM, projector weights (keys of our `mlp2x_gelu`: 0.*, 2.*) and, if present, the vision tower."""
+    folder = _folder(path, "LLaVA")
+    meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if meta.get("model_type") == "llava":  # llava-hf layout
+        llava = LlavaForConditionalGeneration.from_pretrained(str(folder), attn_implementation="sdpa")
+        with torch.device("meta"):  # both submodules are replaced by the loaded ones
+            llm = LlamaForCausalLM(llava.config.text_config)
+        llm.model, llm.lm_head = llava.model.language_model, llava.lm_head
+        proj = llava.model.multi_modal_projector
+        projector = {"0.weight": proj.linear_1.weight, "0.bias": proj.linear_1.bias,
+                     "2.weight": proj.linear_2.weight, "2.bias": proj.linear_2.bias}
+        vision = llava.model.vision_tower
+    else:  # LLaMA / Vicuna / original LLaVA (model_type llava_llama): the LM plus optional mm_projector tensors
+        allowed = set(LlamaConfig().to_dict())
+        llama_cfg = LlamaConfig(**{k: v for k, v in meta.items() if k in allowed and k != "model_type"})
+        llm = LlamaForCausalLM.from_pretrained(str(folder), config=llama_cfg, attn_implementation="sdpa")
+        projector, vision = _projector_from_shards(folder), None
+    c, m = llm.config, cfg.llm
+    _check("LLaVA", [("hidden_size", m.hidden_size, c.hidden_size), ("num_hidden_layers", m.num_layers,
+                     c.num_hidden_layers), ("intermediate_size", m.intermediate_size, c.intermediate_size)])
+    if projector and cfg.projector != "mlp2x_gelu":
+        raise ValueError(f"The LLaVA checkpoint has an mlp2x_gelu projector but the config says {cfg.projector!r}")
+    return llm, {k: v.detach().clone() for k, v in projector.items()}, vision
+
+
+def load_sam(path: str | Path, cfg: ModelConfig) -> SamModel:
+    """SAM (SAM-Med2D converted to transformers' SamModel) checked against `cfg.sam`."""
+    sam = SamModel.from_pretrained(str(_folder(path, "SAM")), attn_implementation="sdpa")
+    v, s = sam.config.vision_config, cfg.sam
+    _check("SAM", [("image_size", s.image_size, v.image_size), ("vision hidden_size", s.vision_hidden_size,
+                   v.hidden_size), ("num_hidden_layers", s.vision_layers, v.num_hidden_layers),
+                   ("output_channels", s.hidden_size, v.output_channels)])
+    return sam
+
+
+def load_tokenizer(cfg: ModelConfig, texts: Iterable[str] | None = None) -> MedTokenizer:
+    """Full preset: LLaVA's tokenizer from `llm.tokenizer` (or `llm.weights`); tiny: a BPE trained on `texts`."""
+    source = cfg.llm.tokenizer or cfg.llm.weights
+    if source:
+        return MedTokenizer.from_pretrained(source, num_image_tokens=cfg.vision.num_patches,
+                                            system_prompt=cfg.system_prompt)
+    if texts is None:
+        raise ValueError("The config names no tokenizer folder (llm.tokenizer / llm.weights): pass the dataset's "
+                         "texts to train one")
+    return MedTokenizer.train(texts, cfg.llm.vocab_size, cfg.vision.num_patches, cfg.system_prompt)
+
+
+def build_model(cfg: ModelConfig, tokenizer: MedTokenizer) -> MedPLIB:
+    """The model of `cfg`: parts with a `weights` folder are loaded from it, the rest is randomly initialised."""
+    clip = load_clip_vision(cfg.vision.weights, cfg) if cfg.vision.weights else None
+    llm, projector, llava_vision = None, {}, None
+    if cfg.llm.weights:
+        llm, projector, llava_vision = load_llava(cfg.llm.weights, cfg)
+    if clip is None and llava_vision is not None:
+        clip = llava_vision
+    sam = load_sam(cfg.sam.weights, cfg) if cfg.sam.weights else None
+    model = MedPLIB(cfg, tokenizer, clip=clip, llm=llm, sam=sam)
+    if projector:
+        model.projector.load_state_dict(projector)
+    log.info("built MedPLIB: vision %s, llm %s, sam %s", cfg.vision.weights or "random", cfg.llm.weights or "random",
+             cfg.sam.weights or "random")
+    return model

@@ -1,0 +1,438 @@
+"""The MedPLIB model, composed from transformers parts (REFERENCE §2), read top to bottom:
+
+CLIP vision tower → `mlp2x_gelu` projector → image features scattered into the LLaMA input at `<image>`;
+pixel prompts → patch-grid pooling → region adapter → one embedding per `<region>`;
+LLaMA (every MLP optionally a top-1 MoE) → answer tokens; last hidden state at `<SEG>` → `text_hidden_fcs` →
+SAM sparse prompt → SAM mask decoder (single mask) on the SAM image encoder's embedding.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from transformers import (
+    CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, SamConfig as HFSamConfig, SamMaskDecoderConfig,
+    SamModel, SamPromptEncoderConfig, SamVisionConfig,
+)
+from transformers.initialization import no_init_weights
+
+from medplib.config.base import from_dict, to_dict
+from medplib.config.model import ModelConfig
+from medplib.data.torch_dataset import (
+    CLIP_MEAN, CLIP_STD, SAM_MEAN, SAM_STD, preprocess_image, preprocess_mask, unsquare,
+)
+from medplib.model.losses import IGNORE_INDEX, LossWeights, answer_cross_entropy, mask_bce, soft_dice_loss
+from medplib.model.moe import MoEFeedForward, upcycle
+from medplib.model.prompts import PromptError, freeform_prompt_mask
+from medplib.model.tokenizer import IMAGE_TOKEN, REGION_TOKEN, MedTokenizer
+
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "tokenizer"
+
+
+# --- transformers configs from ours ------------------------------------------------------------------------------
+def clip_vision_config(cfg: ModelConfig) -> CLIPVisionConfig:
+    v = cfg.vision
+    return CLIPVisionConfig(image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
+                            intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
+                            num_attention_heads=v.num_heads, hidden_act="quick_gelu", attn_implementation="sdpa")
+
+
+def llama_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
+    m = cfg.llm
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                       num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                       num_key_value_heads=m.num_kv_heads, max_position_embeddings=m.max_position_embeddings,
+                       rms_norm_eps=m.rms_norm_eps, initializer_range=m.initializer_range,
+                       tie_word_embeddings=False, attn_implementation="sdpa")
+
+
+def sam_config(cfg: ModelConfig) -> HFSamConfig:
+    s = cfg.sam
+    vision = SamVisionConfig(hidden_size=s.vision_hidden_size, output_channels=s.hidden_size,
+                             num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads,
+                             image_size=s.image_size, patch_size=s.patch_size, window_size=s.window_size,
+                             global_attn_indexes=list(s.global_attn_indexes), num_pos_feats=s.hidden_size // 2,
+                             initializer_range=s.initializer_range)
+    prompt = SamPromptEncoderConfig(hidden_size=s.hidden_size, image_size=s.image_size, patch_size=s.patch_size)
+    decoder = SamMaskDecoderConfig(hidden_size=s.hidden_size, mlp_dim=s.decoder_mlp_dim,
+                                   num_attention_heads=s.decoder_heads, iou_head_hidden_dim=s.hidden_size)
+    return HFSamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder,
+                       initializer_range=s.initializer_range, attn_implementation="sdpa")
+
+
+# --- parts -------------------------------------------------------------------------------------------------------
+class VisionTower(nn.Module):
+    """CLIP ViT patch features from `select_layer` (-2 = second-to-last, as LLaVA), CLS dropped: (B, N, C).
+
+    Only the blocks up to the selected one run; the later ones (and the post-norm) are kept for checkpoint
+    compatibility but frozen, so no distributed wrapper sees parameters without gradients.
+    """
+
+    def __init__(self, clip: CLIPVisionModel, select_layer: int = -2):
+        super().__init__()
+        self.clip = clip
+        n_layers = len(clip.encoder.layers)
+        # hidden_states[k] is the output of block k (0 = embeddings), as transformers counts them
+        self.num_blocks = select_layer % (n_layers + 1)
+        for block in clip.encoder.layers[self.num_blocks:]:
+            block.requires_grad_(False)
+        clip.post_layernorm.requires_grad_(False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.clip.pre_layrnorm(self.clip.embeddings(pixel_values.to(self.clip.dtype)))
+        for block in self.clip.encoder.layers[: self.num_blocks]:
+            hidden = block(hidden, None)
+        return hidden[:, 1:]
+
+
+def build_projector(kind: str, vision_hidden: int, llm_hidden: int) -> nn.Module:
+    """LLaVA's projector: `linear` or `mlp2x_gelu` (Linear, GELU, Linear)."""
+    if kind == "linear":
+        return nn.Linear(vision_hidden, llm_hidden)
+    if kind == "mlp2x_gelu":
+        return nn.Sequential(nn.Linear(vision_hidden, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden))
+    raise ValueError(f"Projector {kind!r} is not 'linear' or 'mlp2x_gelu'")
+
+
+class RegionEncoder(nn.Module):
+    """Mean of the vision patch features inside a prompt mask (at most `max_points` patches) → region adapter.
+
+    A patch counts when the mask covers at least half of it; a prompt smaller than that takes its best-covered
+    patch(es). Sampling at patch centres makes the pooled feature exactly the mean of those patches.
+    """
+
+    def __init__(self, vision_hidden: int, llm_hidden: int, patch_size: int, max_points: int = 512):
+        super().__init__()
+        self.patch_size, self.max_points = patch_size, max_points
+        self.region_fea_adapter = nn.Linear(vision_hidden, llm_hidden)
+
+    def patch_weights(self, masks: torch.Tensor) -> torch.Tensor:
+        """Prompt masks (R, S, S) → pooling weights (R, N) over the (S/patch)² patch grid, each row summing to 1."""
+        if masks.ndim != 3 or masks.shape[-1] != masks.shape[-2] or masks.shape[-1] % self.patch_size:
+            raise PromptError(f"Region masks must be (R, S, S) with S a multiple of the patch size "
+                              f"{self.patch_size}, got {tuple(masks.shape)}")
+        cover = F.avg_pool2d(masks.float()[:, None], self.patch_size)[:, 0].flatten(1)  # (R, N) fraction covered
+        best = cover.amax(dim=1, keepdim=True)
+        empty = (best[:, 0] == 0).nonzero().flatten().tolist()
+        if empty:
+            raise PromptError(f"Region prompt {empty[0]} is empty after resizing to {masks.shape[-1]} px: "
+                              "draw a larger point, box or mask")
+        chosen = (cover >= 0.5) | (cover == best)
+        count = chosen.sum(dim=1, keepdim=True)
+        stride = torch.div(count + self.max_points - 1, self.max_points, rounding_mode="floor")
+        rank = chosen.cumsum(dim=1) - 1
+        chosen = chosen & (rank % stride == 0)  # evenly thinned to at most max_points patches
+        return chosen.float() / chosen.sum(dim=1, keepdim=True)
+
+    def forward(self, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Patch features (R, N, C) of each region's image and its mask (R, S, S) → region embeddings (R, H)."""
+        weights = self.patch_weights(masks).to(features.dtype)
+        if weights.shape[1] != features.shape[1]:
+            raise PromptError(f"Region masks give a grid of {weights.shape[1]} patches but the vision tower gives "
+                              f"{features.shape[1]}: masks must be at the vision input size")
+        pooled = torch.einsum("rn,rnc->rc", weights, features)
+        return self.region_fea_adapter(pooled)
+
+
+@dataclass
+class MedPLIBOutput:
+    loss: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    mask_bce: torch.Tensor | None = None
+    mask_dice: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, L, V), only without labels
+    mask_logits: torch.Tensor | None = None  # (S, Ss, Ss), one per <SEG> in row-major order
+    seg_batch_index: torch.Tensor | None = None  # (S,) sample of each mask
+
+
+@dataclass
+class Generation:
+    text: str
+    masks: list[np.ndarray] = field(default_factory=list)  # one bool (H, W) mask per generated <SEG>
+    mask_logits: list[torch.Tensor] = field(default_factory=list)
+
+
+# --- the composed model ------------------------------------------------------------------------------------------
+class MedPLIB(nn.Module):
+    """One class for the tiny (random init) and full (local weights, see loaders.py) presets."""
+
+    def __init__(self, config: ModelConfig, tokenizer: MedTokenizer, *, clip: CLIPVisionModel | None = None,
+                 llm: LlamaForCausalLM | None = None, sam: SamModel | None = None):
+        super().__init__()
+        if tokenizer.num_image_tokens != config.vision.num_patches:
+            raise ValueError(f"The tokenizer expands {IMAGE_TOKEN} to {tokenizer.num_image_tokens} tokens but the "
+                             f"vision tower gives {config.vision.num_patches} patches")
+        self.config, self.tokenizer = copy.deepcopy(config), tokenizer
+        self.vision_tower = VisionTower(clip or CLIPVisionModel(clip_vision_config(config)), config.vision.select_layer)
+        self.projector = build_projector(config.projector, config.vision.hidden_size, config.llm.hidden_size)
+        self.region_encoder = RegionEncoder(config.vision.hidden_size, config.llm.hidden_size,
+                                            config.vision.patch_size, config.region_max_points)
+        self.llm = llm or LlamaForCausalLM(llama_config(config, len(tokenizer)))
+        if self.llm.get_input_embeddings().num_embeddings != len(tokenizer):
+            self.llm.resize_token_embeddings(len(tokenizer))  # LLaVA's 32000 + MedPLIB's special tokens
+        self.text_hidden_fcs = nn.Sequential(nn.Linear(config.llm.hidden_size, config.llm.hidden_size), nn.ReLU(),
+                                             nn.Linear(config.llm.hidden_size, config.sam.hidden_size))
+        self.sam = sam or SamModel(sam_config(config))
+        if config.moe.num_experts > 1:  # a fresh or loaded MoE model: experts start as copies of the dense FFN
+            self._to_moe([[layer.mlp for layer in self.layers]] * config.moe.num_experts)
+        if config.vision.freeze:
+            self.vision_tower.requires_grad_(False)
+        if config.sam.freeze_image_encoder:
+            self.sam.vision_encoder.requires_grad_(False)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.llm.model.layers
+
+    # --- inputs ----------------------------------------------------------------------------------------------
+    def embed_inputs(self, input_ids: torch.Tensor, patch_features: torch.Tensor,
+                     region_masks: torch.Tensor | None = None,
+                     region_batch_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with projected patches at `<image>` and region embeddings at `<region>`."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        image_positions = input_ids == self.tokenizer.image_token_id
+        n_tokens, n_features = int(image_positions.sum()), patch_features.shape[0] * patch_features.shape[1]
+        if n_tokens != n_features:
+            raise ValueError(f"Image features and {IMAGE_TOKEN} tokens do not match: tokens: {n_tokens}, "
+                             f"features: {n_features} ({patch_features.shape[0]} images x "
+                             f"{patch_features.shape[1]} patches)")
+        image_embeds = self.projector(patch_features).to(embeds.dtype)
+        embeds = embeds.masked_scatter(image_positions[..., None].expand_as(embeds), image_embeds)
+
+        region_positions = input_ids == self.tokenizer.region_token_id
+        per_sample = region_positions.sum(dim=1)
+        n_masks = 0 if region_masks is None else region_masks.shape[0]
+        if int(per_sample.sum()) != n_masks:
+            raise ValueError(f"Region prompts and {REGION_TOKEN} tokens do not match: tokens: {int(per_sample.sum())}, "
+                             f"prompt masks: {n_masks}")
+        if n_masks:
+            if region_batch_index is None:
+                region_batch_index = torch.repeat_interleave(torch.arange(len(per_sample)), per_sample)
+            counts = torch.bincount(region_batch_index, minlength=len(per_sample))
+            if not torch.equal(counts.cpu(), per_sample.cpu()):
+                raise ValueError(f"Region prompts per sample {counts.tolist()} do not match the {REGION_TOKEN} "
+                                 f"tokens per sample {per_sample.tolist()}")
+            region_embeds = self.region_encoder(patch_features[region_batch_index], region_masks).to(embeds.dtype)
+            embeds = embeds.masked_scatter(region_positions[..., None].expand_as(embeds), region_embeds)
+        return embeds
+
+    # --- grounding -------------------------------------------------------------------------------------------
+    def segment(self, sam_pixel_values: torch.Tensor, seg_hidden: torch.Tensor,
+                seg_batch_index: torch.Tensor) -> torch.Tensor:
+        """`<SEG>` hidden states (S, H) and their images → mask logits (S, Ss, Ss) at the SAM input size."""
+        used, inverse = torch.unique(seg_batch_index, return_inverse=True)
+        image_embeddings = self.sam.vision_encoder(sam_pixel_values[used]).last_hidden_state[inverse]
+        n = seg_hidden.shape[0]
+        sparse = self.text_hidden_fcs(seg_hidden).to(image_embeddings.dtype)[:, None, None, :]  # (S, 1, 1, C)
+        _, dense = self.sam.prompt_encoder(None, None, None, None)
+        positional = self.sam.get_image_wide_positional_embeddings().repeat(n, 1, 1, 1)
+        low_res, _ = self.sam.mask_decoder(image_embeddings=image_embeddings, image_positional_embeddings=positional,
+                                           sparse_prompt_embeddings=sparse,
+                                           dense_prompt_embeddings=dense.expand(n, -1, -1, -1),
+                                           multimask_output=False)
+        size = self.config.sam.image_size
+        return F.interpolate(low_res[:, 0], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+    # --- training forward ------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, sam_pixel_values: torch.Tensor | None = None,
+                region_masks: torch.Tensor | None = None, region_batch_index: torch.Tensor | None = None,
+                seg_masks: torch.Tensor | None = None, loss_weights: LossWeights = LossWeights(),
+                records: Sequence | None = None) -> MedPLIBOutput:
+        """Teacher-forced pass; with `labels` (and `seg_masks` for `<SEG>` tokens) it returns the weighted loss.
+
+        `records` is ignored: it lets a collated batch be passed as `model(**batch)`.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        patch_features = self.vision_tower(pixel_values)
+        embeds = self.embed_inputs(input_ids, patch_features, region_masks, region_batch_index)
+        hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        out = MedPLIBOutput()
+
+        seg_positions = (input_ids == self.tokenizer.seg_token_id) & attention_mask.bool()
+        if seg_positions.any():
+            if sam_pixel_values is None:
+                raise ValueError(f"The input has {int(seg_positions.sum())} <SEG> token(s) but no sam_pixel_values")
+            out.seg_batch_index = seg_positions.nonzero()[:, 0]
+            out.mask_logits = self.segment(sam_pixel_values, hidden[seg_positions], out.seg_batch_index)
+
+        if labels is None:
+            out.logits = self.llm.lm_head(hidden)
+            return out
+        targets = labels[:, 1:]
+        answer = targets != IGNORE_INDEX
+        out.ce_loss = answer_cross_entropy(self.llm.lm_head(hidden[:, :-1][answer]), targets[answer])
+        loss = loss_weights.ce * out.ce_loss
+        n_seg = 0 if out.mask_logits is None else out.mask_logits.shape[0]
+        n_targets = 0 if seg_masks is None else seg_masks.shape[0]
+        if n_seg != n_targets:
+            raise ValueError(f"<SEG> tokens and target masks do not match: tokens: {n_seg}, masks: {n_targets}")
+        if n_seg:
+            if seg_masks.shape[-2:] != out.mask_logits.shape[-2:]:
+                raise ValueError(f"Target masks are {tuple(seg_masks.shape[-2:])} but predicted masks are "
+                                 f"{tuple(out.mask_logits.shape[-2:])} (the SAM input size)")
+            out.mask_bce = mask_bce(out.mask_logits, seg_masks)
+            out.mask_dice = soft_dice_loss(out.mask_logits, seg_masks)
+            loss = loss + loss_weights.bce * out.mask_bce + loss_weights.dice * out.mask_dice
+        moe = self.moe_layers()
+        if moe and self.config.moe.aux_loss_weight > 0:
+            out.aux_loss = torch.stack([m.aux_loss for m in moe]).mean()
+            loss = loss + self.config.moe.aux_loss_weight * out.aux_loss
+        out.loss = loss
+        return out
+
+    # --- generation ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, images: Sequence[np.ndarray], questions: Sequence[str],
+                 regions: Sequence[Sequence[np.ndarray]] | None = None, max_new_tokens: int = 32,
+                 mask_threshold: float = 0.0) -> list[Generation]:
+        """Greedy answers for a batch of (image, question[, region masks]); one mask per generated `<SEG>`.
+
+        A question holds one `<region>` (or `<region></region>`) per prompt mask; `<image>` is added if absent.
+        """
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        regions = list(regions) if regions is not None else [[] for _ in images]
+        if len(regions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(regions)} region lists")
+        device = next(self.parameters()).device
+        v, s = self.config.vision.image_size, self.config.sam.image_size
+        prompts, region_masks, region_index = [], [], []
+        for b, (image, question, masks) in enumerate(zip(images, questions, regions)):
+            if IMAGE_TOKEN not in question:
+                question = f"{IMAGE_TOKEN}\n{question}"
+            question = question.replace(f"{REGION_TOKEN}</region>", REGION_TOKEN).replace(
+                REGION_TOKEN, f"{REGION_TOKEN}</region>")
+            n_tokens = question.count(REGION_TOKEN)
+            if n_tokens != len(masks):
+                raise PromptError(f"Question {b} has {n_tokens} {REGION_TOKEN} placeholder(s) but {len(masks)} "
+                                  "region prompt mask(s)")
+            h, w = image.shape[:2]
+            for m in masks:
+                region_masks.append(preprocess_mask(freeform_prompt_mask(m, h, w), v, keep_any=True))
+                region_index.append(b)
+            prompts.append(self.tokenizer.encode_prompt(question))
+
+        pixel_values = torch.stack([preprocess_image(im, v, CLIP_MEAN, CLIP_STD) for im in images]).to(device)
+        length = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)  # left padding
+        attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
+        embeds = self.embed_inputs(
+            input_ids, self.vision_tower(pixel_values),
+            torch.stack(region_masks).to(device) if region_masks else None,
+            torch.tensor(region_index, device=device) if region_masks else None)
+
+        batch = len(images)
+        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
+                             use_cache=True)
+        cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+        next_position = positions[:, -1] + 1
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        for _ in range(max_new_tokens):
+            token = self.llm.lm_head(hidden).argmax(dim=-1)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            for b in (~finished).nonzero().flatten().tolist():
+                generated[b].append(int(token[b]))
+            was_finished = finished
+            finished = finished | (token == self.tokenizer.eos_token_id)
+            # Feed every new token once, so a generated <SEG> has its own last hidden state (as in training).
+            attention_mask = torch.cat([attention_mask, (~was_finished).long()[:, None]], dim=1)
+            out = self.llm.model(inputs_embeds=self.llm.get_input_embeddings()(token[:, None]),
+                                 attention_mask=attention_mask, position_ids=next_position[:, None],
+                                 past_key_values=cache, use_cache=True)
+            cache, hidden, next_position = out.past_key_values, out.last_hidden_state[:, -1], next_position + 1
+            for b in ((token == self.tokenizer.seg_token_id) & ~was_finished).nonzero().flatten().tolist():
+                seg_hidden[b].append(hidden[b])
+            if finished.all():
+                break
+
+        results = [Generation(text=self.tokenizer.decode(ids)) for ids in generated]
+        seg_index = [b for b in range(batch) for _ in seg_hidden[b]]
+        if seg_index:
+            sam_pixels = torch.stack([preprocess_image(im, s, SAM_MEAN, SAM_STD) for im in images]).to(device)
+            logits = self.segment(sam_pixels, torch.stack([h for hs in seg_hidden for h in hs]),
+                                  torch.tensor(seg_index, device=device))
+            for b, lg in zip(seg_index, logits):
+                full = unsquare(lg.cpu(), *images[b].shape[:2])
+                results[b].mask_logits.append(full)
+                results[b].masks.append((full > mask_threshold).numpy())
+        return results
+
+    # --- mixture of experts ----------------------------------------------------------------------------------
+    def moe_layers(self) -> list[MoEFeedForward]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoEFeedForward)]
+
+    def _to_moe(self, sources: Sequence[Sequence[nn.Module]]) -> None:
+        m = self.config.moe
+        upcycle(self.layers, sources, self.config.llm.hidden_size, m.capacity_factor_train, m.capacity_factor_eval,
+                m.straight_through)
+
+    def upcycle(self, experts: Sequence["MedPLIB"]) -> None:
+        """Turn every dense LLaMA MLP into an MoE whose expert k copies that layer's FFN of `experts[k]`.
+
+        MedPLIB's stage IV: expert 0 = the grounding model's FFNs (stage III), expert 1 = the VL model's (stage II).
+        """
+        if self.moe_layers():
+            raise ValueError(f"The model already has {self.config.moe.num_experts} experts per layer")
+        for k, e in enumerate(experts):
+            if e.moe_layers():
+                raise ValueError(f"Expert source {k} is itself an MoE model; upcycle from dense models")
+        self._to_moe([[layer.mlp for layer in e.layers] for e in experts])
+        self.config.moe.num_experts = len(experts)
+
+    # --- save / load -----------------------------------------------------------------------------------------
+    def save_pretrained(self, path: Path | str) -> Path:
+        """A folder with config.json, model.safetensors and tokenizer/ (no pickles)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_FILE).write_text(json.dumps({"format": "medplib", "version": 1,
+                                                    "model": to_dict(self.config)}, indent=1) + "\n",
+                                        encoding="utf-8")
+        save_model(self, str(path / WEIGHTS_FILE))
+        self.tokenizer.save_pretrained(path / TOKENIZER_DIR)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: Path | str) -> "MedPLIB":
+        """Load a folder written by `save_pretrained`; every weight must be present."""
+        path = Path(path)
+        if not (path / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"{path / CONFIG_FILE} does not exist: not a saved MedPLIB model folder")
+        meta = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        if meta.get("format") != "medplib":
+            raise ValueError(f"{path / CONFIG_FILE} is not a MedPLIB config (format = {meta.get('format')!r})")
+        config = from_dict(ModelConfig, meta["model"])
+        tokenizer = MedTokenizer.from_pretrained(path / TOKENIZER_DIR)
+        with no_init_weights():  # every weight is overwritten below
+            model = cls(config, tokenizer)
+        model.sam.tie_weights()  # no_init_weights skips tying; SAM shares its positional embedding
+        missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path / WEIGHTS_FILE} does not fit the config: missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]}")
+        return model
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total parameters and those active per token (the router plus one expert in each MoE layer)."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for m in model.modules():
+        if isinstance(m, MoEFeedForward):
+            per_expert = [sum(p.numel() for p in e.parameters()) for e in m.experts]
+            inactive += sum(per_expert) - max(per_expert)
+    return {"total": total, "active": total - inactive}

@@ -1,0 +1,195 @@
+"""Shapes, errors, region pooling, tokenizer template, generation and save/load of the tiny MedPLIB."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medplib.model import (
+    LossWeights, MedPLIB, MedTokenizer, PromptError, box_prompt_mask, freeform_prompt_mask, point_prompt_mask,
+)
+from medplib.model.model import RegionEncoder
+from medplib.model.tokenizer import IGNORE_INDEX
+
+from .conftest import conversation
+
+Q_SEG, A_SEG = "<image>\nSegment the liver.", "It is the liver. <SEG>"
+Q_REGION = "<image>\nWhat is in <region></region>?"
+
+
+def _encode(tokenizer, pairs):
+    encoded = [tokenizer.encode_conversation(conversation(q, a)) for q, a in pairs]
+    length = max(len(i) for i, _ in encoded)
+    ids = torch.full((len(pairs), length), tokenizer.pad_token_id)
+    labels = torch.full((len(pairs), length), IGNORE_INDEX)
+    mask = torch.zeros((len(pairs), length), dtype=torch.long)
+    for b, (i, lab) in enumerate(encoded):
+        ids[b, : len(i)], labels[b, : len(i)], mask[b, : len(i)] = torch.tensor(i), torch.tensor(lab), 1
+    return ids, labels, mask
+
+
+# --- tokenizer and template ----------------------------------------------------------------------------------------
+def test_template_labels_only_answers_and_prompt_is_the_training_prefix(tokenizer: MedTokenizer):
+    ids, labels = tokenizer.encode_conversation(conversation(Q_SEG, A_SEG))
+    prompt = tokenizer.encode_prompt(Q_SEG)
+    assert ids[: len(prompt)] == prompt  # one template for training and generation
+    assert all(lab == IGNORE_INDEX for lab in labels[: len(prompt)])
+    assert labels[len(prompt):] == ids[len(prompt):]
+    assert tokenizer.decode(ids[len(prompt):]) == A_SEG
+    assert ids.count(tokenizer.image_token_id) == tokenizer.num_image_tokens == 64
+    start = ids.index(tokenizer.im_start_id)
+    assert ids[start + 65] == tokenizer.im_end_id
+    for token in ("<SEG>", "<region>", "</region>", "<ref>", "<sr>", "<mask>", "<im_start>", "<image>"):
+        assert len(tokenizer.hf.encode(token, add_special_tokens=False)) == 1, token
+
+
+def test_tokenizer_saves_and_loads(tokenizer: MedTokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    loaded = MedTokenizer.from_pretrained(tmp_path / "tok")
+    turns = conversation(Q_REGION, "It is the kidney.")
+    assert loaded.encode_conversation(turns) == tokenizer.encode_conversation(turns)
+    assert (loaded.seg_token_id, loaded.num_image_tokens) == (tokenizer.seg_token_id, 64)
+    with pytest.raises(ValueError, match="human/gpt pairs"):
+        tokenizer.encode_conversation(turns[:1])
+
+
+# --- forward shapes and errors ---------------------------------------------------------------------------------------
+def test_forward_shapes_losses_and_gradients(tiny_model: MedPLIB, tokenizer):
+    ids, labels, mask = _encode(tokenizer, [(Q_SEG, A_SEG), (Q_REGION, "It is the kidney.")])
+    region = torch.zeros(1, 64, 64, dtype=torch.bool)
+    region[0, 8:24, 8:24] = True
+    target = torch.zeros(1, 64, 64)
+    target[0, 20:40, 20:40] = 1
+    tiny_model.train()
+    out = tiny_model(ids, torch.randn(2, 3, 64, 64), mask, labels, torch.randn(2, 3, 64, 64), region,
+                     torch.tensor([1]), target, LossWeights(ce=1.0, bce=2.0, dice=0.5))
+    assert out.mask_logits.shape == (1, 64, 64) and out.seg_batch_index.tolist() == [0]
+    expected = out.ce_loss + 2.0 * out.mask_bce + 0.5 * out.mask_dice
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    for name in ("region_encoder.region_fea_adapter.weight", "text_hidden_fcs.0.weight", "projector.0.weight",
+                 "sam.mask_decoder.iou_token.weight", "vision_tower.clip.embeddings.patch_embedding.weight"):
+        grad = tiny_model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    # SAM's vision encoder learns too (initializer_range 0.02, not transformers' 1e-10)
+    assert tiny_model.sam.vision_encoder.patch_embed.projection.weight.grad.abs().max() > 1e-8
+    out = tiny_model.eval()(ids, torch.randn(2, 3, 64, 64), mask, region_masks=region,
+                            region_batch_index=torch.tensor([1]), sam_pixel_values=torch.randn(2, 3, 64, 64))
+    assert out.logits.shape == (2, ids.shape[1], len(tokenizer)) and out.loss is None
+
+
+def test_vision_tower_is_clips_second_to_last_layer_without_cls(tiny_model: MedPLIB):
+    x = torch.randn(2, 3, 64, 64)
+    ref = tiny_model.vision_tower.clip(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+    torch.testing.assert_close(tiny_model.vision_tower(x), ref)
+    assert ref.shape == (2, 64, 64)
+
+
+def test_image_token_count_mismatch_names_the_counts(tiny_model: MedPLIB, tokenizer):
+    ids, _, _ = _encode(tokenizer, [(Q_SEG, A_SEG)])
+    with pytest.raises(ValueError, match=r"tokens: 64, features: 128 \(2 images x 64 patches\)"):
+        tiny_model(ids, torch.randn(2, 3, 64, 64))
+    no_image = torch.tensor([tokenizer.encode_prompt("Segment the liver.")])
+    with pytest.raises(ValueError, match="tokens: 0, features: 64"):
+        tiny_model(no_image, torch.randn(1, 3, 64, 64))
+
+
+def test_region_and_seg_mismatches_are_errors(tiny_model: MedPLIB, tokenizer):
+    ids, labels, mask = _encode(tokenizer, [(Q_REGION, "It is the kidney.")])
+    with pytest.raises(ValueError, match="tokens: 1, prompt masks: 0"):
+        tiny_model(ids, torch.randn(1, 3, 64, 64), mask, labels)
+    with pytest.raises(PromptError, match="Region prompt 0 is empty"):
+        tiny_model(ids, torch.randn(1, 3, 64, 64), mask, labels, region_masks=torch.zeros(1, 64, 64, dtype=torch.bool))
+    ids, labels, mask = _encode(tokenizer, [(Q_SEG, A_SEG)])
+    with pytest.raises(ValueError, match="no sam_pixel_values"):
+        tiny_model(ids, torch.randn(1, 3, 64, 64), mask, labels)
+    with pytest.raises(ValueError, match="tokens: 1, masks: 2"):
+        tiny_model(ids, torch.randn(1, 3, 64, 64), mask, labels, torch.randn(1, 3, 64, 64),
+                   seg_masks=torch.zeros(2, 64, 64))
+
+
+# --- pixel prompts and region pooling --------------------------------------------------------------------------------
+def test_region_pooling_is_exactly_the_mean_of_covered_patches():
+    enc = RegionEncoder(vision_hidden=5, llm_hidden=3, patch_size=8, max_points=512)
+    features = torch.randn(1, 64, 5)  # 8x8 patch grid of a 64 px image
+    mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    mask[0, 8:24, 16:40] = True  # patch rows 1-2, columns 2-4: 6 patches
+    mask[0, 50, 60] = True  # a stray pixel covering 1/64 of a patch does not count
+    patches = [r * 8 + c for r in (1, 2) for c in (2, 3, 4)]
+    weights = enc.patch_weights(mask)
+    assert weights[0].nonzero().flatten().tolist() == patches
+    pooled = torch.einsum("rn,rnc->rc", weights, features)
+    torch.testing.assert_close(pooled[0], features[0, patches].mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(enc(features, mask), enc.region_fea_adapter(features[0, patches].mean(0))[None])
+
+
+def test_region_pooling_caps_points_and_keeps_small_prompts():
+    enc = RegionEncoder(vision_hidden=4, llm_hidden=4, patch_size=8, max_points=5)
+    full = torch.ones(1, 64, 64, dtype=torch.bool)
+    assert 0 < int((enc.patch_weights(full) > 0).sum()) <= 5
+    tiny = torch.zeros(1, 64, 64, dtype=torch.bool)
+    tiny[0, 30:33, 30:33] = True  # smaller than half a patch: its best-covered patch is used
+    assert (enc.patch_weights(tiny)[0] > 0).nonzero().flatten().tolist() == [3 * 8 + 3]
+
+
+def test_pixel_prompts_and_their_errors():
+    point = point_prompt_mask(10, 20, 64, 64)
+    assert point.sum() == 9 * 9 and point[20, 10]  # 41 px at 336 scaled to 64 px: a 9x9 square
+    assert point_prompt_mask(100, 100, 336, 336).sum() == 41 * 41
+    assert point_prompt_mask(0, 0, 64, 64).sum() == 5 * 5  # clipped at the corner
+    box = box_prompt_mask(2, 3, 10, 5, 64, 64)
+    assert box.sum() == 9 * 3 and box[3, 2] and box[5, 10]
+    with pytest.raises(PromptError, match=r"Point \(64, 3\) is outside the 64x64 image"):
+        point_prompt_mask(64, 3, 64, 64)
+    with pytest.raises(PromptError, match="reaches outside"):
+        box_prompt_mask(0, 0, 70, 10, 64, 64)
+    with pytest.raises(PromptError, match="is empty"):
+        box_prompt_mask(10, 0, 2, 10, 64, 64)
+    with pytest.raises(PromptError, match="no foreground"):
+        freeform_prompt_mask(np.zeros((64, 64), bool), 64, 64)
+    with pytest.raises(PromptError, match="32x64 but the image is 64x64"):
+        freeform_prompt_mask(np.ones((64, 32), bool), 64, 64)
+
+
+def _force_next_token(model: MedPLIB, token_id: int) -> None:
+    bonus = torch.zeros(len(model.tokenizer))
+    bonus[token_id] = 1e4
+    model.llm.lm_head.register_forward_hook(lambda module, args, out: out + bonus)
+
+
+# --- generation and save/load ----------------------------------------------------------------------------------------
+def test_batched_generate_returns_text_and_one_mask_per_seg(tiny_model: MedPLIB, tokenizer):
+    _force_next_token(tiny_model, tokenizer.seg_token_id)  # the untrained model now answers <SEG><SEG>...
+    images = [np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8),
+              np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)]
+    region = box_prompt_mask(4, 4, 20, 20, 48, 64)
+    results = tiny_model.generate(images, ["Segment the liver.", "What is in <region>?"], [[], [region]],
+                                  max_new_tokens=3)
+    for result, image in zip(results, images):
+        assert result.text == "<SEG><SEG><SEG>"
+        assert len(result.masks) == 3 and result.masks[0].shape == image.shape[:2] and result.masks[0].dtype == bool
+    # batching does not change an answer: left padding with matching positions
+    alone = tiny_model.generate(images[1:], ["What is in <region>?"], [[region]], max_new_tokens=3)[0]
+    torch.testing.assert_close(alone.mask_logits[0], results[1].mask_logits[0], atol=1e-4, rtol=0)
+    with pytest.raises(PromptError, match="1 <region> placeholder"):
+        tiny_model.generate(images[:1], ["What is in <region>?"], [[]])
+
+
+def test_generate_stops_at_end_token(tiny_model: MedPLIB, tokenizer):
+    _force_next_token(tiny_model, tokenizer.eos_token_id)
+    result = tiny_model.generate([np.zeros((64, 64), np.uint8)], ["Is this a CT image?"], max_new_tokens=5)[0]
+    assert result.text == "" and result.masks == []
+
+
+def test_save_and_load_round_trip_without_pickles(tiny_model: MedPLIB, tokenizer, tmp_path):
+    path = tiny_model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
+    assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))
+    loaded = MedPLIB.from_pretrained(path).eval()
+    ids, _, mask = _encode(tokenizer, [(Q_SEG, A_SEG)])
+    x, s = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    a, b = tiny_model(ids, x, mask, sam_pixel_values=s), loaded(ids, x, mask, sam_pixel_values=s)
+    torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
+    torch.testing.assert_close(a.mask_logits, b.mask_logits, atol=0, rtol=0)
+    with pytest.raises(FileNotFoundError, match="not a saved MedPLIB model"):
+        MedPLIB.from_pretrained(tmp_path)
