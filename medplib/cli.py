@@ -22,13 +22,42 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
 
+def _pipeline_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", default="synth", help="synth | mecovqa:DIR | dicom:DIR | nifti:DIR (default: synth)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers per stage (default: 2)")
+    p.add_argument("--epochs", type=int, default=None, help="override every stage's epochs")
+    p.add_argument("--retries", type=int, default=1, help="retries of ingest and of each stage (default: 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medplib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pipeline", help="the whole pipeline on a source (today: ingest → validate)")
+    p = sub.add_parser("pipeline", help="the whole pipeline as a Prefect flow: ingest → validate → train stages "
+                                        "I-IV → evaluate → register → promote")
     _common(p)
-    p.add_argument("--source", default="synth", help="synth | mecovqa:DIR | dicom:DIR | nifti:DIR (default: synth)")
+    _pipeline_options(p)
+
+    p = sub.add_parser("schedule", help="serve the retraining deployment on a cron against a Prefect server on "
+                                        "127.0.0.1 (start one with `medplib ui`)")
+    _common(p)
+    _pipeline_options(p)
+    p.add_argument("--cron", required=True, help='when to retrain, e.g. "0 3 * * *" (every day at 03:00)')
+    p.add_argument("--on-data-change", action="store_true",
+                   help="retrain only when the source's dataset version differs from the champion's training data")
+    p.add_argument("--name", default="retrain", help="deployment name (default: retrain)")
+
+    p = sub.add_parser("ui", help="start the Prefect and MLflow UIs on 127.0.0.1 and print their URLs")
+    _common(p)
+    p.add_argument("--prefect-port", type=int, default=4200, help="Prefect server port (default: 4200)")
+    p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (default: 5000)")
+
+    p = sub.add_parser("reproduce", help="restore a model version's recorded data and config, re-run, compare metrics")
+    _common(p)
+    p.add_argument("model", help="models:/medplib/N (or models:/medplib@champion)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="largest accepted |reproduced - recorded| per metric (default: flows.reproduce.TOLERANCE)")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: as recorded)")
 
     p = sub.add_parser("train", help="train one MedPLIB stage as a Ray Train job (logged to MLflow)")
     _common(p)
@@ -39,6 +68,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
     p.add_argument("--epochs", type=int, default=None, help="override the stage's epochs")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+
+    p = sub.add_parser("evaluate", help="evaluate a model on the test and zero-shot splits of data/ (logged to MLflow)")
+    _common(p)
+    p.add_argument("--model", required=True,
+                   help="models:/medplib@champion, models:/medplib/N, runs:/RUN_ID/medplib or a saved model folder")
+    p.add_argument("--split", default="test,zeroshot", help="comma-separated splits (default: test,zeroshot)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
+    p.add_argument("--batch-size", type=int, default=16, help="records per generate call (default: 16)")
+
+    p = sub.add_parser("promote", help="gate the challenger (or --version N) against the champion on recorded "
+                                       "metrics; moves `champion` only if it is better")
+    _common(p)
+    p.add_argument("--version", type=int, default=None, help="registered version to gate (default: the challenger)")
+
+    p = sub.add_parser("rollback", help="point `champion` back at the previous champion")
+    _common(p)
+    p.add_argument("--reason", default="manual rollback", help="why, recorded with the decision")
+
+    p = sub.add_parser("predict", help="answer one question about an image (+ optional pixel prompt) with a model")
+    _common(p)
+    p.add_argument("--model", required=True,
+                   help="models:/medplib@champion, models:/medplib/N, runs:/RUN_ID/medplib or a saved model folder")
+    p.add_argument("--image", required=True, help="PNG image")
+    p.add_argument("--question", required=True, help="question text; a pixel prompt adds <region> if absent")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--point", default=None, help="point prompt X,Y in image pixels")
+    prompt.add_argument("--box", default=None, help="box prompt X1,Y1,X2,Y2 in image pixels (inclusive)")
+    prompt.add_argument("--region", default=None, help="free-form prompt: a PNG mask the size of the image")
+    p.add_argument("--mask-out", type=Path, default=None, help="write the first predicted mask here as PNG")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit (default: 24)")
 
     data = sub.add_parser("data", help="synthesise, ingest, validate and version datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -79,6 +138,289 @@ def _validate(cfg, home, project):
     if not (data_dir / "records.jsonl").exists():
         raise FileNotFoundError(f"No dataset at {data_dir}: run `medplib data ingest` first")
     return validate_dataset(data_dir, home.reports / "data_docs")
+
+
+# ---- orchestration: pipeline, schedule, ui, reproduce (the Prefect flows live in flows/, imported lazily) -----
+
+PREFECT_API_DEFAULT = "http://127.0.0.1:4200/api"  # where `medplib ui` starts the Prefect server
+
+
+def _prefect_setup(home) -> None:
+    """Prefect's state under the home and its measured settings; must run before prefect is imported."""
+    import os
+
+    home.prefect.mkdir(parents=True, exist_ok=True)  # prefect creates only the last level, at import
+    os.environ["PREFECT_HOME"] = str(home.prefect)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Prefect API call otherwise
+
+
+def _flows(module: str):
+    """`flows.<module>`: the one place medplib reaches the flows package."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"flows.{module}")
+    except ModuleNotFoundError as e:
+        if e.name != "flows":
+            raise
+        raise FileNotFoundError("The `flows` package is not importable from this install (an editable install made "
+                                "before flows/ existed): run `rm .venv/.medplib-installed && make setup`") from None
+
+
+def _stage_overrides(args) -> dict | None:
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs {args.epochs}: need at least 1")
+    return {s: {"epochs": args.epochs} for s in (1, 2, 3, 4)} if args.epochs else None
+
+
+def _pipeline(args, home, project) -> int:
+    _prefect_setup(home)
+    pipeline, validate = _flows("pipeline"), _flows("validate")
+    try:
+        summary = pipeline.pipeline(source=args.source, preset=args.preset, config=args.config, workers=args.workers,
+                                    home=home.root, project=project, stage_overrides=_stage_overrides(args),
+                                    retries=args.retries)
+    except validate.DataValidationError as e:
+        print(f"medplib: the dataset failed the validation gate; nothing was trained.\n{e}", file=sys.stderr)
+        return 1
+    _emit(args, summary, pipeline.summary_text(summary))
+    return 0
+
+
+def _healthy(url: str, timeout: float = 3.0) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _schedule(args, home, project) -> int:
+    import os
+
+    _prefect_setup(home)
+    api = os.environ.get("PREFECT_API_URL") or PREFECT_API_DEFAULT
+    if not _healthy(f"{api.rstrip('/')}/health"):
+        raise ValueError(f"No Prefect server answers at {api}. Start one on loopback with `medplib ui` (another "
+                         "terminal; it prints the URL) or `prefect server start --host 127.0.0.1`, then set "
+                         "PREFECT_API_URL to its /api URL if it is not " + PREFECT_API_DEFAULT)
+    os.environ["PREFECT_API_URL"] = api
+    schedule = _flows("schedule")
+    params = dict(source=args.source, preset=args.preset, config=args.config.resolve() if args.config else None,
+                  workers=args.workers, home=home.root, project=project, stage_overrides=_stage_overrides(args),
+                  retries=args.retries, only_if_data_changed=args.on_data_change)
+    deployment = schedule.retraining_deployment(args.name, args.cron, params)
+    info = {"deployment": f"{deployment.flow_name}/{deployment.name}", "cron": args.cron, "api": api,
+            "on_data_change": args.on_data_change, "parameters": params}
+    _emit(args, info, f"Deployment '{info['deployment']}' on cron '{args.cron}'"
+                      f"{' (retrains only when the data changed)' if args.on_data_change else ''} at {api}; serving "
+                      "it here until Ctrl-C, which pauses the schedule.")
+    schedule.serve_deployments(deployment)
+    return 0
+
+
+def _ui(args, home) -> int:
+    import os
+    import subprocess
+    import time
+
+    from medplib.config import load_tracking_config
+
+    _prefect_setup(home)
+    t = load_tracking_config().resolved(home)
+    bin_dir = Path(sys.executable).parent
+    servers = {
+        "Prefect": ([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                     str(args.prefect_port)], f"http://127.0.0.1:{args.prefect_port}", "/api/health"),
+        "MLflow": ([str(bin_dir / "mlflow"), "server", "--backend-store-uri", t.tracking_uri,
+                    "--default-artifact-root", t.artifact_location, "--no-serve-artifacts", "--workers", "1",
+                    "--host", "127.0.0.1", "--port", str(args.mlflow_port)], f"http://127.0.0.1:{args.mlflow_port}",
+                   "/health"),
+    }
+    for name, (_, url, health) in servers.items():
+        if _healthy(url + health, timeout=1):
+            raise ValueError(f"Something already answers at {url} ({name} port): stop it or choose another port")
+    logs = home.root / "logs"
+    logs.mkdir(exist_ok=True)
+    procs = {}
+    for name, (cmd, _, _) in servers.items():
+        with open(logs / f"{name.lower()}-ui.log", "ab") as out:  # the child keeps its own handle
+            procs[name] = subprocess.Popen(cmd, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        for name, (_, url, health) in servers.items():
+            while not _healthy(url + health, timeout=1):
+                if procs[name].poll() is not None:
+                    print(f"medplib: error: the {name} server exited with code {procs[name].returncode}; see "
+                          f"{logs / (name.lower() + '-ui.log')}", file=sys.stderr)
+                    return 1
+                if time.monotonic() > deadline:
+                    print(f"medplib: error: the {name} server did not answer at {url} within 120 s", file=sys.stderr)
+                    return 1
+                time.sleep(0.5)
+        urls = {name: url for name, (_, url, _) in servers.items()}
+        _emit(args, {"prefect_ui": urls["Prefect"], "prefect_api": urls["Prefect"] + "/api",
+                     "mlflow_ui": urls["MLflow"], "home": str(home.root)},
+              f"Prefect UI  {urls['Prefect']}   (flow runs, artifacts, deployments; state in {home.prefect})\n"
+              f"MLflow UI   {urls['MLflow']}   (experiment '{t.experiment}', registered model "
+              f"'{t.registered_model}')\n"
+              f"To run or schedule pipelines against this server:  export PREFECT_API_URL={urls['Prefect']}/api\n"
+              f"Server logs in {logs}. Ctrl-C stops both.")
+        sys.stdout.flush()
+        while all(p.poll() is None for p in procs.values()):
+            time.sleep(1)
+        gone = [name for name, p in procs.items() if p.poll() is not None]
+        print(f"medplib: error: the {' and '.join(gone)} server stopped", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _reproduce(args, home, project) -> int:
+    _prefect_setup(home)
+    reproduce = _flows("reproduce")
+    out = reproduce.reproduce(model_uri=args.model, home=home.root, project=project, workers=args.workers,
+                              tolerance=reproduce.TOLERANCE if args.tolerance is None else args.tolerance)
+    _emit(args, out, reproduce.comparison_text(out))
+    return 0 if out["within_tolerance"] else 1
+
+
+# ---- models: evaluate, promote, rollback, predict (medplib.eval.publish, medplib.registry, medplib.serve) ---------
+
+def _registry(home):
+    from medplib.config import load_tracking_config
+    from medplib.registry import Registry
+
+    return Registry(load_tracking_config().resolved(home))
+
+
+def _quiet_downloads() -> None:
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar line per file otherwise
+
+
+def _evaluate(args, home, project) -> int:
+    from medplib.data.versioning import read_version
+    from medplib.eval.publish import eval_split, evaluate_and_log, report_metrics
+    from medplib.eval.runner import report_markdown
+    from medplib.serve import load_model
+
+    splits = tuple(s.strip() for s in args.split.split(",") if s.strip())
+    if not splits or any(s not in ("test", "zeroshot") for s in splits):
+        raise ValueError(f"--split {args.split!r}: use test, zeroshot or test,zeroshot")
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: need at least 1")
+    data_dir = project / "data"
+    if not (data_dir / "records.jsonl").exists():
+        raise FileNotFoundError(f"No dataset at {data_dir}: run `medplib data ingest` first")
+    _quiet_downloads()
+    data_version = read_version(project)
+    registry = _registry(home)
+    version = registry.version_of(args.model)  # a registered version gets the metrics recorded for the gate
+    model_ref = f"models:/{registry.name}/{version}" if version else args.model
+    model = load_model(model_ref, registry.cfg)
+    report, run_id = evaluate_and_log(model, data_dir, data_version, registry, run_name="evaluate",
+                                      model_ref=model_ref, splits=splits, limit=args.limit, batch_size=args.batch_size,
+                                      tags={"medplib.evaluated_version": version} if version else None)
+    recorded = None
+    if version and data_version and "test" in splits:
+        metrics = report_metrics(report, data_version, eval_split(args.limit))
+        if metrics.primary(registry.cfg.gate.primary_metric) is not None:
+            registry.record_eval(version, metrics)
+            recorded = version
+    summary = {"model": model_ref, "version": version, "data_version": data_version, "splits": list(splits),
+               "limit": args.limit, "samples": len(report.rows), "metrics": report.summary, "tables": report.tables,
+               "mlflow_run_id": run_id, "recorded_on_version": recorded}
+    note = (f"Recorded on version {recorded} for the promotion gate (data {data_version}, split "
+            f"'{eval_split(args.limit)}')." if recorded else "Not recorded for the gate (only a registered version "
+            "evaluated on the test split of DVC-versioned data is).")
+    _emit(args, summary, f"{report_markdown(report)}\n{len(report.rows)} samples of {model_ref} on data "
+                         f"{data_version or 'unversioned'}; MLflow run {run_id}. {note}")
+    return 0
+
+
+def _promote(args, home) -> int:
+    from medplib.registry import TAG_DECISION_RUN
+
+    registry = _registry(home)
+    challenger = registry.cfg.aliases.challenger
+    version = str(args.version) if args.version is not None else registry.aliases().get(challenger)
+    if version is None:
+        raise ValueError(f"No --version given and no '{challenger}' alias on '{registry.name}': register a model "
+                         "first (medplib pipeline)")
+    before = registry.champion_version()
+    d = registry.promote_if_better(version)
+    summary = {"version": version, "promoted": d.promote, "reason": d.reason, "primary_metric": d.primary_metric,
+               "challenger_metric": d.challenger, "champion_metric": d.champion, "delta": d.delta,
+               "modality_deltas": d.modality_deltas, "previous_champion_version": before,
+               "champion_version": registry.champion_version(),
+               "decision_run_id": registry.version_tags(version).get(TAG_DECISION_RUN)}
+    _emit(args, summary, f"Version {version} {'promoted to champion' if d.promote else 'not promoted'}: {d.reason}"
+                         f"\nChampion: version {summary['champion_version']} (was {before or 'none'}).")
+    return 0
+
+
+def _rollback(args, home) -> int:
+    registry = _registry(home)
+    before = registry.champion_version()
+    restored = registry.rollback(args.reason)
+    summary = {"champion_version": restored, "rolled_back_version": before,
+               "previous_champion_version": registry.aliases().get(registry.cfg.aliases.previous_champion)}
+    _emit(args, summary, f"Champion rolled back from version {before} to version {restored} ({args.reason}).")
+    return 0
+
+
+def _predict(args, home) -> int:
+    import base64
+    import time
+
+    from medplib.config import load_tracking_config
+    from medplib.serve import load_model, parse_request, predict
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: need at least 1")
+    for flag, value in (("--image", args.image), ("--region", args.region)):
+        if value is not None and not Path(value).is_file():
+            raise FileNotFoundError(f"{flag} '{value}': no such file")
+    request = {"image": args.image, "question": args.question, "point": args.point, "box": args.box,
+               "region": args.region}
+    parse_request(request)  # bad prompts and images fail here, before a model is fetched
+    _quiet_downloads()
+    t0 = time.perf_counter()
+    model = load_model(args.model, load_tracking_config().resolved(home))
+    t1 = time.perf_counter()
+    out = predict(model, **request, max_new_tokens=args.max_new_tokens)
+    summary = {"model": args.model, "answer": out["answer"], "masks": len(out["masks"]), "mask_out": None,
+               "load_seconds": round(t1 - t0, 3), "predict_seconds": round(time.perf_counter() - t1, 3)}
+    if args.mask_out is not None:
+        if out["masks"]:
+            args.mask_out.parent.mkdir(parents=True, exist_ok=True)
+            args.mask_out.write_bytes(base64.b64decode(out["masks"][0]))
+            summary["mask_out"] = str(args.mask_out)
+        else:
+            print(f"medplib: warning: the answer has no <SEG>, so no mask was written to {args.mask_out}",
+                  file=sys.stderr)
+    written = f", first written to {summary['mask_out']}" if summary["mask_out"] else ""
+    masks = f"{len(out['masks'])} mask(s){written}"
+    _emit(args, summary, f"{out['answer']}\n[{masks}]")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,16 +470,21 @@ def run(args: argparse.Namespace) -> int:
                        f"(MLflow run {d['mlflow_run_id']})")
         return 0
     if cmd == "pipeline":
-        r = _ingest(args, cfg, home, project)
-        report = _validate(cfg, home, project)
-        summary = {"ingest": r, "validation": report.to_dict(), "version": r["version"],
-                   "steps_run": ["ingest", "validate"],
-                   "steps_missing": ["train stages I-IV", "evaluate", "register/promote"]}
-        text = (f"Pipeline (data steps): ingested {r['total']} records = {r['valid']} valid + {r['quarantined']} "
-                f"quarantined; dataset version {r['version']}\n{report.summary()}\n"
-                "Training, evaluation and promotion are not built yet (issues 5-7).")
-        _emit(args, summary, text)
-        return 0 if report.success else 1
+        return _pipeline(args, home, project)
+    if cmd == "schedule":
+        return _schedule(args, home, project)
+    if cmd == "ui":
+        return _ui(args, home)
+    if cmd == "reproduce":
+        return _reproduce(args, home, project)
+    if cmd == "evaluate":
+        return _evaluate(args, home, project)
+    if cmd == "promote":
+        return _promote(args, home)
+    if cmd == "rollback":
+        return _rollback(args, home)
+    if cmd == "predict":
+        return _predict(args, home)
     raise AssertionError(f"unhandled command {cmd}")  # argparse only lets known commands through
 
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -56,12 +58,40 @@ TAG_ROLLED_BACK_RUN = "medplib.rolled_back_by_run_id"
 TAG_ROLLED_BACK_REASON = "medplib.rollback_reason"
 TAG_RESTORED_RUN = "medplib.restored_by_run_id"
 
+_MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))")
 _EPS = 1e-12  # float slack so that 0.75 - 0.70 counts as a delta of 0.05
 _MAX_RUN_TAG = 7900  # MLflow run tag values stop at 8000 characters; decision.json keeps the full text
 
 
-class RegistryError(RuntimeError):
-    """A registry operation that cannot be done as asked; the message says why and what to do."""
+@contextmanager
+def use_tracking(cfg: TrackingConfig) -> Iterator[None]:
+    """Point MLflow's process-wide tracking and registry URIs (and their environment variables) at `cfg` for the
+    duration, then restore them exactly. Some MLflow 3.17 paths ignore a client's own URIs: resolving a
+    `models:/` URI, registering a logged model, the fluent API. Not thread-safe, like MLflow's globals."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri, {k: os.environ.get(k) for k in names}
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_registry_uri(cfg.registry_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        registry_utils._registry_uri = saved[1]
+        for key, value in saved[2].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class RegistryError(ValueError):
+    """A registry operation that cannot be done as asked; the message says why and what to do.
+
+    A ValueError like the project's other errors for people, so the CLI reports it as `medplib: error: ...`."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +216,21 @@ class Registry:
         """The version the `champion` alias points at, or None."""
         return self.aliases().get(self.cfg.aliases.champion)
 
+    def version_of(self, model_uri: str) -> str | None:
+        """The version a `models:/<name>/<N>` or `models:/<name>@<alias>` URI of this registered model points at;
+        None for any other URI or folder. An alias that is not set is an error naming the aliases that are."""
+        m = _MODEL_URI.fullmatch(str(model_uri).rstrip("/"))
+        if not m or m["name"] != self.name:
+            return None
+        if m["version"]:
+            self._version(m["version"])
+            return m["version"]
+        version = self.aliases().get(m["alias"])
+        if version is None:
+            raise RegistryError(f"No alias '{m['alias']}' on registered model '{self.name}' "
+                                f"(aliases: {self.aliases() or 'none'})")
+        return version
+
     def version_tags(self, version: str | int) -> dict[str, str]:
         """All tags of a version: lineage, eval metrics, decisions."""
         return dict(self._version(version).tags)
@@ -226,7 +271,11 @@ class Registry:
         all_tags = {**(tags or {}), TAG_GIT_COMMIT: git_commit, TAG_DATA_VERSION: data_version,
                     TAG_CONFIG_DIGEST: config_digest, TAG_PARENT_RUN: parent or "none"}
         self._ensure_registered_model()
-        mv = self.client.create_model_version(self.name, source, run_id=run_id, tags=all_tags, model_id=model_id)
+        # MLflow's sqlite registry resolves a `models:/<model id>` source through the *global* tracking URI, not
+        # this client's (a TODO in its SqlAlchemyStore.create_model_version): point it at ours meanwhile.
+        with use_tracking(self.cfg):
+            mv = self.client.create_model_version(self.name, source, run_id=run_id, tags=all_tags,
+                                                  model_id=model_id)
         self.client.set_registered_model_alias(self.name, self.cfg.aliases.challenger, mv.version)
         log.info("Registered %s version %s from %s (run %s); alias '%s' -> %s", self.name, mv.version, source,
                  run_id, self.cfg.aliases.challenger, mv.version)

@@ -27,3 +27,16 @@ def project(tmp_path: Path) -> Path:
     p = tmp_path / "project"
     p.mkdir()
     return p
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _mlflow_default_in_tmp(tmp_path_factory):
+    """A stray fluent MLflow call (no explicit URI) writes to a temp sqlite, never into the repository."""
+    d = tmp_path_factory.mktemp("mlflow-default")
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d}/mlflow.db"
+    yield
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous

@@ -152,6 +152,15 @@ def table_markdown(table: dict[str, dict[str, float]], metrics: Sequence[str]) -
     return "\n".join(lines)
 
 
+def report_markdown(report: EvalReport) -> str:
+    """Every "<split>/<task>" table of a report as a markdown section, one row per modality."""
+    md = []
+    for table, by_mod in report.tables.items():
+        cols = [m for m in next(iter(by_mod.values())) if m != "n"]
+        md.append(f"### {table}\n\n{table_markdown(by_mod, cols)}\n")
+    return "\n".join(md)
+
+
 def log_report(report: EvalReport, client, run_id: str, data_version: str | None) -> None:
     """Metrics, per-modality tables (JSON + markdown), per-sample rows and overlay grids into an MLflow run."""
     import json
@@ -168,11 +177,7 @@ def log_report(report: EvalReport, client, run_id: str, data_version: str | None
     for i in range(0, len(metrics), 500):
         client.log_batch(run_id, metrics=metrics[i:i + 500])
     client.set_tag(run_id, "medplib.eval_data_version", data_version or "unversioned")
-    md = []
-    for table, by_mod in report.tables.items():
-        cols = [m for m in next(iter(by_mod.values())) if m != "n"]
-        md.append(f"### {table}\n\n{table_markdown(by_mod, cols)}\n")
-    client.log_text(run_id, "\n".join(md), "eval/tables.md")
+    client.log_text(run_id, report_markdown(report), "eval/tables.md")
     client.log_dict(run_id, report.tables, "eval/tables.json")
     client.log_table(run_id, pd.DataFrame(report.rows), "eval/samples.json")
     for modality, grid in overlay_grid(report).items():

@@ -130,7 +130,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def train_stage(stage: int, cfg: Config, home: Home, project: Path, *, workers: int = 2, base: Path | None = None,
                 overrides: dict | None = None, parent_run_id: str | None = None, track: bool = True,
-                max_failures: int = 1, extra: dict | None = None, address: str | None = None) -> StageResult:
+                max_failures: int = 1, extra: dict | None = None, address: str | None = None,
+                max_steps: int = 0) -> StageResult:
     """Train one stage as a Ray Train job; rank 0 logs steps to an MLflow child run; returns where it saved."""
     spec = stage_spec(cfg.preset, stage, overrides)
     data_dir = Path(project) / "data"
@@ -150,7 +151,7 @@ def train_stage(stage: int, cfg: Config, home: Home, project: Path, *, workers: 
         out_dir=str(out), epochs=spec.epochs, micro_batch=spec.micro_batch, grad_accum=spec.grad_accum, lr=spec.lr,
         betas=tuple(spec.betas), weight_decay=spec.weight_decay, warmup_ratio=spec.warmup_ratio,
         grad_clip=spec.grad_clip, zero_stage=spec.zero_stage, use_gpu=torch.cuda.is_available(), seed=spec.seed,
-        checkpoint_every=spec.checkpoint_every, log_every=1,
+        checkpoint_every=spec.checkpoint_every, log_every=1, max_steps=max_steps,
         extra={**(extra or {}), **({"mlflow_run_id": run_id, "mlflow_tracking_uri": tracking_uri} if run_id else {})},
     )
     t0 = time.perf_counter()

@@ -1,0 +1,185 @@
+"""Publish a trained model: evaluate it, log it as a pyfunc, register it with its lineage, gate it against the champion.
+
+Tracking calls happen here, where the work is; registry operations (register, record_eval, aliases, the gate) stay
+in `medplib.registry`. The gate only compares metrics measured on the same data version and split, so when the
+champion was last measured on other data it is re-evaluated here first, on the same records as the challenger.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import yaml
+
+from medplib.config import Config, Home, TrackingConfig, load_tracking_config, resolve_home, to_dict
+from medplib.config.home import REPO_ROOT
+from medplib.eval.runner import SUMMARY_KEYS, EvalReport, evaluate, log_report
+from medplib.registry import TAG_DECISION_RUN, EvalMetrics, Registry, use_tracking
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_PATH = "medplib"  # the pyfunc's name in its run; `models:/<model id>` and `runs:/<run>/medplib`
+GATE_TABLE = "test/grounding"
+TAG_EVAL_RUN = "medplib.eval_run_id"
+TAG_GIT_DIRTY = "medplib.git_dirty"
+
+
+def eval_split(limit: int | None = None) -> str:
+    """The split label recorded with eval metrics: "test", or "test[:N]" for a run cut to its first N records,
+    so that the gate never compares a partial evaluation with a full one."""
+    return f"test[:{limit}]" if limit else "test"
+
+
+def report_metrics(report: EvalReport, data_version: str, split: str = "test") -> EvalMetrics:
+    """The registry's view of a report: headline metrics over all modalities (`all`) and per modality, named as
+    `EvalReport.summary` names them (`grounding_mdice` = table "test/grounding", metric "dice"); `n` counts the
+    grounding samples the primary metric averages."""
+    rows: dict[str, dict[str, float]] = {"all": dict(report.summary)}
+    for name, (table, metric) in SUMMARY_KEYS.items():
+        for modality, values in report.tables.get(table, {}).items():
+            if modality != "all" and metric in values:
+                rows.setdefault(modality, {})[name] = float(values[metric])
+    for modality, values in report.tables.get(GATE_TABLE, {}).items():
+        rows.setdefault(modality, {})["n"] = float(values["n"])
+    return EvalMetrics(data_version=data_version, metrics=rows, split=split)
+
+
+def current_git_commit() -> tuple[str, bool]:
+    """(HEAD commit of the repository, whether the working tree has changes); ("unknown", True) outside git."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        return "unknown", True
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                            capture_output=True, text=True)
+    return head.stdout.strip(), bool(status.stdout.strip())
+
+
+def config_digest(cfg: Config) -> str:
+    """16 hex digits of SHA-256 over the resolved config as sorted YAML: same config, same digest."""
+    return hashlib.sha256(yaml.safe_dump(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def _resumed_run(tracking: TrackingConfig, run_id: str) -> Iterator[None]:
+    """Make `run_id` the active fluent run (mlflow.pyfunc.log_model logs into the active run), against our
+    tracking URI; the process's global URI is restored afterwards."""
+    import mlflow
+
+    with use_tracking(tracking), mlflow.start_run(run_id=run_id, nested=True):
+        yield
+
+
+def evaluate_and_log(model, data_dir: Path, data_version: str | None, registry: Registry, *, run_name: str,
+                     model_ref: str, parent_run_id: str | None = None, splits: Sequence[str] = ("test", "zeroshot"),
+                     limit: int | None = None, batch_size: int = 16, tags: dict[str, str] | None = None,
+                     log_model_dir: Path | None = None) -> tuple[EvalReport, str]:
+    """Evaluate a loaded model into a new MLflow run (child of `parent_run_id`); with `log_model_dir`, also log
+    that folder as the pyfunc `medplib` in the run. Returns (report, run id); the run is FAILED on an error."""
+    from mlflow.entities import Param
+
+    client = registry.client
+    run_tags = {"medplib.kind": "evaluation", "medplib.model": model_ref,
+                "medplib.data_version": data_version or "unversioned", **(tags or {})}
+    if parent_run_id:
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    run_id = client.create_run(registry.experiment_id(), run_name=run_name, tags=run_tags).info.run_id
+    status = "FAILED"
+    try:
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in (
+            ("model", model_ref[:6000]), ("data_dir", str(data_dir)), ("splits", ",".join(splits)),
+            ("limit", limit), ("batch_size", batch_size))])
+        report = evaluate(model, data_dir, splits=splits, limit=limit, batch_size=batch_size)
+        log_report(report, client, run_id, data_version)
+        if log_model_dir is not None:
+            from medplib.serve import log_pyfunc
+
+            with _resumed_run(registry.cfg, run_id):
+                log_pyfunc(Path(log_model_dir), ARTIFACT_PATH)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status=status)
+    return report, run_id
+
+
+def reevaluate_champion(registry: Registry, data_dir: Path, data_version: str, *, limit: int | None = None,
+                        batch_size: int = 16, parent_run_id: str | None = None,
+                        skip_version: str | None = None) -> str | None:
+    """If the champion's recorded metrics are not on (`data_version`, `eval_split(limit)`), evaluate it there and
+    record them, so the gate can compare. Returns the evaluation run id, or None when nothing had to be done."""
+    from medplib.serve import load_model
+
+    champion = registry.champion_version()
+    split = eval_split(limit)
+    if champion is None or champion == skip_version:
+        return None
+    recorded = registry.eval_metrics(champion)
+    if recorded is not None and (recorded.data_version, recorded.split) == (data_version, split):
+        return None
+    log.info("Champion version %s was measured on %s; re-evaluating it on data %s split '%s'", champion,
+             f"data {recorded.data_version} split '{recorded.split}'" if recorded else "nothing", data_version, split)
+    ref = f"models:/{registry.name}/{champion}"
+    model = load_model(ref, registry.cfg)
+    report, run_id = evaluate_and_log(model, data_dir, data_version, registry,
+                                      run_name=f"evaluate-champion-v{champion}", model_ref=ref,
+                                      parent_run_id=parent_run_id, limit=limit, batch_size=batch_size,
+                                      tags={"medplib.evaluated_version": champion})
+    registry.record_eval(champion, report_metrics(report, data_version, split))
+    registry.client.set_model_version_tag(registry.name, champion, TAG_EVAL_RUN, run_id)
+    return run_id
+
+
+def publish(model_dir: Path, data_dir: Path, data_version: str, home: Home | Path | str | None = None, *,
+            config_digest: str, git_commit: str | None = None, parent_run_id: str | None = None,
+            limit: int | None = None, batch_size: int = 16, tracking: TrackingConfig | None = None,
+            tags: dict[str, str] | None = None) -> dict:
+    """Evaluate the saved model in `model_dir` on the test and zero-shot splits of `data_dir` (DVC version
+    `data_version`), log the report and the pyfunc in one run (child of `parent_run_id`), register the version with
+    its lineage as `challenger`, record its metrics, re-evaluate the champion if it was measured on other data, and
+    run the promotion gate. Returns a JSON-able summary of what happened."""
+    from medplib.model import MedPLIB
+
+    if not data_version:
+        raise ValueError("data_version is empty: publish needs the DVC version of the evaluation data "
+                         "(medplib.data.versioning.read_version)")
+    h = home if isinstance(home, Home) else resolve_home(home)
+    registry = Registry(tracking or load_tracking_config().resolved(h.ensure()))
+    model_dir = Path(model_dir)
+    primary, split = registry.cfg.gate.primary_metric, eval_split(limit)
+    dirty = None
+    if git_commit is None:
+        git_commit, dirty = current_git_commit()
+
+    model = MedPLIB.from_pretrained(model_dir).eval()
+    report, run_id = evaluate_and_log(model, data_dir, data_version, registry, run_name="evaluate-register",
+                                      model_ref=str(model_dir), parent_run_id=parent_run_id, limit=limit,
+                                      batch_size=batch_size, log_model_dir=model_dir)
+    metrics = report_metrics(report, data_version, split)
+    if metrics.primary(primary) is None:
+        raise ValueError(f"The evaluation of {model_dir} gave no '{primary}' (no {GATE_TABLE} samples among the "
+                         f"{len(report.rows)} evaluated{f' with limit {limit}' if limit else ''}): the gate cannot "
+                         f"judge it. Evaluate on data with grounding test records (MLflow run {run_id}).")
+    version_tags = {TAG_EVAL_RUN: run_id, **(tags or {})}
+    if dirty is not None:
+        version_tags[TAG_GIT_DIRTY] = str(dirty).lower()
+    previous = registry.champion_version()
+    version = registry.register(run_id, ARTIFACT_PATH, git_commit=git_commit, data_version=data_version,
+                                config_digest=config_digest, parent_run_id=parent_run_id, tags=version_tags)
+    registry.record_eval(version, metrics)
+    champion_run = reevaluate_champion(registry, data_dir, data_version, limit=limit, batch_size=batch_size,
+                                       parent_run_id=parent_run_id, skip_version=version)
+    decision = registry.promote_if_better(version, parent_run_id=parent_run_id)
+    return {
+        "version": version, "model_uri": f"models:/{registry.name}/{version}", "promoted": decision.promote,
+        "decision": "promoted" if decision.promote else "rejected", "reason": decision.reason,
+        "primary_metric": primary, "challenger_metric": decision.challenger, "champion_metric": decision.champion,
+        "delta": decision.delta, "modality_deltas": decision.modality_deltas,
+        "metrics": dict(report.summary), "per_modality": report.per_modality(GATE_TABLE, "dice"),
+        "data_version": data_version, "eval_split": split,
+        "previous_champion_version": previous, "champion_version": registry.champion_version(),
+        "eval_run_id": run_id, "champion_eval_run_id": champion_run,
+        "decision_run_id": registry.version_tags(version).get(TAG_DECISION_RUN),
+    }

@@ -1,0 +1,217 @@
+"""Serving: request parsing and its errors, models by folder or URI, the pyfunc through the registry, a real
+`mlflow models serve` on 127.0.0.1 answering a pixel-prompt question with a mask, and `medplib predict`."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from medplib.config import load_tracking_config
+from medplib.data.images import write_png
+from medplib.eval.metrics import dice_iou
+from medplib.model import MedPLIB, point_prompt_mask
+from medplib.registry import Registry, use_tracking
+from medplib.serve import (
+    RequestError, encode_png, invoke, load_model, log_pyfunc, model_folder, parse_request, served,
+)
+
+from .tiny_grounder import ANSWER, QUESTION, SIZE, one_thread, phantom, train_tiny_grounder
+
+MEDPLIB = str(Path(sys.executable).with_name("medplib"))
+HELD_OUT = (30, 34)  # a disc centre the model was not trained on
+
+
+def _png(mask_b64: str) -> np.ndarray:
+    return np.array(Image.open(io.BytesIO(base64.b64decode(mask_b64))))
+
+
+# ---- request parsing (no model) ---------------------------------------------------------------------------------
+
+def test_parse_request_builds_prompt_masks_and_appends_region():
+    image, _ = phantom(20, 20)
+    img, question, regions = parse_request({"image": encode_png(image), "question": "What is this?", "point": "20,20"})
+    assert img.shape == (SIZE, SIZE) and question == "What is this? <region>"
+    np.testing.assert_array_equal(regions[0], point_prompt_mask(20, 20, SIZE, SIZE))
+    _, _, regions = parse_request({"image": encode_png(image), "question": "In <region>?", "box": [2, 3, 10, 12]})
+    assert regions[0].sum() == 9 * 10 and regions[0][3, 2] and not regions[0][2, 2]
+    _, question, regions = parse_request({"image": encode_png(image), "question": "Segment the liver.",
+                                          "point": float("nan"), "box": None, "region": ""})
+    assert regions == [] and question == "Segment the liver."  # empty dataframe cells are "no prompt"
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"question": "q"}, "field 'image' is missing"),
+    ({"image": "IMG", "question": " "}, "field 'question' must be non-empty text, got ' '"),
+    ({"image": "not base64!", "question": "q"}, "field 'image' is neither an existing file nor base64 ('not base64!'"),
+    ({"image": base64.b64encode(b"not a png").decode(), "question": "q"}, "field 'image': not a readable image"),
+    ({"image": "IMG", "question": "q", "point": "3"}, "field 'point' = '3' must be 2 comma-separated numbers"),
+    ({"image": "IMG", "question": "q", "point": "a,b"}, "field 'point' = 'a,b' must be 2 comma-separated numbers"),
+    ({"image": "IMG", "question": "q", "point": "64,3"}, "field 'point': Point (64, 3) is outside the 64x64 image"),
+    ({"image": "IMG", "question": "q", "box": "10,10,5,20"}, "field 'box': Box (10, 10, 5, 20) is empty"),
+    ({"image": "IMG", "question": "q", "point": "1,1", "box": "1,1,2,2"},
+     "at most one pixel prompt, got ['point', 'box']"),
+    ({"image": "IMG", "question": "q", "region": "SMALL"}, "field 'region': Region mask is 8x8 but the image is 64x64"),
+    ({"image": "IMG", "question": "q", "mask": "x"}, "unknown field 'mask'"),
+])
+def test_bad_requests_name_the_field_and_value(row, message):
+    subs = {"IMG": encode_png(phantom(20, 20)[0]), "SMALL": encode_png(np.ones((8, 8), bool))}
+    row = {k: subs.get(v, v) if isinstance(v, str) else v for k, v in row.items()}
+    with pytest.raises(RequestError, match="Request row 3: .*" + re.escape(message)):
+        parse_request(row, 3)
+
+
+def test_model_folder_accepts_saved_and_pyfunc_folders_and_names_bad_ones(tmp_path: Path):
+    saved = tmp_path / "saved"
+    (saved / "tokenizer").mkdir(parents=True)
+    (saved / "config.json").write_text("{}")
+    with model_folder(saved) as f:
+        assert f == saved
+    pyfunc = tmp_path / "pyfunc"
+    shutil.copytree(saved, pyfunc / "artifacts" / "stage4")
+    (pyfunc / "MLmodel").write_text("flavors:\n  python_function:\n    artifacts:\n      weights:\n"
+                                    "        path: artifacts/stage4\n        uri: /x\n")
+    with model_folder(pyfunc) as f:
+        assert f == pyfunc / "artifacts" / "stage4"
+    with pytest.raises(FileNotFoundError, match="'/no/such/model' is neither a folder nor an MLflow URI"):
+        with model_folder("/no/such/model"):
+            pass
+    with pytest.raises(ValueError, match="holds neither a saved MedPLIB model"):
+        with model_folder(tmp_path):
+            pass
+
+
+# ---- a trained tiny model, logged, registered and served ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def grounder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny_grounder(tmp_path_factory.mktemp("grounder") / "model", steps=30)
+
+
+@pytest.fixture(scope="module")
+def champion_home(tmp_path_factory: pytest.TempPathFactory, grounder: Path):
+    """A state folder whose sqlite registry has the grounder as version 1 = `champion`."""
+    from medplib.config import resolve_home
+
+    home = resolve_home(tmp_path_factory.mktemp("serve") / "home").ensure()
+    tracking = load_tracking_config().resolved(home)
+    registry = Registry(tracking)
+    client = MlflowClient(tracking.tracking_uri, tracking.registry_uri)
+    run_id = client.create_run(registry.experiment_id(), run_name="log-grounder").info.run_id
+    with use_tracking(tracking), mlflow.start_run(run_id=run_id):
+        log_pyfunc(grounder, "medplib", example_image=phantom(20, 20)[0])
+    version = registry.register(run_id, "medplib", git_commit="c0ffee", data_version="phantom.dir",
+                                config_digest="tiny")
+    client.set_registered_model_alias(registry.name, "champion", version)
+    return home, tracking, run_id
+
+
+def _request(cx: int, cy: int, **prompt) -> dict:
+    return {"image": encode_png(phantom(cx, cy)[0]), "question": QUESTION, **prompt}
+
+
+@pytest.mark.heavy
+def test_registered_pyfunc_answers_like_the_model(champion_home, grounder: Path):
+    home, tracking, run_id = champion_home
+    cx, cy = HELD_OUT
+    row = _request(cx, cy, point=f"{cx},{cy}", box=None, region=None)
+    with one_thread():
+        direct = MedPLIB.from_pretrained(grounder).eval().generate(
+            [phantom(cx, cy)[0]], [QUESTION], [[point_prompt_mask(cx, cy, SIZE, SIZE)]])[0]
+        for uri in ("models:/medplib@champion", f"runs:/{run_id}/medplib", str(grounder)):
+            assert load_model(uri, tracking).generate(
+                [phantom(cx, cy)[0]], [QUESTION], [[point_prompt_mask(cx, cy, SIZE, SIZE)]])[0].text == direct.text
+        with use_tracking(tracking):
+            pyfunc = mlflow.pyfunc.load_model("models:/medplib@champion")
+        out = pyfunc.predict(pd.DataFrame([row]), params={"max_new_tokens": 12})
+    assert direct.text == ANSWER and out[0]["answer"] == direct.text
+    np.testing.assert_array_equal(_png(out[0]["masks"][0]) > 0, direct.masks[0])
+
+
+@pytest.mark.heavy
+def test_mlflow_models_serve_answers_a_pixel_prompt_question_with_a_mask(champion_home, tmp_path: Path):
+    home, tracking, _ = champion_home
+    cx, cy = HELD_OUT
+    truth = phantom(cx, cy)[1]
+    with served("models:/medplib@champion", tracking, env={"OMP_NUM_THREADS": "1"},
+                log_file=tmp_path / "server.log") as url:
+        assert url.startswith("http://127.0.0.1:")
+        answers = invoke(url, [_request(cx, cy, point=f"{cx},{cy}"),
+                               _request(20, 20, box="10,10,30,30"),
+                               _request(cx, cy, point=f"{cx},{cy}")], params={"max_new_tokens": 12})
+        assert [a["answer"] for a in answers] == [ANSWER] * 3
+        mask = _png(answers[0]["masks"][0])
+        assert mask.shape == (SIZE, SIZE) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+        dice, _ = dice_iou(mask > 0, truth)
+        assert dice > 0.7, f"the served mask should find the held-out disc (Dice {dice:.3f})"
+        assert answers[2] == answers[0]  # deterministic: greedy decoding, same request, same answer
+
+        # the pixel prompts are optional columns: a plain question is accepted (this model has no answer for it)
+        plain = invoke(url, [{"image": encode_png(phantom(cx, cy)[0]), "question": "Segment the liver."}])
+        assert isinstance(plain[0]["answer"], str) and isinstance(plain[0]["masks"], list)
+        with pytest.raises(RuntimeError, match="answered 400.*field 'point': Point \\(99, 2\\) is outside"):
+            invoke(url, [_request(cx, cy, point="99,2")])
+    log = (tmp_path / "server.log").read_text(errors="replace")
+    assert "Uvicorn running" in log or "Application startup complete" in log, log[-2000:]
+    with pytest.raises(OSError):  # stopped with its process group: nothing answers any more
+        invoke(url, [_request(cx, cy)], timeout=2)
+
+
+# ---- medplib predict ----------------------------------------------------------------------------------------------
+
+def _medplib(args: list[str], home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MEDPLIB_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([MEDPLIB, *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.heavy
+def test_cli_predict_writes_the_mask(champion_home, tmp_path: Path):
+    import json
+
+    home, _, _ = champion_home
+    cx, cy = HELD_OUT
+    image, truth = phantom(cx, cy)
+    write_png(tmp_path / "image.png", image)
+    out = tmp_path / "out" / "mask.png"
+    p = _medplib(["predict", "--model", "models:/medplib@champion", "--image", str(tmp_path / "image.png"),
+                  "--question", QUESTION, "--point", f"{cx},{cy}", "--mask-out", str(out), "--json"], home.root)
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stdout)
+    assert summary["answer"] == ANSWER and summary["masks"] == 1 and summary["mask_out"] == str(out)
+    mask = np.array(Image.open(out))
+    assert mask.shape == truth.shape and dice_iou(mask > 0, truth)[0] > 0.7
+
+
+def test_cli_predict_names_bad_inputs(home, tmp_path: Path, capsys: pytest.CaptureFixture):
+    from medplib.cli import main
+
+    write_png(tmp_path / "image.png", phantom(20, 20)[0])
+    write_png(tmp_path / "small.png", np.ones((8, 8), bool))
+    (tmp_path / "notes.txt").write_text("not an image")
+    base = ["predict", "--home", str(home.root), "--model", "models:/medplib@champion", "--question", QUESTION]
+    img = ["--image", str(tmp_path / "image.png")]
+    for args, message in [
+        ([*img, "--point", "70,3"], "field 'point': Point (70, 3) is outside the 64x64 image"),
+        ([*img, "--point", "7"], "field 'point' = '7' must be 2 comma-separated numbers"),
+        ([*img, "--box", "1,2,3"], "field 'box' = '1,2,3' must be 4 comma-separated numbers"),
+        ([*img, "--region", str(tmp_path / "small.png")], "Region mask is 8x8 but the image is 64x64"),
+        ([*img, "--region", str(tmp_path / "none.png")], f"--region '{tmp_path / 'none.png'}': no such file"),
+        (["--image", str(tmp_path / "missing.png")], f"--image '{tmp_path / 'missing.png'}': no such file"),
+        (["--image", str(tmp_path / "notes.txt")], f"field 'image' ({tmp_path / 'notes.txt'}): not a readable image"),
+        ([*img, "--model", "models:/medplib@nope"], "Model 'models:/medplib@nope' cannot be fetched"),
+        ([*img, "--model", str(tmp_path / "nope")], f"Model '{tmp_path / 'nope'}' is neither a folder nor an MLflow"),
+    ]:
+        assert main(base + args) == 2, args
+        err = capsys.readouterr().err
+        assert "medplib: error: " in err and message in err, (args, err)
