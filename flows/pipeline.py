@@ -1,0 +1,176 @@
+"""`pipeline`: ingest → validate → train stages I-IV → evaluate, register, promote; the step flows in order.
+
+A parent MLflow run records the request, config and data pointer (for `medplib reproduce`); the stage runs and
+the eval run are its children. Each pipeline run leaves a Prefect markdown artifact (`medplib-pipeline`) with the
+data version, the metrics, the promotion decision and the MLflow run ids.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
+
+from flows import record
+from flows.evaluate import evaluate_flow
+from flows.ingest import ingest_flow
+from flows.settings import resolve
+from flows.train import STAGES, check_training, train_flow
+from flows.validate import validate_flow
+from medplib.config import load_tracking_config
+from medplib.registry import TAG_DATA_VERSION, Registry
+
+ARTIFACT_KEY = "medplib-pipeline"
+MLFLOW_UI_PORT = 5000  # where `medplib ui` serves MLflow
+PREFECT_UI_PORT = 4200
+
+
+@task(name="champion-data-version", cache_policy=NONE)
+def champion_data_version(home: Path) -> tuple[str | None, str | None]:
+    """(champion version, the DVC data version it was trained on), or (None, None) with no champion."""
+    registry = Registry.from_home(home)
+    champion = registry.champion_version()
+    if champion is None:
+        return None, None
+    return champion, registry.version_tags(champion).get(TAG_DATA_VERSION)
+
+
+@flow(name="medplib-pipeline")
+def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", config: Path | None = None,
+             workers: int = 2, home: Path | None = None, project: Path | None = None,
+             stages: list[int] = list(STAGES), stage_overrides: dict[int, dict[str, Any]] | None = None,
+             seed: int | None = None, retries: int = 1, retry_delay_seconds: float = 10.0,
+             only_if_data_changed: bool = False) -> dict:
+    """The whole pipeline on `source`. `stage_overrides` maps a stage to StageSpec keys (e.g. {1: {"epochs": 1}});
+    `retries` applies to ingest and to each training stage, not to evaluate (a retry after registering would
+    register twice). With `only_if_data_changed`, stop after ingest when the dataset version equals the one the
+    champion was trained on."""
+    t0 = time.perf_counter()
+    config = Path(config).resolve() if config else None
+    inputs = resolve(preset, config, home, project)
+    check_training(stages, preset, stage_overrides, workers)  # a typo must not cost three stages of training
+    logger = get_run_logger()
+    common = dict(preset=preset, config=config, home=inputs.home.root, project=inputs.project)
+    retry = dict(retries=retries, retry_delay_seconds=retry_delay_seconds)
+    tracking = load_tracking_config().resolved(inputs.home)
+    registry = Registry(tracking)
+    summary: dict[str, Any] = {"flow_run": flow_run.get_name(), "flow_run_id": flow_run.get_id(),
+                               "tracking_uri": tracking.tracking_uri, "experiment_id": registry.experiment_id(),
+                               "home": str(inputs.home.root), "project": str(inputs.project)}
+
+    summary["ingest"] = ingest_flow(source=source, seed=seed, **common, **retry)
+    summary["data_version"] = summary["ingest"]["version"]
+    if only_if_data_changed:
+        champion, champion_data = champion_data_version(inputs.home.root)
+        if champion is not None and champion_data == summary["data_version"]:
+            logger.info("Dataset %s is what champion version %s was trained on: nothing to retrain",
+                        summary["data_version"], champion)
+            summary |= {"skipped": True, "champion_version": champion, "seconds": round(time.perf_counter() - t0, 1)}
+            _publish_artifact(summary)
+            return summary
+
+    request = record.PipelineRequest(source, preset, list(stages), dict(stage_overrides or {}), workers, seed)
+    parent = record.start_run(registry, f"pipeline-{summary['flow_run']}", "pipeline", request, inputs.cfg,
+                              summary["data_version"], inputs.project,
+                              tags={"medplib.prefect_flow_run_id": str(summary["flow_run_id"])})
+    summary["pipeline_run_id"] = parent
+    status = "FAILED"
+    try:
+        summary["validation"] = validate_flow(**common)
+        summary["stages"] = train_flow(stages=stages, workers=workers, stage_overrides=stage_overrides,
+                                       parent_run_id=parent, **common, **retry)
+        summary["evaluation"] = evaluate_flow(model_dir=Path(summary["stages"][-1]["out_dir"]),
+                                              data_version=summary["data_version"], parent_run_id=parent, **common)
+        summary["champion_version"] = summary["evaluation"]["champion_version"]
+        summary["skipped"] = False
+        status = "FINISHED"
+    except BaseException as e:
+        summary["error"] = f"{type(e).__name__}: {e}"
+        _publish_artifact(summary)
+        raise
+    finally:
+        summary["seconds"] = round(time.perf_counter() - t0, 1)
+        ev = summary.get("evaluation", {})
+        record.finish_run(registry, parent, status, metrics=ev.get("metrics"),
+                          tags={"medplib.registered_version": ev["version"]} if ev else None)
+    _publish_artifact(summary)
+    return summary
+
+
+def _publish_artifact(summary: dict) -> None:
+    create_markdown_artifact(markdown=report_markdown(summary), key=ARTIFACT_KEY,
+                             description=f"medplib pipeline: data {summary['data_version']}")
+
+
+def _mlflow_link(summary: dict, run_id: str | None) -> str:
+    if not run_id:
+        return "-"
+    url = f"http://127.0.0.1:{MLFLOW_UI_PORT}/#/experiments/{summary['experiment_id']}/runs/{run_id}"
+    return f"[`{run_id}`]({url})"
+
+
+def report_markdown(summary: dict) -> str:
+    """The run's artifact: data version, metrics table, promotion decision, MLflow run ids and links."""
+    ing = summary["ingest"]
+    how = "ingest skipped: cached" if ing.get("cached") else "ingested"
+    lines = [f"# medplib pipeline `{summary['flow_run']}`", "",
+             f"**Data version** `{summary['data_version']}` from `{ing['source']}`: {ing['valid']} valid + "
+             f"{ing['quarantined']} quarantined records ({how})."]
+    if summary.get("skipped"):
+        lines += ["", f"**Not retrained**: champion version {summary['champion_version']} was trained on this data "
+                      "version (data-triggered mode)."]
+        return "\n".join(lines) + "\n"
+    ev = summary.get("evaluation") or {}
+    if "error" in summary:
+        done = [step for step in ("validation", "stages", "evaluation") if step in summary]
+        lines += ["", f"**Failed** after {', '.join(['ingest', *done])}:", "", "```", summary["error"][:4000], "```"]
+    if "validation" in summary:
+        v = summary["validation"]
+        lines += ["", f"**Validation** passed: {v['n_records']} records, {v['n_images']} images, "
+                      f"{v['n_expectations']} expectations ([Data Docs]({Path(v['data_docs']).as_uri()}))."]
+    if ev:
+        lines += ["", f"## Metrics of version {ev['version']} (test and zero-shot splits)", "",
+                  "| metric | value |", "|---|---|"]
+        lines += [f"| {k}{' (gate)' if k == ev['primary_metric'] else ''} | {v:.4f} |"
+                  for k, v in sorted(ev["metrics"].items())]
+        verdict = "**promoted** to champion" if ev["promoted"] else "**not promoted**"
+        lines += ["", "## Promotion", "", f"Version {ev['version']} {verdict}: {ev['reason']}.",
+                  f"Champion is now version {ev['champion_version']} (`models:/medplib@champion`)."]
+    lines += ["", "## MLflow", "", f"Tracking URI `{summary['tracking_uri']}`, experiment {summary['experiment_id']}"
+              f" (open with `medplib ui`).", "", "| run | id |", "|---|---|",
+              f"| pipeline (parent) | {_mlflow_link(summary, summary.get('pipeline_run_id'))} |"]
+    lines += [f"| stage {s['stage']} {s['name']} | {_mlflow_link(summary, s['mlflow_run_id'])} |"
+              for s in summary.get("stages", [])]
+    if ev:
+        lines += [f"| evaluation | {_mlflow_link(summary, ev['eval_run_id'])} |",
+                  f"| promotion decision | {_mlflow_link(summary, ev.get('decision_run_id'))} |"]
+    return "\n".join(lines) + "\n"
+
+
+def summary_text(summary: dict) -> str:
+    """The few lines `medplib pipeline` ends with: data version, metrics, champion, where to look."""
+    ing = summary["ingest"]
+    lines = [f"Pipeline {summary['flow_run']} finished in {summary['seconds']:.0f} s",
+             f"  data version   {summary['data_version']} ({ing['valid']} valid + {ing['quarantined']} quarantined; "
+             f"{'ingest cached' if ing.get('cached') else 'ingested'})"]
+    if summary.get("skipped"):
+        lines.append(f"  not retrained  champion version {summary['champion_version']} has this data version")
+    else:
+        ev = summary["evaluation"]
+        lines += [f"  stages         " + ", ".join(f"{s['stage']} {s['name']} loss {s['first_loss']:.2f}→"
+                                                   f"{s['last_loss']:.2f}" for s in summary["stages"]),
+                  "  metrics        " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(ev["metrics"].items())),
+                  f"  version {ev['version']}      {'promoted' if ev['promoted'] else 'not promoted'}: {ev['reason']}",
+                  f"  champion       models:/medplib@champion = version {ev['champion_version']}"]
+    home = summary["home"]
+    lines += ["Where to look:",
+              f"  medplib ui --home {home}        Prefect UI (runs, artifact '{ARTIFACT_KEY}') and MLflow UI on "
+              "127.0.0.1",
+              f"  mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1 --port {MLFLOW_UI_PORT}"
+              + (f"   (pipeline run {summary['pipeline_run_id']})" if summary.get("pipeline_run_id") else ""),
+              f"  PREFECT_HOME={home}/prefect prefect server start --host 127.0.0.1 --port {PREFECT_UI_PORT}"]
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""The train step: MedPLIB's stages I → IV in order, each a task that launches one Ray Train job.
+
+Ray workers print to the driver's console, not to Prefect's logs, so each task logs what matters (steps, loss,
+time, the MLflow run) itself.
+"""
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+
+from flows.settings import StepInputs, resolve
+from medplib.train.runner import train_stage
+from medplib.train.stages import stage_spec
+
+STAGES = (1, 2, 3, 4)
+
+
+@contextmanager
+def _own_sigint() -> Iterator[None]:
+    # trainer.fit() on the main thread installs a SIGINT handler it never removes; Ctrl-C must stay ours.
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        try:
+            signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: fit() could not have installed one either
+            pass
+
+
+@task(name="train-stage", task_run_name="train-stage-{stage}", cache_policy=NONE)
+def train_stage_task(stage: int, inputs: StepInputs, workers: int, overrides: dict[str, Any] | None,
+                     parent_run_id: str | None) -> dict:
+    """One stage as a Ray Train job (medplib.train.runner.train_stage); its summary for the flow."""
+    with _own_sigint():
+        result = train_stage(stage, inputs.cfg, inputs.home, inputs.project, workers=workers, overrides=overrides,
+                             parent_run_id=parent_run_id)
+    summary = result.to_dict()
+    get_run_logger().info("Stage %d (%s): %d steps in %.0f s, loss %.3f → %.3f; model %s; MLflow run %s", stage,
+                          summary["name"], summary["steps"], summary["seconds"], summary["first_loss"],
+                          summary["last_loss"], summary["out_dir"], summary["mlflow_run_id"])
+    return summary
+
+
+def check_training(stages: list[int], preset: str, stage_overrides: dict[int, dict[str, Any]] | None,
+                   workers: int) -> None:
+    """Fail before any training on an unknown stage, a wrong order, a bad override key or no workers."""
+    if workers < 1:
+        raise ValueError(f"workers = {workers}: need at least 1 Ray Train worker")
+    overrides = stage_overrides or {}
+    unknown = sorted(set(stages) - set(STAGES)) + sorted(set(overrides) - set(STAGES))
+    if unknown:
+        raise ValueError(f"Stage {unknown[0]} does not exist; MedPLIB has stages {list(STAGES)}")
+    if list(stages) != sorted(set(stages)):
+        raise ValueError(f"Stages {list(stages)} must be distinct and in order: each starts from the one before")
+    for s in stages:
+        stage_spec(preset, s, overrides.get(s))  # raises ConfigError naming a bad key or value
+
+
+@flow(name="train")
+def train_flow(stages: list[int] = list(STAGES), preset: str = "tiny", config: Path | None = None,
+               home: Path | None = None, project: Path | None = None, workers: int = 2,
+               stage_overrides: dict[int, dict[str, Any]] | None = None, parent_run_id: str | None = None,
+               retries: int = 0, retry_delay_seconds: float = 10.0) -> list[dict]:
+    """Train `stages` in order on `<project>/data`; outputs under `<home>/models/stage<N>`, one MLflow run each
+    (children of `parent_run_id`). Starts a local Ray if none is running and stops it at the end."""
+    import ray
+
+    inputs = resolve(preset, config, home, project)
+    check_training(stages, inputs.cfg.preset, stage_overrides, workers)
+    started_ray = not ray.is_initialized()
+    run = train_stage_task.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+    results = []
+    try:
+        for stage in stages:
+            results.append(run(stage, inputs, workers, (stage_overrides or {}).get(stage), parent_run_id))
+    finally:
+        if started_ray and ray.is_initialized():
+            ray.shutdown()
+    return results
