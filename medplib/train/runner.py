@@ -97,13 +97,11 @@ def stage_inputs(stage: int, home: Home, base: Path | None) -> tuple[Path, Path 
 
 def _start_mlflow_run(home: Home, spec: StageSpec, cfg: Config, data_version: str | None,
                       parent_run_id: str | None, inputs: dict) -> tuple[str, str]:
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    from medplib.registry import Registry
 
     t = load_tracking_config().resolved(home)
-    client = MlflowClient(tracking_uri=t.tracking_uri, registry_uri=t.registry_uri)
-    exp = client.get_experiment_by_name(t.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(t.experiment, artifact_location=t.artifact_location)
+    registry = Registry(t)  # one get-or-create of the experiment, safe when another process creates it first
+    client, exp_id = registry.client, registry.experiment_id()
     tags = {"medplib.stage": str(spec.stage), "medplib.stage_name": spec.name, "medplib.preset": cfg.preset,
             "medplib.data_version": data_version or "unversioned"}
     if parent_run_id:
