@@ -1,0 +1,156 @@
+"""The whole pipeline flow for real: Prefect test harness, local Ray, sqlite MLflow, DVC and GX in a temp home.
+
+Run twice on the same small synthetic source: the second run finds ingest cached, registers version 2 and records
+the gate's decision. Then `reproduce` re-runs version 1 from its recorded data version and config.
+"""
+from __future__ import annotations
+
+from uuid import UUID
+
+import pytest
+from mlflow import MlflowClient
+
+from medplib.config import load_config, load_tracking_config, resolve_home
+from medplib.data.ingest import ingest
+from medplib.data.versioning import data_status, read_version
+from medplib.registry import (
+    TAG_DATA_VERSION, TAG_DECISION, TAG_DECISION_REASON, TAG_DECISION_RUN, TAG_PARENT_RUN, Registry,
+)
+
+pytestmark = pytest.mark.heavy
+
+ONE_EPOCH = {stage: {"epochs": 1} for stage in (1, 2, 3, 4)}
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def two_runs(harness, tmp_path_factory):
+    from flows.pipeline import pipeline
+
+    root = tmp_path_factory.mktemp("pipeline")
+    home = resolve_home(root / "home").ensure()
+    project = root / "project"
+    project.mkdir()
+    small = root / "small.yaml"
+    small.write_text("data:\n  synth_n: 48\n")
+    kwargs = dict(config=small, home=home.root, project=project, stage_overrides=ONE_EPOCH, retries=0)
+    first = pipeline(**kwargs)
+    second = pipeline(**kwargs)
+    return home, project, first, second
+
+
+@pytest.fixture(scope="module")
+def registry(two_runs) -> Registry:
+    return Registry(load_tracking_config().resolved(two_runs[0]))
+
+
+@pytest.mark.timeout(2400)  # the module's two pipeline runs happen in this test's set-up
+def test_first_run_ingests_trains_four_stages_registers_and_promotes(two_runs, registry):
+    _, project, first, _ = two_runs
+    assert first["ingest"]["cached"] is False and first["ingest"]["valid"] > 0
+    assert first["data_version"] == read_version(project) and first["data_version"].endswith(".dir")
+    assert first["validation"]["n_records"] == first["ingest"]["valid"]
+    assert [s["stage"] for s in first["stages"]] == [1, 2, 3, 4]
+    assert all(s["steps"] > 0 for s in first["stages"])
+    ev = first["evaluation"]
+    assert ev["version"] == "1" and ev["promoted"] is True and "no champion" in ev["reason"]
+    assert 0.0 <= ev["metrics"][ev["primary_metric"]] <= 1.0
+
+
+def test_second_run_skips_ingest_registers_v2_and_records_the_decision(two_runs, registry):
+    _, _, first, second = two_runs
+    assert second["ingest"]["cached"] is True
+    assert second["data_version"] == first["data_version"]
+    ev = second["evaluation"]
+    assert ev["version"] == "2"
+    tags = registry.version_tags("2")
+    assert tags[TAG_DECISION] == ("promoted" if ev["promoted"] else "rejected")
+    assert tags[TAG_DECISION_REASON] == ev["reason"] and "champion" in ev["reason"]
+    assert registry.champion_version() == ("2" if ev["promoted"] else "1") == ev["champion_version"]
+    decision = registry.client.get_run(tags[TAG_DECISION_RUN])
+    assert decision.data.tags["mlflow.parentRunId"] == second["pipeline_run_id"]
+    assert decision.data.params["champion_version"] == "1"
+
+
+def test_mlflow_runs_hang_under_the_pipeline_run(two_runs, registry):
+    _, _, first, second = two_runs
+    client = MlflowClient(registry.cfg.tracking_uri)
+    for version, summary in (("1", first), ("2", second)):
+        parent = client.get_run(summary["pipeline_run_id"])
+        assert parent.info.status == "FINISHED" and parent.data.tags["medplib.kind"] == "pipeline"
+        assert parent.data.tags["medplib.prefect_flow_run_id"] == str(summary["flow_run_id"])
+        artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "pipeline")}
+        assert artifacts == {"pipeline/request.json", "pipeline/config.yaml", "pipeline/data.dvc"}
+        children = [s["mlflow_run_id"] for s in summary["stages"]] + [summary["evaluation"]["eval_run_id"]]
+        for run_id in children:
+            assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == summary["pipeline_run_id"]
+        tags = registry.version_tags(version)
+        assert tags[TAG_PARENT_RUN] == summary["pipeline_run_id"]
+        assert tags[TAG_DATA_VERSION] == summary["data_version"]
+        primary = summary["evaluation"]["primary_metric"]
+        assert parent.data.metrics[primary] == pytest.approx(summary["evaluation"]["metrics"][primary])
+
+
+def test_each_run_left_a_markdown_report(two_runs):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    for summary in two_runs[2:]:
+        with get_client(sync_client=True) as client:
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(str(summary["flow_run_id"]))])))
+        report = next(a for a in artifacts if a.key == "medplib-pipeline")
+        assert report.type == "markdown"
+        ev = summary["evaluation"]
+        assert f"`{summary['data_version']}`" in report.data
+        assert f"| {ev['primary_metric']} (gate) | {ev['metrics'][ev['primary_metric']]:.4f} |" in report.data
+        assert f"Version {ev['version']} **{'promoted' if ev['promoted'] else 'not promoted'}" in report.data
+        assert summary["pipeline_run_id"] in report.data and ev["eval_run_id"] in report.data
+        assert summary["tracking_uri"] in report.data
+
+
+@pytest.mark.timeout(1200)
+def test_reproduce_version_1_within_tolerance(two_runs, registry):
+    from flows.reproduce import LOSS_RTOL, TOLERANCE, comparison_text, reproduce
+
+    home, project, first, _ = two_runs
+    # data/ moves on to another version first: reproduce must fetch version 1's data from the DVC remote
+    ingest("synth", project, home, load_config("tiny", {"data": {"synth_n": 48}}), seed=7)
+    before = read_version(project)
+    assert before != first["data_version"]
+    out = reproduce(model_uri="models:/medplib/1", home=home.root, project=project)
+    print(comparison_text(out))
+    assert out["restored_data_version"] == first["data_version"] and out["tolerance"] == TOLERANCE
+    recorded = first["evaluation"]["metrics"]
+    rows = {r["metric"]: r for r in out["rows"]}
+    assert set(rows) == set(recorded) | {f"stage{s}_final_loss" for s in (1, 2, 3, 4)}
+    for name, value in recorded.items():
+        assert rows[name]["recorded"] == pytest.approx(value)
+        assert abs(rows[name]["reproduced"] - value) <= TOLERANCE, comparison_text(out)
+    for s in (1, 2, 3, 4):
+        row = rows[f"stage{s}_final_loss"]
+        assert row["recorded"] > 0 and abs(row["diff"]) <= LOSS_RTOL * row["recorded"], comparison_text(out)
+    assert out["within_tolerance"] is True
+    assert read_version(project) == before  # data/ put back
+    assert data_status(project, home)["in_sync"] is True
+    run = registry.client.get_run(out["reproduce_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["medplib.reproduces_version"] == "1"
+    assert set(registry.aliases().values()) <= {"1", "2"}  # reproducing registers nothing
+
+
+def test_validation_gate_stops_on_bad_data(two_runs):
+    from flows.validate import DataValidationError, validate_flow
+
+    home, project, _, _ = two_runs
+    records = project / "data" / "records.jsonl"
+    lines = records.read_text().splitlines()
+    records.write_text("\n".join(lines[1:] + ['{"id": "x", "image": "../escape.png"}']) + "\n")
+    with pytest.raises(DataValidationError, match="Validation FAILED"):
+        validate_flow(home=home.root, project=project)
