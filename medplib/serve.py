@@ -172,7 +172,9 @@ def log_pyfunc(model_dir: Path, artifact_path: str = "medplib", example_image: n
         outputs=Schema([ColSpec("string", "answer"), ColSpec(Array("string"), "masks")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", 24)]))
     code = [str(Path(__file__).resolve().parent)]  # the medplib package travels with the model
-    return mlflow.pyfunc.log_model(name=artifact_path, python_model=MedPLIBPyfunc(),
+    # Models from code: MLflow stores the entry file's source instead of cloudpickling a Python object.
+    entry = str(Path(__file__).resolve().parent / "pyfunc_entry.py")
+    return mlflow.pyfunc.log_model(name=artifact_path, python_model=entry,
                                    artifacts={"weights": str(model_dir)}, signature=signature,
                                    input_example=example, pip_requirements=PIP_REQUIREMENTS, code_paths=code)
 

@@ -264,7 +264,7 @@ def build_dataset(root: Path, data_dir: Path, source_name: str, pre_errors: list
     )
     manifest = {"source": source_name, "total": total, "valid": result.valid, "quarantined": result.quarantined,
                 "by_task": result.by_task, "by_modality": result.by_modality,
-                "files": {rel: hashlib.sha256((tmp / rel).read_bytes()).hexdigest() for rel in sorted(to_write)}}
+                "files": {rel: file_sha256(tmp / rel) for rel in [*sorted(to_write), "records.jsonl"]}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     old = data_dir.with_name(f".{data_dir.name}.old-{os.getpid()}")
     if data_dir.exists():
@@ -273,6 +273,34 @@ def build_dataset(root: Path, data_dir: Path, source_name: str, pre_errors: list
     if old.exists():
         shutil.rmtree(old)
     return result
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class DataIntegrityError(ValueError):
+    """A dataset file does not match the SHA-256 that ingest recorded for it in manifest.json."""
+
+
+def verify_data(data_dir: Path) -> int:
+    """Check every file that `manifest.json` lists against its SHA-256 before the data is used; returns the count."""
+    data_dir = Path(data_dir)
+    manifest_path = data_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataIntegrityError(f"{manifest_path} does not exist: {data_dir} was not written by `medplib data "
+                                 "ingest` (or was damaged); ingest it again")
+    files = json.loads(manifest_path.read_text(encoding="utf-8")).get("files", {})
+    for rel, expected in files.items():
+        path = data_dir / rel
+        if not path.is_file():
+            raise DataIntegrityError(f"{path} is listed in {manifest_path} but missing; restore the data version "
+                                     "with `medplib data status` / `dvc checkout`, or ingest again")
+        actual = file_sha256(path)
+        if actual != expected:
+            raise DataIntegrityError(f"{path} is corrupted: its SHA-256 is {actual[:16]}… but {manifest_path} "
+                                     f"recorded {expected[:16]}…; restore it with `dvc checkout` or ingest again")
+    return len(files)
 
 
 def ingest(spec: str, project: Path, home: Home, cfg: Config, seed: int | None = None) -> IngestResult:

@@ -30,6 +30,11 @@ def _folder(path: str | Path, what: str) -> Path:
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"{what} checkpoint folder {p} has no config.json (give a local folder saved by "
                                 "transformers' save_pretrained)")
+    if not any(p.glob("*.safetensors")):  # weights load from safetensors only: a pickle can run code when read
+        pickles = sorted(f.name for pat in ("*.bin", "*.pt", "*.pth", "*.ckpt") for f in p.glob(pat))
+        found = f"; it holds pickled weights ({', '.join(pickles[:3])})" if pickles else ""
+        raise ValueError(f"{what} checkpoint folder {p} has no .safetensors weights{found}. medplib loads "
+                         "safetensors only: convert once with save_pretrained(..., safe_serialization=True)")
     return p
 
 
@@ -41,7 +46,8 @@ def _check(what: str, pairs: Iterable[tuple[str, object, object]]) -> None:
 
 def load_clip_vision(path: str | Path, cfg: ModelConfig) -> CLIPVisionModel:
     """CLIP vision tower from a CLIPModel or CLIPVisionModel folder, checked against `cfg.vision`."""
-    clip = CLIPVisionModel.from_pretrained(str(_folder(path, "CLIP")), attn_implementation="sdpa")
+    clip = CLIPVisionModel.from_pretrained(str(_folder(path, "CLIP")), attn_implementation="sdpa",
+                                           use_safetensors=True)
     c, v = clip.config, cfg.vision
     _check("CLIP", [("hidden_size", v.hidden_size, c.hidden_size), ("num_hidden_layers", v.num_layers,
                     c.num_hidden_layers), ("image_size", v.image_size, c.image_size),
@@ -56,10 +62,6 @@ def _projector_from_shards(folder: Path) -> dict[str, torch.Tensor]:
             for key in f.keys():
                 if key.startswith(PROJECTOR_PREFIX):
                     state[key[len(PROJECTOR_PREFIX):]] = f.get_tensor(key)
-    for shard in sorted(folder.glob("pytorch_model*.bin")):  # original LLaVA releases; tensors only, no code
-        for key, value in torch.load(shard, map_location="cpu", weights_only=True).items():
-            if key.startswith(PROJECTOR_PREFIX):
-                state[key[len(PROJECTOR_PREFIX):]] = value
     return state
 
 
@@ -69,7 +71,8 @@ def load_llava(path: str | Path, cfg: ModelConfig) -> tuple[LlamaForCausalLM, di
     folder = _folder(path, "LLaVA")
     meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if meta.get("model_type") == "llava":  # llava-hf layout
-        llava = LlavaForConditionalGeneration.from_pretrained(str(folder), attn_implementation="sdpa")
+        llava = LlavaForConditionalGeneration.from_pretrained(str(folder), attn_implementation="sdpa",
+                                                              use_safetensors=True)
         with torch.device("meta"):  # both submodules are replaced by the loaded ones
             llm = LlamaForCausalLM(llava.config.text_config)
         llm.model, llm.lm_head = llava.model.language_model, llava.lm_head
@@ -80,7 +83,8 @@ def load_llava(path: str | Path, cfg: ModelConfig) -> tuple[LlamaForCausalLM, di
     else:  # LLaMA / Vicuna / original LLaVA (model_type llava_llama): the LM plus optional mm_projector tensors
         allowed = set(LlamaConfig().to_dict())
         llama_cfg = LlamaConfig(**{k: v for k, v in meta.items() if k in allowed and k != "model_type"})
-        llm = LlamaForCausalLM.from_pretrained(str(folder), config=llama_cfg, attn_implementation="sdpa")
+        llm = LlamaForCausalLM.from_pretrained(str(folder), config=llama_cfg, attn_implementation="sdpa",
+                                               use_safetensors=True)
         projector, vision = _projector_from_shards(folder), None
     c, m = llm.config, cfg.llm
     _check("LLaVA", [("hidden_size", m.hidden_size, c.hidden_size), ("num_hidden_layers", m.num_layers,
@@ -92,7 +96,7 @@ def load_llava(path: str | Path, cfg: ModelConfig) -> tuple[LlamaForCausalLM, di
 
 def load_sam(path: str | Path, cfg: ModelConfig) -> SamModel:
     """SAM (SAM-Med2D converted to transformers' SamModel) checked against `cfg.sam`."""
-    sam = SamModel.from_pretrained(str(_folder(path, "SAM")), attn_implementation="sdpa")
+    sam = SamModel.from_pretrained(str(_folder(path, "SAM")), attn_implementation="sdpa", use_safetensors=True)
     v, s = sam.config.vision_config, cfg.sam
     _check("SAM", [("image_size", s.image_size, v.image_size), ("vision hidden_size", s.vision_hidden_size,
                    v.hidden_size), ("num_hidden_layers", s.vision_layers, v.num_hidden_layers),

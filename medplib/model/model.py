@@ -8,7 +8,9 @@ SAM sparse prompt → SAM mask decoder (single mask) on the SAM image encoder's 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -35,6 +37,8 @@ from medplib.model.prompts import PromptError, freeform_prompt_mask
 from medplib.model.tokenizer import IMAGE_TOKEN, REGION_TOKEN, MedTokenizer
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "tokenizer"
+log = logging.getLogger(__name__)
+CHECKSUMS_FILE = "checksums.json"  # SHA-256 of the config and weights, checked before a load uses them
 
 
 # --- transformers configs from ours ------------------------------------------------------------------------------
@@ -404,6 +408,8 @@ class MedPLIB(nn.Module):
                                         encoding="utf-8")
         save_model(self, str(path / WEIGHTS_FILE))
         self.tokenizer.save_pretrained(path / TOKENIZER_DIR)
+        sums = {name: _sha256(path / name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
+        (path / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1) + "\n", encoding="utf-8")
         return path
 
     @classmethod
@@ -412,6 +418,7 @@ class MedPLIB(nn.Module):
         path = Path(path)
         if not (path / CONFIG_FILE).exists():
             raise FileNotFoundError(f"{path / CONFIG_FILE} does not exist: not a saved MedPLIB model folder")
+        _verify_checksums(path)
         meta = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         if meta.get("format") != "medplib":
             raise ValueError(f"{path / CONFIG_FILE} is not a MedPLIB config (format = {meta.get('format')!r})")
@@ -425,6 +432,29 @@ class MedPLIB(nn.Module):
             raise ValueError(f"{path / WEIGHTS_FILE} does not fit the config: missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(unexpected)[:3]}")
         return model
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify_checksums(path: Path) -> None:
+    """A saved folder's files must match the SHA-256 recorded at save time (folders saved without it are read as is)."""
+    sums_path = path / CHECKSUMS_FILE
+    if not sums_path.is_file():
+        log.warning("%s has no %s: its weights cannot be checked for corruption", path, CHECKSUMS_FILE)
+        return
+    for name, expected in json.loads(sums_path.read_text(encoding="utf-8")).items():
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} is missing (listed in {sums_path})")
+        actual = _sha256(path / name)
+        if actual != expected:
+            raise ValueError(f"{path / name} is corrupted: its SHA-256 is {actual[:16]}… but {sums_path} recorded "
+                             f"{expected[:16]}…; re-fetch the model or re-run the stage that wrote it")
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

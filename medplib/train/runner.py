@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from medplib.config import Config, Home, load_tracking_config, to_dict
+from medplib.data.ingest import verify_data
 from medplib.data.torch_dataset import read_records, strip_paths
 from medplib.data.versioning import read_version
 from medplib.train.launcher import run_stage
@@ -133,6 +134,7 @@ def train_stage(stage: int, cfg: Config, home: Home, project: Path, *, workers: 
     """Train one stage as a Ray Train job; rank 0 logs steps to an MLflow child run; returns where it saved."""
     spec = stage_spec(cfg.preset, stage, overrides)
     data_dir = Path(project) / "data"
+    verify_data(data_dir)  # a corrupted or swapped file stops the stage before any worker reads it
     if stage == 1:
         build_init_model(cfg, data_dir, stage_dir(home, "init"), seed=spec.seed)
     start, grounding = stage_inputs(stage, home, base)

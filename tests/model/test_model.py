@@ -183,7 +183,7 @@ def test_generate_stops_at_end_token(tiny_model: MedPLIB, tokenizer):
 
 def test_save_and_load_round_trip_without_pickles(tiny_model: MedPLIB, tokenizer, tmp_path):
     path = tiny_model.save_pretrained(tmp_path / "m")
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
+    assert sorted(p.name for p in path.iterdir()) == ["checksums.json", "config.json", "model.safetensors", "tokenizer"]
     assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt"))
     loaded = MedPLIB.from_pretrained(path).eval()
     ids, _, mask = _encode(tokenizer, [(Q_SEG, A_SEG)])
