@@ -58,6 +58,7 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
     retry = dict(retries=retries, retry_delay_seconds=retry_delay_seconds)
     tracking = load_tracking_config().resolved(inputs.home)
     registry = Registry(tracking)
+    registry.check_reachable()  # an unreachable MLflow server stops the run here, not after four stages
     summary: dict[str, Any] = {"flow_run": flow_run.get_name(), "flow_run_id": flow_run.get_id(),
                                "tracking_uri": tracking.tracking_uri, "experiment_id": registry.experiment_id(),
                                "home": str(inputs.home.root), "project": str(inputs.project)}

@@ -193,6 +193,32 @@ class Registry:
         self.name = cfg.registered_model
         self.client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.registry_uri)
 
+    def check_reachable(self, tries: int = 3, timeout: float = 5.0, backoff: float = 1.0) -> None:
+        """Fail fast, before any work, when a tracking or registry server does not answer: `tries` GETs of its
+        /health with doubling pauses, then a RegistryError naming the URI (local sqlite/file stores pass)."""
+        import time
+
+        import httpx
+
+        for uri in dict.fromkeys((self.cfg.tracking_uri, self.cfg.registry_uri)):
+            if not uri.startswith(("http://", "https://")):
+                continue
+            error: Exception | None = None
+            for attempt in range(tries):
+                try:
+                    if httpx.get(uri.rstrip("/") + "/health", timeout=timeout).status_code == 200:
+                        error = None
+                        break
+                    error = RuntimeError("/health did not answer 200")
+                except httpx.HTTPError as e:
+                    error = e
+                if attempt + 1 < tries:
+                    time.sleep(backoff * 2 ** attempt)
+            if error is not None:
+                raise RegistryError(f"The MLflow server at {uri} is unreachable after {tries} tries "
+                                    f"({type(error).__name__}: {error}). Nothing was run or registered; start the "
+                                    "server or fix tracking_uri / registry_uri (mlflow.yaml or the profile)")
+
     @classmethod
     def from_home(cls, home: Home | str | Path | None = None, config_path: Path | None = None) -> "Registry":
         """The registry of a state folder (`--home`, MEDPLIB_HOME or `.medplib/`), settings from `mlflow.yaml`."""

@@ -147,6 +147,7 @@ def publish(model_dir: Path, data_dir: Path, data_version: str, home: Home | Pat
                          "(medplib.data.versioning.read_version)")
     h = home if isinstance(home, Home) else resolve_home(home)
     registry = Registry(tracking or load_tracking_config().resolved(h.ensure()))
+    registry.check_reachable()  # a dead server fails here, before a run or a version is half made
     model_dir = Path(model_dir)
     primary, split = registry.cfg.gate.primary_metric, eval_split(limit)
     dirty = None
