@@ -94,16 +94,21 @@ def full_stages() -> dict[int, StageSpec]:
 
 
 def tiny_stages() -> dict[int, StageSpec]:
-    """CPU minutes on the synthetic dataset; the same stages with full-size steps scaled down."""
+    """CPU minutes on the synthetic dataset; the same stages with full-size steps scaled down.
+
+    Epochs are spent where the tiny model learns slowest (measured in-process, single thread, batch 16): stage II's
+    closed VQA goes 0.63 → 0.79 from 300 to 2000 steps, stage III's grounding Dice 0.55 → 0.66 from 400 to 1600
+    steps, as the mask decoder learns to pick the named structure instead of segmenting every one.
+    """
     cpu = dict(micro_batch=16, grad_accum=1, max_len=512, warmup_ratio=0.05, checkpoint_every=50)
     return {
         1: StageSpec(1, "align", tasks=("caption", "vqa_closed", "vqa_open"),
                      train=("vision_tower.*", "projector.*", "llm.*"), lr=2e-3, epochs=3, **cpu),
         2: StageSpec(2, "vl_expert", tasks=("vqa_closed", "vqa_open", "region_vqa"),
                      train=("projector.*", "region_encoder.*", NORMS, *EMBED), lora=LoraSpec(16, 32, 0.0, LLM_ALL),
-                     lr=2e-3, epochs=3, **cpu),
+                     lr=2e-3, epochs=15, **cpu),
         3: StageSpec(3, "grounding_expert", tasks=("grounding",), train=(*GROUNDING, "sam.*"),
-                     lora=LoraSpec(8, 16, 0.0, FFN), loss=LossSpec(ce=1.0, bce=1.0, dice=5.0), lr=1e-3, epochs=10,
+                     lora=LoraSpec(8, 16, 0.0, FFN), loss=LossSpec(ce=1.0, bce=1.0, dice=5.0), lr=1e-3, epochs=36,
                      **cpu),
         4: StageSpec(4, "moe", tasks=("vqa_closed", "vqa_open", "region_vqa", "grounding"),
                      train=("*.router.*", *EMBED, *GROUNDING, "region_encoder.*"),
