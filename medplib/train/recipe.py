@@ -64,7 +64,8 @@ class StageRecipe:
         out = engine(**batch, loss_weights=LossWeights(**vars(self.spec.loss)))
         # A batch without <region> or <SEG> leaves the region adapter or mask decoder without gradients; ZeRO's
         # gradient buckets must hold the same parameters on every rank, so give every trainable one a (zero) grad.
-        anchor = sum(p.view(-1)[0] for p in engine.module.parameters() if p.requires_grad)
+        module = getattr(engine, "module", engine)  # a DeepSpeed engine, or the plain model (benchmarks)
+        anchor = sum(p.view(-1)[0] for p in module.parameters() if p.requires_grad)
         loss = out.loss + 0.0 * anchor
         parts = {"ce": float(out.ce_loss)}
         if out.mask_bce is not None:
