@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -115,7 +116,7 @@ def train_loop_per_worker(config: dict) -> None:
                                 "samples_per_s": samples / max(elapsed, 1e-9), "time": elapsed})
                 if tracker:
                     tracker.log(history[-1])
-            _maybe_fail(cfg, step)
+            _maybe_fail(cfg, step, rank)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpoint(epoch, i + 1, {"step": step, "loss": float(loss)})
             if cfg.max_steps and step >= cfg.max_steps:
@@ -152,12 +153,17 @@ class _RankZeroTracker:
         self.client.log_batch(self.run_id, metrics=metrics)
 
 
-def _maybe_fail(cfg: LoopConfig, step: int) -> None:
-    """Fault injection for tests: fail once at a step, remembered by a marker file."""
+def _maybe_fail(cfg: LoopConfig, step: int, rank: int) -> None:
+    """Fault injection for tests: fail once at a step, remembered by a marker file. `fail_kind` "raise" (an
+    exception in the loop) or "kill" (SIGKILL: the worker process dies); `fail_rank` limits it to one rank."""
     fail_at, marker = cfg.extra.get("fail_once_at_step"), cfg.extra.get("fail_marker")
-    if fail_at is not None and step == fail_at and marker and not os.path.exists(marker):
-        Path(marker).write_text(str(step))
-        raise RuntimeError(f"injected failure at step {step}")
+    only = cfg.extra.get("fail_rank")
+    if fail_at is None or step != fail_at or not marker or os.path.exists(marker) or only not in (None, rank):
+        return
+    Path(marker).write_text(str(step))
+    if cfg.extra.get("fail_kind", "raise") == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected failure at step {step}")
 
 
 def loop_config_dict(cfg: LoopConfig) -> dict:
