@@ -82,8 +82,10 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
     status = "FAILED"
     try:
         summary["validation"] = validate_flow(**common)
+        # Each run trains in its own folder under <home>/models/runs/: pipelines sharing a home never mix stages.
+        summary["workspace"] = f"runs/{summary['flow_run']}-{str(summary['flow_run_id'])[:8]}"
         summary["stages"] = train_flow(stages=stages, workers=workers, stage_overrides=stage_overrides,
-                                       parent_run_id=parent, **common, **retry)
+                                       parent_run_id=parent, workspace=summary["workspace"], **common, **retry)
         summary["evaluation"] = evaluate_flow(model_dir=Path(summary["stages"][-1]["out_dir"]),
                                               data_version=summary["data_version"], parent_run_id=parent, **common)
         summary["champion_version"] = summary["evaluation"]["champion_version"]

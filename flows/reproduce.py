@@ -3,8 +3,8 @@
 From the version's lineage (its parent pipeline run) it restores the recorded DVC data version and config,
 re-trains the recorded stages with the recorded overrides and worker count, evaluates on the same splits, and
 compares each headline metric with the recorded one. The version is not re-registered; the re-run is an MLflow
-run of its own (kind `reproduce`). `data/` is put back to the version it held before. Stage outputs under
-`<home>/models/` are overwritten (the registered versions keep their own copies).
+run of its own (kind `reproduce`). `data/` is put back to the version it held before. Stage outputs go to a
+folder of their own, `<home>/models/runs/reproduce-v<N>-<run>/`.
 """
 from __future__ import annotations
 
@@ -141,7 +141,8 @@ def reproduce(model_uri: str, home: Path | None = None, project: Path | None = N
         try:
             validate_flow(**common)
             stages = train_flow(stages=request.stages, workers=workers or request.workers,
-                                stage_overrides=request.stage_overrides, parent_run_id=run_id, **common)
+                                stage_overrides=request.stage_overrides, parent_run_id=run_id,
+                                workspace=f"runs/reproduce-v{version}-{run_id[:8]}", **common)
             out |= evaluate_model(Path(stages[-1]["out_dir"]), inputs, run_id)
             status = "FINISHED"
         finally:

@@ -35,11 +35,11 @@ def _own_sigint() -> Iterator[None]:
 
 @task(name="train-stage", task_run_name="train-stage-{stage}", cache_policy=NONE)
 def train_stage_task(stage: int, inputs: StepInputs, workers: int, overrides: dict[str, Any] | None,
-                     parent_run_id: str | None) -> dict:
+                     parent_run_id: str | None, workspace: str | None = None) -> dict:
     """One stage as a Ray Train job (medplib.train.runner.train_stage); its summary for the flow."""
     with _own_sigint():
         result = train_stage(stage, inputs.cfg, inputs.home, inputs.project, workers=workers, overrides=overrides,
-                             parent_run_id=parent_run_id)
+                             parent_run_id=parent_run_id, workspace=workspace)
     summary = result.to_dict()
     get_run_logger().info("Stage %d (%s): %d steps in %.0f s, loss %.3f → %.3f; model %s; MLflow run %s", stage,
                           summary["name"], summary["steps"], summary["seconds"], summary["first_loss"],
@@ -66,9 +66,9 @@ def check_training(stages: list[int], preset: str, stage_overrides: dict[int, di
 def train_flow(stages: list[int] = list(STAGES), preset: str = "tiny", config: Path | None = None,
                home: Path | None = None, project: Path | None = None, workers: int = 2,
                stage_overrides: dict[int, dict[str, Any]] | None = None, parent_run_id: str | None = None,
-               retries: int = 0, retry_delay_seconds: float = 10.0) -> list[dict]:
-    """Train `stages` in order on `<project>/data`; outputs under `<home>/models/stage<N>`, one MLflow run each
-    (children of `parent_run_id`). Starts a local Ray if none is running and stops it at the end."""
+               retries: int = 0, retry_delay_seconds: float = 10.0, workspace: str | None = None) -> list[dict]:
+    """Train `stages` in order on `<project>/data`; outputs under `<home>/models/[<workspace>/]stage<N>`, one MLflow
+    run each (children of `parent_run_id`). Starts a local Ray if none is running and stops it at the end."""
     import ray
 
     inputs = resolve(preset, config, home, project)
@@ -78,7 +78,8 @@ def train_flow(stages: list[int] = list(STAGES), preset: str = "tiny", config: P
     results = []
     try:
         for stage in stages:
-            results.append(run(stage, inputs, workers, (stage_overrides or {}).get(stage), parent_run_id))
+            results.append(run(stage, inputs, workers, (stage_overrides or {}).get(stage), parent_run_id,
+                               workspace))
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -118,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _emit(args: argparse.Namespace, summary: dict, text: str) -> None:
-    if args.json:
-        print(json.dumps(summary, indent=1, default=str))
+    if args.json:  # the real stdout: with --json everything else printed goes to stderr (see main)
+        print(json.dumps(summary, indent=1, default=str), file=getattr(args, "json_out", None) or sys.stdout)
     else:
         print(text)
 
@@ -493,6 +494,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        if getattr(args, "json", False):
+            # stdout carries the JSON summary alone: what libraries print there (Ray forwards its workers' output,
+            # DVC its progress) goes to stderr instead
+            args.json_out = sys.stdout
+            with contextlib.redirect_stdout(sys.stderr):
+                return run(args)
         return run(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"medplib: error: {e}", file=sys.stderr)

@@ -183,6 +183,32 @@ def gate(challenger: EvalMetrics, champion: EvalMetrics | None, cfg: GateConfig)
                     p, c, ch, delta, modality_deltas)
 
 
+_READY_STORES: set[tuple[str, str]] = set()
+
+
+def _client(cfg: TrackingConfig) -> MlflowClient:
+    """An MlflowClient whose sqlite databases, if new, are created (migrated) under an exclusive file lock. Two
+    processes opening a new database at once otherwise race in MLflow's alembic migrations ("table
+    _alembic_tmp_experiments already exists")."""
+    import fcntl
+
+    key = (cfg.tracking_uri, cfg.registry_uri)
+    sqlite = [u for u in dict.fromkeys(key) if u.startswith("sqlite:///")]
+    if not sqlite or key in _READY_STORES:
+        return MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.registry_uri)
+    db = Path(sqlite[0][len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.init-lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        try:
+            client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.registry_uri)  # creates the store
+            client.search_registered_models(max_results=1)  # and the registry's
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY_STORES.add(key)
+    return client
+
+
 class Registry:
     """Registered-model operations for one tracking config (URIs already resolved against the home)."""
 
@@ -191,7 +217,7 @@ class Registry:
             raise ValueError("TrackingConfig still contains '{home}': call .resolved(home) first")
         self.cfg = cfg
         self.name = cfg.registered_model
-        self.client = MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.registry_uri)
+        self.client = _client(cfg)
 
     def check_reachable(self, tries: int = 3, timeout: float = 5.0, backoff: float = 1.0) -> None:
         """Fail fast, before any work, when a tracking or registry server does not answer: `tries` GETs of its

@@ -49,8 +49,11 @@ class StageResult:
                 "last_loss": self.last_loss, "mlflow_run_id": self.mlflow_run_id}
 
 
-def stage_dir(home: Home, stage: int | str) -> Path:
-    return home.root / "models" / (f"stage{stage}" if isinstance(stage, int) else stage)
+def stage_dir(home: Home, stage: int | str, workspace: str | None = None) -> Path:
+    """Where a stage's output lives: `<home>/models/stage<N>`, or `<home>/models/<workspace>/stage<N>` for a
+    pipeline run (each run its own folder, so two pipelines on one home never overwrite each other's stages)."""
+    root = home.root / "models" / workspace if workspace else home.root / "models"
+    return root / (f"stage{stage}" if isinstance(stage, int) else stage)
 
 
 def build_init_model(cfg: Config, data_dir: Path, out: Path, seed: int = 42) -> Path:
@@ -84,11 +87,13 @@ def resolve_start(value: str | None, home: Home) -> Path | None:
     raise FileNotFoundError(f"--from {value!r} is neither a model folder nor an MLflow run id")
 
 
-def stage_inputs(stage: int, home: Home, base: Path | None) -> tuple[Path, Path | None]:
+def stage_inputs(stage: int, home: Home, base: Path | None,
+                 workspace: str | None = None) -> tuple[Path, Path | None]:
     """Default inputs of a stage from the state folder; `base` overrides the model it starts from."""
-    default = {1: stage_dir(home, "init"), 2: stage_dir(home, 1), 3: stage_dir(home, 2), 4: stage_dir(home, 2)}
+    d = lambda s: stage_dir(home, s, workspace)  # noqa: E731
+    default = {1: d("init"), 2: d(1), 3: d(2), 4: d(2)}
     start = Path(base) if base else default[stage]
-    grounding = stage_dir(home, 3) if stage == 4 else None
+    grounding = d(3) if stage == 4 else None
     for p in (start, grounding):
         if p is not None and not (p / "config.json").exists():
             raise FileNotFoundError(f"Stage {stage} starts from {p}, which holds no saved model: "
@@ -130,15 +135,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def train_stage(stage: int, cfg: Config, home: Home, project: Path, *, workers: int = 2, base: Path | None = None,
                 overrides: dict | None = None, parent_run_id: str | None = None, track: bool = True,
                 max_failures: int = 1, extra: dict | None = None, address: str | None = None,
-                max_steps: int = 0) -> StageResult:
+                max_steps: int = 0, workspace: str | None = None) -> StageResult:
     """Train one stage as a Ray Train job; rank 0 logs steps to an MLflow child run; returns where it saved."""
     spec = stage_spec(cfg.preset, stage, overrides)
     data_dir = Path(project) / "data"
     verify_data(data_dir)  # a corrupted or swapped file stops the stage before any worker reads it
     if stage == 1:
-        build_init_model(cfg, data_dir, stage_dir(home, "init"), seed=spec.seed)
-    start, grounding = stage_inputs(stage, home, base)
-    out = stage_dir(home, stage)
+        build_init_model(cfg, data_dir, stage_dir(home, "init", workspace), seed=spec.seed)
+    start, grounding = stage_inputs(stage, home, base, workspace)
+    out = stage_dir(home, stage, workspace)
     data_version = read_version(project)
     run_id = tracking_uri = None
     if track:
