@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=["tiny", "full"], default="tiny", help="config preset (default: tiny)")
     p.add_argument("--config", type=Path, default=None, help="YAML file overriding preset keys")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--profile", default=None,
+                   help="where the services are: local (default) | cluster | any profiles/NAME.yaml "
+                        "(default: $MEDPLIB_PROFILE or local)")
+
+
+def apply_profile(name: str | None) -> None:
+    """Make the profile the process's: its MLflow URIs, DVC remote and Ray address are read through
+    MEDPLIB_PROFILE; Prefect reads its API URL from PREFECT_API_URL (before Prefect is imported)."""
+    from medplib.config.profile import PROFILE_ENV, load_profile
+
+    if name:
+        os.environ[PROFILE_ENV] = name
+    profile = load_profile()  # a missing profile or environment variable fails here, naming it
+    if profile.prefect_api_url:
+        os.environ["PREFECT_API_URL"] = profile.prefect_api_url
 
 
 def _pipeline_options(p: argparse.ArgumentParser) -> None:
@@ -425,6 +441,7 @@ def _predict(args, home) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_profile(getattr(args, "profile", None))
     cfg = load_config(args.preset, args.config)
     home = resolve_home(args.home).ensure()
     project = (args.project or Path.cwd()).resolve()

@@ -217,6 +217,12 @@ class Registry:
             raise ValueError("TrackingConfig still contains '{home}': call .resolved(home) first")
         self.cfg = cfg
         self.name = cfg.registered_model
+        if cfg.auth:
+            missing = [v for v in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD") if not os.environ.get(v)]
+            if missing:
+                raise RegistryError(f"The MLflow server at {cfg.tracking_uri} has auth on (profile) but "
+                                    f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
+                                    "credentials come from the environment only")
         self.client = _client(cfg)
 
     def check_reachable(self, tries: int = 3, timeout: float = 5.0, backoff: float = 1.0) -> None:

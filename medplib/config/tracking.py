@@ -42,6 +42,7 @@ class TrackingConfig:
     registered_model: str = "medplib"
     aliases: Aliases = field(default_factory=Aliases)
     gate: GateConfig = field(default_factory=GateConfig)
+    auth: bool = False  # the server runs MLflow's basic-auth app (set by the profile)
 
     def resolved(self, home: "Home | Path | str") -> "TrackingConfig":
         """URIs with `{home}` replaced by the absolute state folder."""
@@ -50,17 +51,24 @@ class TrackingConfig:
         return TrackingConfig(
             tracking_uri=self.tracking_uri.replace("{home}", h), registry_uri=self.registry_uri.replace("{home}", h),
             artifact_location=self.artifact_location.replace("{home}", h), experiment=self.experiment,
-            registered_model=self.registered_model, aliases=self.aliases, gate=self.gate,
+            registered_model=self.registered_model, aliases=self.aliases, gate=self.gate, auth=self.auth,
         )
 
 
 def load_tracking_config(path: Path | None = None) -> TrackingConfig:
-    """Read `mlflow.yaml` (the repository's by default); unknown keys are errors naming the key."""
+    """Read `mlflow.yaml` (the repository's by default; unknown keys are errors naming the key), then apply the
+    active profile's MLflow URIs and auth (medplib.config.profile)."""
+    from medplib.config.profile import load_profile
+
     path = Path(path) if path else DEFAULT_FILE
-    if not path.exists():
-        return TrackingConfig()
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}
     try:
-        return from_dict(TrackingConfig, data)
+        cfg = from_dict(TrackingConfig, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    m = load_profile().mlflow
+    for key in ("tracking_uri", "registry_uri", "artifact_location"):
+        if getattr(m, key) is not None:
+            setattr(cfg, key, getattr(m, key))
+    cfg.auth = m.auth
+    return cfg

@@ -44,12 +44,25 @@ def open_repo(project: Path, home: Home) -> Iterator["object"]:
         # config.local (not committed) points the default remote at this home's folder; the committed
         # .dvc/config holds the default for the repository's own `.medplib/`.
         with repo.config.edit(level="local") as conf:
-            conf["remote"][REMOTE_NAME] = {"url": str(home.dvc_remote)}
+            conf["remote"][REMOTE_NAME] = remote_config(home)
             conf["core"]["remote"] = REMOTE_NAME
         yield repo
     finally:
         repo.close()
         dvc_log.setLevel(level)
+
+
+def remote_config(home: Home) -> dict:
+    """The default remote of the active profile: a folder in the state folder (local) or an S3-compatible bucket
+    (cluster; credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment)."""
+    from medplib.config.profile import load_profile
+
+    d = load_profile().dvc
+    url = d.url.replace("{home}", str(home.root))
+    conf = {"url": url if "://" in url else str(Path(url))}
+    if d.endpoint_url:
+        conf["endpointurl"] = d.endpoint_url
+    return conf
 
 
 def read_version(project: Path) -> str | None:

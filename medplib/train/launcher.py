@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from medplib.config import Home
@@ -22,6 +22,10 @@ def ensure_ray(home: Home, address: str | None = None, num_cpus: int | None = No
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Each ray.train.report blocks for this poll interval (2 s by default): keep reports cheap on small jobs.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if address is None:
+        from medplib.config.profile import load_profile
+
+        address = load_profile().ray_address  # None in the local profile: start a local Ray below
     if address:
         ray.init(address=address, log_to_driver=True)
         return
@@ -46,6 +50,11 @@ def run_stage(loop: LoopConfig, home: Home, name: str, workers: int = 2, cpus_pe
     from ray.train.torch import TorchTrainer
 
     ensure_ray(home, address)
+    import ray
+
+    if not loop.use_gpu and ray.cluster_resources().get("GPU", 0) >= workers:
+        # a driver without a GPU (a KubeRay head pod) on a cluster with GPU workers: train on the GPUs
+        loop = replace(loop, use_gpu=True)
     resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if loop.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,

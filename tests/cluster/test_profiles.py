@@ -1,0 +1,72 @@
+"""Profiles switch where the services are (MLflow, DVC remote, Ray, Prefect) with the same code; secrets come only
+from the environment."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medplib.config import ConfigError, load_tracking_config
+from medplib.config.profile import PROFILE_ENV, load_profile
+
+
+@pytest.fixture
+def cluster_env(monkeypatch):
+    monkeypatch.setenv(PROFILE_ENV, "cluster")
+    for var in ("MEDPLIB_MLFLOW_URI", "MEDPLIB_DVC_REMOTE", "MEDPLIB_S3_ENDPOINT", "MEDPLIB_RAY_ADDRESS",
+                "PREFECT_API_URL", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_local_profile_is_mlflow_yaml_and_the_state_folder(monkeypatch, home):
+    from medplib.data.versioning import remote_config
+
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    t = load_tracking_config().resolved(home)
+    assert t.tracking_uri == f"sqlite:///{home.root.resolve()}/mlflow.db" and t.auth is False
+    assert remote_config(home) == {"url": str(home.dvc_remote)}
+
+
+def test_cluster_profile_switches_every_service(cluster_env, home):
+    from medplib.data.versioning import remote_config
+
+    cluster_env.setenv("MEDPLIB_MLFLOW_URI", "http://mlflow.internal:5000")
+    t = load_tracking_config().resolved(home)
+    assert t.tracking_uri == t.registry_uri == "http://mlflow.internal:5000" and t.auth is True
+    assert t.artifact_location == "mlflow-artifacts:/medplib"
+    assert remote_config(home) == {"url": "s3://medplib-data/dvc", "endpointurl": "http://127.0.0.1:9000"}
+    p = load_profile()
+    assert p.ray_address == "ray://127.0.0.1:10001" and p.prefect_api_url == "http://127.0.0.1:4200/api"
+
+
+def test_auth_needs_credentials_from_the_environment(cluster_env, home):
+    from medplib.registry import Registry, RegistryError
+
+    with pytest.raises(RegistryError, match="MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD are not set"):
+        Registry(load_tracking_config().resolved(home))
+    cluster_env.setenv("MLFLOW_TRACKING_USERNAME", "medplib")
+    with pytest.raises(RegistryError, match="MLFLOW_TRACKING_PASSWORD is not set"):
+        Registry(load_tracking_config().resolved(home))
+
+
+def test_cli_profile_option_sets_prefect_and_names_bad_profiles(cluster_env, capsys):
+    import os
+
+    from medplib.cli import apply_profile, main
+
+    cluster_env.delenv(PROFILE_ENV)
+    apply_profile("cluster")
+    assert os.environ[PROFILE_ENV] == "cluster" and os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
+    assert main(["data", "status", "--profile", "staging"]) == 2
+    assert "Profile 'staging' does not exist" in capsys.readouterr().err
+
+
+def test_a_missing_environment_variable_is_named_with_file_and_key(tmp_path: Path):
+    (tmp_path / "edge.yaml").write_text("mlflow:\n  tracking_uri: \"${EDGE_MLFLOW_URI}\"\n")
+    with pytest.raises(ConfigError, match=r"edge.yaml: Config key 'mlflow.tracking_uri' needs the environment "
+                                          r"variable EDGE_MLFLOW_URI"):
+        load_profile("edge", tmp_path)
+    (tmp_path / "typo.yaml").write_text("mlfow: {}\n")
+    with pytest.raises(ConfigError, match="typo.yaml: .*mlfow"):
+        load_profile("typo", tmp_path)
