@@ -44,7 +44,7 @@ def _short_tmp(home: Home) -> Path:
 
 
 def run_stage(loop: LoopConfig, home: Home, name: str, workers: int = 2, cpus_per_worker: int = 1,
-              max_failures: int = 1, address: str | None = None):
+              max_failures: int = 1, address: str | None = None, placement: str = "PACK"):
     """Run the worker loop on `workers` Ray workers; returns the Ray Train Result (raises on failure)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -59,7 +59,8 @@ def run_stage(loop: LoopConfig, home: Home, name: str, workers: int = 2, cpus_pe
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(loop),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=loop.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=loop.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=placement),  # SPREAD: one worker per node
         run_config=RunConfig(
             name=f"{name}-{uuid.uuid4().hex[:8]}",  # unique: Ray refuses to reuse a run folder
             storage_path=str(home.root / "ray_results"),

@@ -135,7 +135,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def train_stage(stage: int, cfg: Config, home: Home, project: Path, *, workers: int = 2, base: Path | None = None,
                 overrides: dict | None = None, parent_run_id: str | None = None, track: bool = True,
                 max_failures: int = 1, extra: dict | None = None, address: str | None = None,
-                max_steps: int = 0, workspace: str | None = None) -> StageResult:
+                max_steps: int = 0, workspace: str | None = None, placement: str = "PACK") -> StageResult:
     """Train one stage as a Ray Train job; rank 0 logs steps to an MLflow child run; returns where it saved."""
     spec = stage_spec(cfg.preset, stage, overrides)
     data_dir = Path(project) / "data"
@@ -162,7 +162,8 @@ def train_stage(stage: int, cfg: Config, home: Home, project: Path, *, workers: 
     t0 = time.perf_counter()
     status = "FAILED"
     try:
-        run_stage(loop, home, f"stage{stage}", workers=workers, max_failures=max_failures, address=address)
+        run_stage(loop, home, f"stage{stage}", workers=workers, max_failures=max_failures, address=address,
+                  placement=placement)
         status = "FINISHED"
     finally:
         if run_id:

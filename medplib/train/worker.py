@@ -9,6 +9,7 @@ import importlib
 import math
 import os
 import signal
+import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -123,6 +124,11 @@ def train_loop_per_worker(config: dict) -> None:
                 break
         if cfg.max_steps and engine.global_steps >= cfg.max_steps:
             break
+    # where each rank ran (provenance: which nodes trained this stage)
+    here = {"rank": rank, "node_id": ctx.get_node_rank() if hasattr(ctx, "get_node_rank") else None,
+            "ray_node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
+    topology = [None] * world
+    torch.distributed.all_gather_object(topology, here)
     if rank == 0:
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -130,6 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
         import json
 
         (out / "history.json").write_text(json.dumps(history, indent=1))
+        (out / "topology.json").write_text(json.dumps({"world_size": world, "workers": topology}, indent=1))
     checkpoint(cfg.epochs, 0, {"step": engine.global_steps, "done": 1})
 
 

@@ -1,0 +1,77 @@
+"""A two-node Ray cluster on loopback: `ray start --head`, then a second node joins it; a tiny stage trains with one
+Ray Train worker per node (placement SPREAD), through the same runner the pipeline uses."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medplib.config import load_config
+from medplib.data.ingest import ingest
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.heavy
+@pytest.mark.timeout(600)
+def test_a_stage_trains_with_one_worker_on_each_of_two_nodes(home, project, tmp_path: Path):
+    import ray
+
+    from medplib.train.runner import train_stage
+
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    temp = Path("/tmp") / f"mp-ray2-{port}"  # short: Ray's socket paths must stay under 107 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    try:
+        subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false",
+                        "--temp-dir", str(temp), *common], check=True, env=env, capture_output=True, timeout=120)
+        subprocess.run([RAY, "start", "--address", address, *common], check=True, env=env, capture_output=True,
+                       timeout=120)
+        ray.init(address=address)
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        # two nodes joined through the head's 127.0.0.1 address (Ray itself reports each node under the
+        # machine's address: it turns a loopback node IP into a reachable one)
+        assert len(nodes) == 2
+
+        cfg = load_config("tiny", {"data": {"synth_n": 12}})
+        ingest("synth", project, home, cfg)
+        result = train_stage(1, cfg, home, project, workers=2, overrides={"epochs": 1}, max_steps=3, track=False,
+                             address=address, placement="SPREAD")
+        assert result.history and result.history[-1]["step"] == 3
+        topology = json.loads((Path(result.out_dir) / "topology.json").read_text())
+        assert topology["world_size"] == 2
+        assert len({w["ray_node_id"] for w in topology["workers"]}) == 2  # one worker on each node
+        assert {w["ray_node_id"] for w in topology["workers"]} == {n["NodeID"] for n in nodes}
+    finally:
+        ray.shutdown()
+        _stop_cluster(temp, port)
+
+
+def _stop_cluster(temp: Path, port: int) -> None:
+    """Kill this cluster's processes only (`ray stop` would stop every Ray on the machine)."""
+    import psutil
+
+    mine = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if str(temp) in cmd or f"127.0.0.1:{port}" in cmd:
+            mine.append(p)
+    for p in mine:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(mine, timeout=30)
