@@ -9,7 +9,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 120
 export RAY_AUTH_MODE = disabled
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup run test clean-state
+.PHONY: setup postgres run test clean-state
 
 setup: $(STAMP)
 
@@ -25,7 +25,18 @@ $(STAMP): requirements.lock pyproject.toml
 run: setup
 	$(VENV)/bin/medplib pipeline
 
-test: setup
+# Debian's PostgreSQL server binaries, for the cluster-mode test of the registry on a real MLflow + PostgreSQL
+# (tests/cluster). Installed with apt-get when missing (as root, or through sudo).
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "installing Debian's postgresql (server binaries for tests/cluster)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "PostgreSQL is missing and neither root nor sudo can install it: apt-get install postgresql" >&2; exit 1; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; \
+	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null; \
+	fi
+
+test: setup postgres
 	$(PY) -m pytest tests
 
 clean-state:
