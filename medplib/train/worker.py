@@ -5,6 +5,7 @@ What is trained comes from a *recipe* (import path + its config), so the same lo
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -129,10 +130,15 @@ def train_loop_per_worker(config: dict) -> None:
             "ray_node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
     topology = [None] * world
     torch.distributed.all_gather_object(topology, here)
+    # ZeRO-3 partitions the weights across ranks: gather them (a collective: every rank enters) for rank 0 to save
+    gathered = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+                if cfg.zero_stage == 3 else contextlib.nullcontext())
+    with gathered:
+        if rank == 0:
+            out = Path(cfg.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            recipe.save(engine.module, out)
     if rank == 0:
-        out = Path(cfg.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        recipe.save(engine.module, out)
         import json
 
         (out / "history.json").write_text(json.dumps(history, indent=1))
