@@ -38,6 +38,10 @@ SOURCES = [
     ("tests/reliability/test_worker_death.py", "fault: worker death", None),
     ("tests/reliability/test_concurrent_pipelines.py", "fault: concurrency", None),
     ("tests/reliability/test_security.py", "security", None),
+    ("tests/cluster/test_infra_files.py::test_cluster_profile_turns_mlflow_auth_on_and_holds_no_secret", "security",
+     None),
+    ("tests/cluster/test_infra_files.py::test_compose_services_images_commands_and_loopback_ports", "security", None),
+    ("tests/cluster/test_profiles.py::test_auth_needs_credentials_from_the_environment", "security", None),
 ]
 
 
