@@ -40,3 +40,21 @@ def _mlflow_default_in_tmp(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks_between_tests():
+    """Whatever a test does to os.environ or MLflow's process-wide URIs is undone after it: one test's profile
+    (PREFECT_API_URL) or registry URI must not steer the next test."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env = dict(os.environ)
+    uris = tracking_utils._tracking_uri, registry_utils._registry_uri
+    yield
+    for key in set(os.environ) - set(env):
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+    tracking_utils._tracking_uri, registry_utils._registry_uri = uris

@@ -18,7 +18,7 @@ import mlflow
 import pytest
 
 from medplib.config import TrackingConfig
-from medplib.registry import EvalMetrics, Registry
+from medplib.registry import EvalMetrics, Registry, use_tracking
 
 BIN = Path(sys.executable).parent
 DATA = "e" * 32 + ".dir"
@@ -98,13 +98,8 @@ class _EchoModel(mlflow.pyfunc.PythonModel):
 
 
 def _register(registry: Registry, dice: float) -> str:
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(registry.cfg.tracking_uri)
-    try:
-        with mlflow.start_run(experiment_id=registry.experiment_id()) as run:
-            mlflow.pyfunc.log_model(name="model", python_model=_EchoModel(), pip_requirements=[])
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with use_tracking(registry.cfg), mlflow.start_run(experiment_id=registry.experiment_id()) as run:
+        mlflow.pyfunc.log_model(name="model", python_model=_EchoModel(), pip_requirements=[])
     v = registry.register(run.info.run_id, "model", git_commit="test", data_version=DATA, config_digest="test")
     registry.record_eval(v, EvalMetrics(DATA, {"all": {"grounding_mdice": dice}, "ct": {"grounding_mdice": dice}}))
     return v
@@ -127,14 +122,8 @@ def test_register_gate_promote_rollback_on_mlflow_server_with_postgres(mlflow_se
     assert registry.aliases() == {"champion": v3, "challenger": v3, "previous-champion": v1}
     assert registry.rollback("test rollback") == v1
     assert registry.champion_version() == v1
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(url)
-    mlflow.set_registry_uri(url)
-    try:
+    with use_tracking(registry.cfg):  # sets and restores MLflow's process-wide URIs exactly
         loaded = mlflow.pyfunc.load_model(f"models:/{registry.name}@champion")  # artifacts proxied by the server
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
     assert loaded.predict(["x"]) == ["x"]
 
     # the versions and aliases live in PostgreSQL
