@@ -1,6 +1,6 @@
 """Wall time of the Prefect pipeline flow ÷ the sum of the same steps called as plain medplib functions.
 
-By default the pipeline `make run` runs (tiny preset, its synthetic source and stage epochs; ~6 min a side on 2
+By default the pipeline `make run` runs (tiny preset, its synthetic source and stage epochs; ~8 min a side on 2
 quiet cores); `--quick` shrinks it to 48 images and 1 epoch a stage, where Prefect's fixed cost weighs more.
 Each side runs in its own fresh process and temp state folder (nothing cached): ingest, validate, train stages
 I-IV (Ray Train jobs, then Ray shut down), evaluate + register + promote.

@@ -14,7 +14,7 @@ from medplib.data.schema import MODALITIES
 @dataclass
 class DataConfig:
     image_size: int = 64  # side of the synthetic phantoms
-    synth_n: int = 480  # synthetic images (each gives several QA samples)
+    synth_n: int = 1920  # synthetic images (each gives several QA samples; fewer and the tiny model memorises)
     synth_seed: int = 42
     # Held out of grounding training: their grounding questions form the zero-shot split.
     zeroshot_modalities: tuple[str, ...] = ("pet", "fundus")

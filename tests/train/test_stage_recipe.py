@@ -14,7 +14,7 @@ from medplib.train.runner import stage_dir, train_stage
 # from stage I) on a 48-image synthetic dataset, seed 42. A change to the model, data, tokenizer or loop shows up here as a number.
 PINNED = {
     1: [6.8187, 6.7432, 6.6786, 6.0882],
-    3: [10.2539, 10.3367, 10.1562],
+    3: [10.2564, 10.2515, 10.2999, 10.3621],
 }
 
 
