@@ -23,6 +23,18 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture
+def ray_home(home, monkeypatch: pytest.MonkeyPatch):
+    """A state folder for tests that start a local Ray cluster; Ray's workers can import tests.* recipes."""
+    import ray
+
+    from medplib.config.home import REPO_ROOT
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    yield home
+    ray.shutdown()
+
+
+@pytest.fixture
 def project(tmp_path: Path) -> Path:
     p = tmp_path / "project"
     p.mkdir()

@@ -10,20 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medplib.config.home import REPO_ROOT
 from medplib.train.launcher import run_stage
 from medplib.train.worker import LoopConfig
 
 WEIGHT_ATOL, LOSS_RTOL = 1e-4, 0.01
 
-
-@pytest.fixture
-def ray_home(home, monkeypatch):
-    import ray
-
-    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))  # workers import the test recipe
-    yield home
-    ray.shutdown()
 
 
 @pytest.mark.heavy

@@ -10,7 +10,6 @@ from medplib.train.deepspeed_config import deepspeed_config
 from medplib.train.launcher import run_stage
 from medplib.train.worker import LoopConfig
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_deepspeed_config_cpu_and_gpu():
@@ -26,14 +25,6 @@ def test_deepspeed_config_cpu_and_gpu():
         deepspeed_config(micro_batch=1, grad_accum=1, world_size=1, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0,
                          warmup_steps=0, total_steps=1, grad_clip=1.0, zero_stage=4, use_gpu=False)
 
-
-@pytest.fixture
-def ray_home(home, monkeypatch):
-    import ray
-
-    monkeypatch.setenv("PYTHONPATH", str(REPO))  # workers import the test recipe
-    yield home
-    ray.shutdown()
 
 
 @pytest.mark.heavy

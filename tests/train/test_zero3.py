@@ -9,18 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medplib.config.home import REPO_ROOT
 from medplib.train.launcher import run_stage
 from medplib.train.worker import LoopConfig
 
-
-@pytest.fixture
-def ray_home(home, monkeypatch):
-    import ray
-
-    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))  # workers import the test recipe
-    yield home
-    ray.shutdown()
 
 
 @pytest.mark.heavy
