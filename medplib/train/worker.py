@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,7 +51,25 @@ class LoopConfig:
     checkpoint_every: int = 50  # optimizer steps; each report costs Ray's poll interval
     log_every: int = 10
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
+    progress_every_s: float = 10.0  # rank 0 prints a progress line (step, %, loss, samples/s, ETA) this often
+    name: str = "stage"  # how progress lines name the job
     extra: dict = field(default_factory=dict)
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def progress_line(name: str, step: int, total: int, first_step: int, loss: float, samples_per_s: float,
+                  elapsed: float) -> str:
+    """One human line of a running job: where it is, how fast, and when it should end (ETA from the steps done
+    in this attempt, so a resumed job does not count the steps it skipped)."""
+    done = max(step - first_step, 1)
+    eta = (total - step) * elapsed / done
+    return (f"{name}: step {step}/{total} ({100 * step / max(total, 1):.0f}%), loss {loss:.4f}, "
+            f"{samples_per_s:.1f} samples/s, elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
 
 
 def load_recipe(path: str, config: dict) -> Recipe:
@@ -97,6 +116,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     history: list[dict] = []
     t0, samples = time.perf_counter(), 0
+    planned = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    first_step, last_print = engine.global_steps, t0
     tracker = _RankZeroTracker(cfg.extra) if rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
@@ -118,6 +139,13 @@ def train_loop_per_worker(config: dict) -> None:
                                 "samples_per_s": samples / max(elapsed, 1e-9), "time": elapsed})
                 if tracker:
                     tracker.log(history[-1])
+            now = time.perf_counter()
+            if rank == 0 and (now - last_print >= cfg.progress_every_s or step == planned):
+                last_print = now
+                # written, not print()ed: Ray Train patches print to log *and* echo it, so each line showed twice
+                sys.stderr.write(progress_line(cfg.name, step, planned, first_step, float(loss),
+                                               samples / max(now - t0, 1e-9), now - t0) + "\n")
+                sys.stderr.flush()
             _maybe_fail(cfg, step, rank)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpoint(epoch, i + 1, {"step": step, "loss": float(loss)})

@@ -49,3 +49,16 @@ def test_two_workers_learn_and_resume_after_a_failure(ray_home, tmp_path: Path):
     # resumed from the step-20 checkpoint: the retried attempt starts after it and ends at the same step
     assert hist_f[0]["step"] == 21 and hist_f[-1]["step"] == steps
     assert hist_f[-1]["loss"] < 0.1 * first
+
+
+def test_progress_line_shows_where_the_job_is_and_its_eta():
+    from medplib.train.worker import progress_line
+
+    line = progress_line("stage 3 (grounding_expert)", step=500, total=2000, first_step=0, loss=1.23456,
+                         samples_per_s=150.0, elapsed=100.0)
+    assert line == ("stage 3 (grounding_expert): step 500/2000 (25%), loss 1.2346, 150.0 samples/s, "
+                    "elapsed 1:40, ETA 5:00")
+    # resumed at step 400: the ETA comes from the 100 steps this attempt ran, not from the 500 of the job
+    resumed = progress_line("s", step=500, total=2000, first_step=400, loss=1.0, samples_per_s=1.0, elapsed=100.0)
+    assert resumed.endswith("elapsed 1:40, ETA 25:00")
+    assert progress_line("s", 1, 10, 0, 1.0, 1.0, 4000.0).endswith("ETA 10:00:00")
