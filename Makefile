@@ -1,4 +1,5 @@
-# medplib: `make run` (set-up + the whole pipeline on the synthetic default), `make test` (set-up + the suite).
+# medplib: `make run` (set-up + the whole pipeline on the synthetic default), `make test` (set-up + the whole suite,
+# all tiers: what CI runs), `make test-fast` (the unit tier, for every change).
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -9,7 +10,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 120
 export RAY_AUTH_MODE = disabled
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup postgres run test clean-state
+.PHONY: setup postgres run test test-fast clean-state
 
 setup: $(STAMP)
 
@@ -38,6 +39,9 @@ postgres:
 
 test: setup postgres
 	$(PY) -m pytest tests
+
+test-fast: setup
+	$(PY) -m pytest tests -m unit
 
 clean-state:
 	rm -rf .medplib

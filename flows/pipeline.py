@@ -176,4 +176,9 @@ def summary_text(summary: dict) -> str:
               f"  mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1 --port {MLFLOW_UI_PORT}"
               + (f"   (pipeline run {summary['pipeline_run_id']})" if summary.get("pipeline_run_id") else ""),
               f"  PREFECT_HOME={home}/prefect prefect server start --host 127.0.0.1 --port {PREFECT_UI_PORT}"]
+    logs = summary.get("logs") or {}  # set by `medplib pipeline` (medplib.run_log)
+    if logs.get("log_file"):
+        lines.append(f"  {logs['log_file']}   the full log (Prefect, Ray, MLflow, warnings)")
+    if logs.get("ray_logs"):
+        lines.append(f"  {logs['ray_logs']}   Ray's session logs (training workers, Ray Train, DeepSpeed)")
     return "\n".join(lines)

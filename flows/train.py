@@ -1,7 +1,7 @@
 """The train step: MedPLIB's stages I → IV in order, each a task that launches one Ray Train job.
 
-Ray workers print to the driver's console, not to Prefect's logs, so each task logs what matters (steps, loss,
-time, the MLflow run) itself.
+Ray workers write to Ray's session logs, not to the console nor to Prefect's logs, so each task logs what matters
+(steps, loss, time, the MLflow run) itself; the driver shows each stage's progress (medplib.train.launcher).
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from medplib.config import ConfigError, load_config, resolve_home
+from medplib.run_log import console_logging, run_log
 
 log = logging.getLogger("medplib")
 
@@ -43,6 +44,10 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default="synth", help="synth | mecovqa:DIR | dicom:DIR | nifti:DIR (default: synth)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers per stage (default: 2)")
     p.add_argument("--epochs", type=int, default=None, help="override every stage's epochs")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop every stage after this many optimiser steps (smoke runs; default: no cap)")
+    p.add_argument("--stages", default="1,2,3,4",
+                   help="comma-separated stages to train, in order (default: 1,2,3,4); the last one is evaluated")
     p.add_argument("--retries", type=int, default=1, help="retries of ingest and of each stage (default: 1)")
 
 
@@ -135,10 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _emit(args: argparse.Namespace, summary: dict, text: str) -> None:
+    """The command's summary on stdout, naming the command's log file: the commands that start Ray (pipeline,
+    train, reproduce) put it in `summary["logs"]` and their text; for the others a last line says it (on stderr
+    with --json, whose summaries keep their keys)."""
+    logs = getattr(args, "run_log", None)
+    named = logs is None or "logs" in summary
     if args.json:  # the real stdout: with --json everything else printed goes to stderr (see main)
         print(json.dumps(summary, indent=1, default=str), file=getattr(args, "json_out", None) or sys.stdout)
+        if not named:
+            print(logs.text(), file=sys.stderr)
     else:
-        print(text)
+        print(text if named else f"{text}\n{logs.text()}")
 
 
 def _ingest(args, cfg, home, project) -> dict:
@@ -190,7 +202,20 @@ def _flows(module: str):
 def _stage_overrides(args) -> dict | None:
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs {args.epochs}: need at least 1")
-    return {s: {"epochs": args.epochs} for s in (1, 2, 3, 4)} if args.epochs else None
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps {args.max_steps}: need at least 1")
+    keys = {k: v for k, v in (("epochs", args.epochs), ("max_steps", args.max_steps)) if v is not None}
+    return {s: dict(keys) for s in _stages(args)} if keys else None
+
+
+def _stages(args) -> list[int]:
+    try:
+        stages = [int(s) for s in args.stages.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--stages {args.stages!r}: give stage numbers separated by commas, e.g. 1,2,3,4") from None
+    if not stages:
+        raise ValueError(f"--stages {args.stages!r}: name at least one stage")
+    return stages
 
 
 def _pipeline(args, home, project) -> int:
@@ -198,11 +223,13 @@ def _pipeline(args, home, project) -> int:
     pipeline, validate = _flows("pipeline"), _flows("validate")
     try:
         summary = pipeline.pipeline(source=args.source, preset=args.preset, config=args.config, workers=args.workers,
-                                    home=home.root, project=project, stage_overrides=_stage_overrides(args),
+                                    home=home.root, project=project, stages=_stages(args),
+                                    stage_overrides=_stage_overrides(args),
                                     retries=args.retries)
     except validate.DataValidationError as e:
         print(f"medplib: the dataset failed the validation gate; nothing was trained.\n{e}", file=sys.stderr)
         return 1
+    summary["logs"] = args.run_log.to_dict()
     _emit(args, summary, pipeline.summary_text(summary))
     return 0
 
@@ -230,7 +257,8 @@ def _schedule(args, home, project) -> int:
     os.environ["PREFECT_API_URL"] = api
     schedule = _flows("schedule")
     params = dict(source=args.source, preset=args.preset, config=args.config.resolve() if args.config else None,
-                  workers=args.workers, home=home.root, project=project, stage_overrides=_stage_overrides(args),
+                  workers=args.workers, home=home.root, project=project, stages=_stages(args),
+                  stage_overrides=_stage_overrides(args),
                   retries=args.retries, only_if_data_changed=args.on_data_change)
     deployment = schedule.retraining_deployment(args.name, args.cron, params)
     info = {"deployment": f"{deployment.flow_name}/{deployment.name}", "cron": args.cron, "api": api,
@@ -263,7 +291,7 @@ def _ui(args, home) -> int:
     for name, (_, url, health) in servers.items():
         if _healthy(url + health, timeout=1):
             raise ValueError(f"Something already answers at {url} ({name} port): stop it or choose another port")
-    logs = home.root / "logs"
+    logs = home.logs
     logs.mkdir(exist_ok=True)
     procs = {}
     for name, (cmd, _, _) in servers.items():
@@ -313,7 +341,8 @@ def _reproduce(args, home, project) -> int:
     reproduce = _flows("reproduce")
     out = reproduce.reproduce(model_uri=args.model, home=home.root, project=project, workers=args.workers,
                               tolerance=reproduce.TOLERANCE if args.tolerance is None else args.tolerance)
-    _emit(args, out, reproduce.comparison_text(out))
+    out["logs"] = args.run_log.to_dict()
+    _emit(args, out, f"{reproduce.comparison_text(out)}\n{args.run_log.text()}")
     return 0 if out["within_tolerance"] else 1
 
 
@@ -446,7 +475,11 @@ def run(args: argparse.Namespace) -> int:
     home = resolve_home(args.home).ensure()
     project = (args.project or Path.cwd()).resolve()
     cmd = args.command if args.command != "data" else f"data {args.data_command}"
+    with run_log(home, cmd) as args.run_log:
+        return _run_command(args, cmd, cfg, home, project)
 
+
+def _run_command(args: argparse.Namespace, cmd: str, cfg, home, project: Path) -> int:
     if cmd == "data synth":
         from medplib.data.synth import generate
 
@@ -482,10 +515,10 @@ def run(args: argparse.Namespace) -> int:
         overrides = {"epochs": args.epochs} if args.epochs else None
         r = train_stage(args.stage, cfg, home, project, workers=args.workers, overrides=overrides,
                         base=resolve_start(args.from_, home), address=args.ray_address)
-        d = r.to_dict()
+        d = r.to_dict() | {"logs": args.run_log.to_dict()}
         _emit(args, d, f"Stage {d['stage']} ({d['name']}): {d['steps']} steps in {d['seconds']} s, loss "
                        f"{d['first_loss']:.3f} → {d['last_loss']:.3f}; saved to {d['out_dir']} "
-                       f"(MLflow run {d['mlflow_run_id']})")
+                       f"(MLflow run {d['mlflow_run_id']})\n{args.run_log.text()}")
         return 0
     if cmd == "pipeline":
         return _pipeline(args, home, project)
@@ -509,18 +542,31 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # no stderr handler of its own: see medplib.run_log
+    if not sys.stderr.isatty():  # its download bar would land in a redirected log as one long line
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        if getattr(args, "json", False):
-            # stdout carries the JSON summary alone: what libraries print there (Ray forwards its workers' output,
-            # DVC its progress) goes to stderr instead
-            args.json_out = sys.stdout
-            with contextlib.redirect_stdout(sys.stderr):
-                return run(args)
-        return run(args)
+        with console_logging(sys.stderr):
+            if getattr(args, "json", False):
+                # stdout carries the JSON summary alone: what libraries print there (DVC its progress) goes to
+                # stderr instead
+                args.json_out = sys.stdout
+                with contextlib.redirect_stdout(sys.stderr):
+                    return run(args)
+            return run(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"medplib: error: {e}", file=sys.stderr)
+        _name_log(args)
         return 2
+    except BaseException:
+        _name_log(args)
+        raise
+
+
+def _name_log(args: argparse.Namespace) -> None:
+    """After a failure: where the whole story is (the log file exists once the state folder was resolved)."""
+    if getattr(args, "run_log", None) is not None:
+        print(f"medplib: {args.run_log.text()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,21 @@
-"""Shared fixtures: every test gets its own state folder; nothing touches the repository's .medplib/."""
+"""Shared fixtures: every test gets its own state folder; nothing touches the repository's .medplib/.
+
+Tiers (markers, see pyproject.toml): a test is `unit` unless it is marked `integration` (real services, Ray,
+training) or `e2e` (whole pipelines). `make test-fast` runs the unit tier, `make test` all three.
+End-to-end tests that need a trained, registered model share `pipeline_runs`: one tiny pipeline per session.
+"""
 from __future__ import annotations
 
 import os
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
+# Prefect reads its settings when first imported: give the suite its own PREFECT_HOME before that.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="medplib-prefect-home-")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -70,3 +80,94 @@ def _no_leaks_between_tests():
         if os.environ.get(key) != value:
             os.environ[key] = value
     tracking_utils._tracking_uri, registry_utils._registry_uri = uris
+
+
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test belongs to exactly one tier; an unmarked test is a unit test."""
+    for item in items:
+        tiers = [t for t in TIERS if item.get_closest_marker(t)]
+        if len(tiers) > 1:
+            raise pytest.UsageError(f"{item.nodeid} is marked {tiers}: a test belongs to one tier")
+        if not tiers:
+            item.add_marker("unit")
+
+
+def pytest_sessionstart(session):
+    session.config._medplib_t0 = time.perf_counter()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    t0 = getattr(config, "_medplib_t0", None)
+    if t0 is not None:
+        markexpr = config.getoption("markexpr") or "all tiers"
+        terminalreporter.write_line(f"medplib suite ({markexpr}): {time.perf_counter() - t0:.0f} s wall time")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the session (entering it costs 10-15 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+ONE_EPOCH = {stage: {"epochs": 1} for stage in (1, 2, 3, 4)}
+
+
+@pytest.fixture(scope="session")
+def pipeline_runs(prefect_harness, tmp_path_factory):
+    """The session's tiny pipeline, run twice on one home and project (48 synthetic images, one epoch a stage):
+    the first trains stages I-IV and registers version 1; the second finds ingest cached, trains stage I only and
+    registers version 2 (a one-stage pipeline keeps `reproduce` of it cheap). Returns (home, project, first,
+    second)."""
+    from flows.pipeline import pipeline
+    from medplib.config import resolve_home
+
+    root = tmp_path_factory.mktemp("pipeline")
+    home = resolve_home(root / "home").ensure()
+    project = root / "project"
+    project.mkdir()
+    small = root / "small.yaml"
+    small.write_text("data:\n  synth_n: 48\n")
+    saved = dict(os.environ)
+    os.environ["MEDPLIB_HOME"] = str(home.root)
+    os.environ["DVC_SITE_CACHE_DIR"] = str(home.root / "dvc-site-cache")
+    try:
+        kwargs = dict(config=small, home=home.root, project=project, retries=0)
+        first = pipeline(**kwargs, stage_overrides=ONE_EPOCH)
+        second = pipeline(**kwargs, stages=[1], stage_overrides={1: ONE_EPOCH[1]})
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return home, project, first, second
+
+
+@pytest.fixture(scope="session")
+def toy_clean_run(tmp_path_factory):
+    """The undisturbed toy stage on 2 Ray workers (ZeRO-2): the reference the fault-resume and ZeRO-3 tests
+    compare with. Returns (out_dir, Ray Train result). Ray is stopped again afterwards."""
+    import ray
+
+    from medplib.config import resolve_home
+    from medplib.config.home import REPO_ROOT
+    from medplib.train.launcher import run_stage
+    from medplib.train.worker import LoopConfig
+    from tests.train.toy_recipe import TOY_BASE
+
+    root = tmp_path_factory.mktemp("toy")
+    home = resolve_home(root / "home").ensure()
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(REPO_ROOT)  # Ray's workers import tests.train.toy_recipe
+    try:
+        result = run_stage(LoopConfig(**TOY_BASE, out_dir=str(root / "clean")), home, "toy-clean", workers=2)
+    finally:
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+    return root / "clean", result

@@ -32,7 +32,7 @@ def test_bad_arguments_give_clear_errors(tmp_path: Path):
     assert p.returncode == 2 and "medplib data ingest" in p.stderr
 
 
-@pytest.mark.heavy
+@pytest.mark.integration
 def test_ingest_validate_status_and_corruption_fails_gate(tmp_path: Path):
     home, proj = tmp_path / "home", tmp_path / "proj"
     proj.mkdir()

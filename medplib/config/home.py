@@ -35,6 +35,11 @@ class Home:
         return self.root / "prefect"
 
     @property
+    def logs(self) -> Path:
+        """Each command's full log (`<command>-<time>.log`) and the UIs' server logs."""
+        return self.root / "logs"
+
+    @property
     def ray_tmp(self) -> Path:
         return self.root / "ray"
 

@@ -17,12 +17,12 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from medplib.data.images import ImageReadError, read_image
 from medplib.data.schema import (
     IMAGE_TOKEN, MASK_RE, MODALITIES, REGION_RE, SEG_TOKEN, SPLITS, TASKS, modality_from_filename,
 )
+from medplib.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def build_tables(data_dir: Path) -> dict[str, pd.DataFrame]:
     paths = _PathCheck(root)
     lines = records_path.read_bytes().splitlines()
     rows = []
-    for i, raw in enumerate(tqdm(lines, desc="validate: records", unit="rec", disable=len(lines) < 20000), start=1):
+    for i, raw in enumerate(track(lines, "validate: records", "records", disable=len(lines) < 20000), start=1):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -219,7 +219,7 @@ def build_tables(data_dir: Path) -> dict[str, pd.DataFrame]:
     mask_files = sorted({p for p, _ in mask_uses})
     todo = [(p, False) for p in sorted(image_splits)] + [(p, True) for p in mask_files]
     stats = {(p, as_mask): _file_stats(root / p, as_mask)
-             for p, as_mask in tqdm(todo, desc="validate: reading files", unit="file", disable=len(todo) < 500)}
+             for p, as_mask in track(todo, "validate: reading files", "files", disable=len(todo) < 500)}
 
     images = _frame([{"path": p, "error": None, **stats[(p, False)], "n_records": n_uses[p],
                       "n_splits": len(splits), "splits": ",".join(sorted(map(str, splits)))}

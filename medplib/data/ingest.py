@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from tqdm import tqdm
 
 from medplib.config import Config, Home
 from medplib.data.images import ImageReadError, read_image, read_mask, write_png
@@ -25,6 +24,7 @@ from medplib.data.schema import (
     IMAGE_TOKEN, MASK_RE, MODALITIES, REGION_RE, SEG_TOKEN, Record, RecordError, modality_from_filename, stable_id,
 )
 from medplib.data.versioning import track_data
+from medplib.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def build_dataset(root: Path, data_dir: Path, source_name: str, pre_errors: list
     quarantine = [_quarantine_entry(e) for e in pre_errors]
     to_write: dict[str, np.ndarray] = {}
     items = list(read_mecovqa(root))
-    for item in tqdm(items, desc="ingest", unit="rec", disable=len(items) < 2000):
+    for item in track(items, "ingest", "records", disable=len(items) < 2000):
         if isinstance(item, RecordError):
             quarantine.append(_quarantine_entry(item))
             continue

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from medplib.data.images import write_png
 from medplib.data.schema import MODALITIES, MODALITY_NAMES
+from medplib.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def generate(out: Path, n: int = 240, seed: int = 42, image_size: int = 64,
         raise ValueError(f"zeroshot_modalities has {bad[0]!r}, not one of {list(MODALITIES)}")
     buckets: dict[str, list[dict]] = {}
     add = lambda key, rec: buckets.setdefault(key, []).append(rec)  # noqa: E731
-    for i in tqdm(range(n), desc="synth", unit="img", disable=n < 200):
+    for i in track(range(n), "synth", "images", disable=n < 200):
         rng = np.random.default_rng([seed, i])
         modality = MODALITIES[i % len(MODALITIES)]
         img, structures = _render(modality, image_size, rng)

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from medplib.data.images import read_image, read_mask
 from medplib.data.schema import Record
 from medplib.data.torch_dataset import read_records, strip_paths
 from medplib.eval.metrics import aggregate_by_modality, closed_vqa_correct, dice_iou, vqa_open_scores
 from medplib.model import MedPLIB
+from medplib.progress import StepProgress
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("test", "z
     model.eval()
     rows: list[dict] = []
     kept: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    bar = tqdm(total=len(records), desc="evaluate", unit="sample", disable=len(records) < 64)
+    bar = StepProgress("evaluate", len(records), "samples", disable=len(records) < 64)
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         images, questions, regions, refs, targets = [], [], [], [], []

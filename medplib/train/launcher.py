@@ -1,22 +1,33 @@
-"""Launch one training stage as a Ray Train `TorchTrainer` (local Ray by default, a cluster by address)."""
+"""Launch one training stage as a Ray Train `TorchTrainer` (local Ray by default, a cluster by address).
+
+Ray's processes (workers, the Ray Train controller, DeepSpeed in the workers) write to Ray's session logs, not to
+the driver's console; the driver shows the job's progress from the file rank 0 keeps up to date.
+"""
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Iterator
 
 from medplib.config import Home
-from medplib.train.worker import LoopConfig, train_loop_per_worker
+from medplib.progress import StepProgress, training_detail
+from medplib.run_log import adopt_library_loggers, note_ray_session
+from medplib.train.worker import PROGRESS_FILE, LoopConfig, read_progress, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
 
 def ensure_ray(home: Home, address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to `address` or start a local Ray with its temp files under the state folder."""
+    """Connect to `address` or start a local Ray with its temp files under the state folder. Either way the
+    workers' output stays in Ray's session logs (`log_to_driver=False`), which the command's run log names."""
     import ray
 
+    adopt_library_loggers()  # Ray's driver messages into the run log, not straight to stderr
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -27,11 +38,15 @@ def ensure_ray(home: Home, address: str | None = None, num_cpus: int | None = No
 
         address = load_profile().ray_address  # None in the local profile: start a local Ray below
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    home.ray_tmp.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, object_store_memory=512 * 1024 ** 2,
-             _temp_dir=str(_short_tmp(home)), log_to_driver=True, configure_logging=False)
+        ctx = ray.init(address=address, log_to_driver=False, configure_logging=False)
+    else:
+        home.ray_tmp.mkdir(parents=True, exist_ok=True)
+        ctx = ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                       object_store_memory=512 * 1024 ** 2, _temp_dir=str(_short_tmp(home)), log_to_driver=False,
+                       configure_logging=False)
+    session = getattr(ctx, "address_info", {}).get("session_dir")  # absent through a ray:// client
+    if session:
+        log.info("Ray session logs (training workers, Ray Train, DeepSpeed): %s", note_ray_session(Path(session)))
 
 
 def _short_tmp(home: Home) -> Path:
@@ -68,4 +83,40 @@ def run_stage(loop: LoopConfig, home: Home, name: str, workers: int = 2, cpus_pe
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    return trainer.fit()
+    with show_progress(Path(loop.out_dir), loop.name):
+        return trainer.fit()
+
+
+@contextmanager
+def show_progress(out_dir: Path, name: str, poll_s: float = 1.0) -> Iterator[None]:
+    """While the job runs, show rank 0's progress file (worker.publish_progress) as one StepProgress display."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / PROGRESS_FILE).unlink(missing_ok=True)  # an earlier run's, in a reused stage folder
+    display: StepProgress | None = None
+    stop = threading.Event()
+
+    def show() -> None:
+        nonlocal display
+        p = read_progress(out_dir)
+        if p is None:
+            return
+        if display is None:
+            display = StepProgress(name, p["total"], unit="step")
+        display.set(p["step"], p["total"], training_detail(p["step"], p["total"], p["first_step"], p["loss"],
+                                                           p["samples_per_s"], p["elapsed"]))
+
+    def poll() -> None:
+        while not stop.wait(poll_s):
+            show()
+
+    thread = threading.Thread(target=poll, name=f"progress of {name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        show()
+        if display is not None:
+            display.close()
+        (out_dir / PROGRESS_FILE).unlink(missing_ok=True)  # not part of the saved model

@@ -67,9 +67,9 @@ class StageRecipe:
         module = getattr(engine, "module", engine)  # a DeepSpeed engine, or the plain model (benchmarks)
         anchor = sum(p.view(-1)[0] for p in module.parameters() if p.requires_grad)
         loss = out.loss + 0.0 * anchor
-        parts = {"ce": float(out.ce_loss)}
+        parts = {"ce": float(out.ce_loss.detach())}
         if out.mask_bce is not None:
-            parts |= {"bce": float(out.mask_bce), "dice_loss": float(out.mask_dice)}
+            parts |= {"bce": float(out.mask_bce.detach()), "dice_loss": float(out.mask_dice.detach())}
         return loss, parts
 
     def save(self, module: MedPLIB, out_dir: Path) -> None:

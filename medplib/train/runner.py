@@ -156,7 +156,8 @@ def train_stage(stage: int, cfg: Config, home: Home, project: Path, *, workers: 
         out_dir=str(out), epochs=spec.epochs, micro_batch=spec.micro_batch, grad_accum=spec.grad_accum, lr=spec.lr,
         betas=tuple(spec.betas), weight_decay=spec.weight_decay, warmup_ratio=spec.warmup_ratio,
         grad_clip=spec.grad_clip, zero_stage=spec.zero_stage, use_gpu=torch.cuda.is_available(), seed=spec.seed,
-        checkpoint_every=spec.checkpoint_every, log_every=1, max_steps=max_steps, name=f"stage {stage} ({spec.name})",
+        checkpoint_every=spec.checkpoint_every, log_every=1, max_steps=max_steps or spec.max_steps,
+        name=f"stage {stage} ({spec.name})",
         extra={**(extra or {}), **({"mlflow_run_id": run_id, "mlflow_tracking_uri": tracking_uri} if run_id else {})},
     )
     t0 = time.perf_counter()

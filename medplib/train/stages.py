@@ -60,12 +60,15 @@ class StageSpec:
     gradient_checkpointing: bool = False
     seed: int = 42
     checkpoint_every: int = 100
+    max_steps: int = 0  # a cap on optimiser steps (smoke runs, tests); 0 = the epochs decide
 
     def validate(self, prefix: str = "") -> None:
         if self.stage not in (1, 2, 3, 4):
             raise ConfigError(f"Config key '{prefix}stage' = {self.stage} must be 1, 2, 3 or 4")
         if self.lr <= 0 or self.epochs < 1:
             raise ConfigError(f"Config key '{prefix}lr' / '{prefix}epochs' = {self.lr} / {self.epochs} must be > 0")
+        if self.max_steps < 0:
+            raise ConfigError(f"Config key '{prefix}max_steps' = {self.max_steps} must be >= 0 (0 = no cap)")
         if not self.train and self.lora is None:
             raise ConfigError(f"Stage {self.stage} trains nothing: set '{prefix}train' or '{prefix}lora'")
 

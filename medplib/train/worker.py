@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import math
 import os
 import signal
@@ -14,12 +15,17 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from medplib.progress import progress_line
+
+PROGRESS_FILE = "progress.json"  # rank 0's latest position, shown by the driver (launcher.show_progress)
 
 
 class Recipe(Protocol):
@@ -51,25 +57,25 @@ class LoopConfig:
     checkpoint_every: int = 50  # optimizer steps; each report costs Ray's poll interval
     log_every: int = 10
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
-    progress_every_s: float = 10.0  # rank 0 prints a progress line (step, %, loss, samples/s, ETA) this often
+    progress_every_s: float = 10.0  # rank 0 logs a progress line (step, %, loss, samples/s, ETA) this often
     name: str = "stage"  # how progress lines name the job
     extra: dict = field(default_factory=dict)
 
 
-def _clock(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    h, rest = divmod(seconds, 3600)
-    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+def publish_progress(out_dir: Path, **fields: float) -> None:
+    """Replace the progress file in one step (write, then rename), so the driver never reads half of it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{PROGRESS_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps(fields))
+    os.replace(tmp, out_dir / PROGRESS_FILE)
 
 
-def progress_line(name: str, step: int, total: int, first_step: int, loss: float, samples_per_s: float,
-                  elapsed: float) -> str:
-    """One human line of a running job: where it is, how fast, and when it should end (ETA from the steps done
-    in this attempt, so a resumed job does not count the steps it skipped)."""
-    done = max(step - first_step, 1)
-    eta = (total - step) * elapsed / done
-    return (f"{name}: step {step}/{total} ({100 * step / max(total, 1):.0f}%), loss {loss:.4f}, "
-            f"{samples_per_s:.1f} samples/s, elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
+def read_progress(out_dir: Path) -> dict | None:
+    """The fields of the last `publish_progress` in `out_dir`, or None before the first."""
+    try:
+        return json.loads((out_dir / PROGRESS_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def load_recipe(path: str, config: dict) -> Recipe:
@@ -85,6 +91,8 @@ def train_loop_per_worker(config: dict) -> None:
     from medplib.train.deepspeed_config import deepspeed_config
 
     cfg = LoopConfig(**config)
+    if not isinstance(warnings.showwarning, _ShowOnce):
+        warnings.showwarning = _ShowOnce(warnings.showwarning)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
@@ -117,7 +125,8 @@ def train_loop_per_worker(config: dict) -> None:
     history: list[dict] = []
     t0, samples = time.perf_counter(), 0
     planned = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    first_step, last_print = engine.global_steps, t0
+    first_step, last_print, last_publish = engine.global_steps, t0, t0
+    out = Path(cfg.out_dir)
     tracker = _RankZeroTracker(cfg.extra) if rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
@@ -131,24 +140,29 @@ def train_loop_per_worker(config: dict) -> None:
             samples += cfg.micro_batch * world
             if not boundary:
                 continue
-            step = engine.global_steps
+            step, loss_value = engine.global_steps, float(loss.detach())
             if rank == 0 and (step % cfg.log_every == 0 or step == 1):
                 elapsed = time.perf_counter() - t0
-                history.append({"step": step, "epoch": epoch, "loss": float(loss), **parts,
+                history.append({"step": step, "epoch": epoch, "loss": loss_value, **parts,
                                 "lr": scheduler.get_last_lr()[0] if scheduler else cfg.lr,
                                 "samples_per_s": samples / max(elapsed, 1e-9), "time": elapsed})
                 if tracker:
                     tracker.log(history[-1])
             now = time.perf_counter()
+            if rank == 0 and (now - last_publish >= 1.0 or step == planned):
+                last_publish = now
+                publish_progress(out, step=step, total=planned, first_step=first_step, loss=loss_value,
+                                 samples_per_s=samples / max(now - t0, 1e-9), elapsed=now - t0)
             if rank == 0 and (now - last_print >= cfg.progress_every_s or step == planned):
                 last_print = now
-                # written, not print()ed: Ray Train patches print to log *and* echo it, so each line showed twice
-                sys.stderr.write(progress_line(cfg.name, step, planned, first_step, float(loss),
+                # for the worker's log in Ray's session folder; written, not print()ed: Ray Train patches print to
+                # log *and* echo it, so each line showed twice
+                sys.stderr.write(progress_line(cfg.name, step, planned, first_step, loss_value,
                                                samples / max(now - t0, 1e-9), now - t0) + "\n")
                 sys.stderr.flush()
             _maybe_fail(cfg, step, rank)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint(epoch, i + 1, {"step": step, "loss": float(loss)})
+                checkpoint(epoch, i + 1, {"step": step, "loss": loss_value})
             if cfg.max_steps and step >= cfg.max_steps:
                 break
         if cfg.max_steps and engine.global_steps >= cfg.max_steps:
@@ -163,15 +177,27 @@ def train_loop_per_worker(config: dict) -> None:
                 if cfg.zero_stage == 3 else contextlib.nullcontext())
     with gathered:
         if rank == 0:
-            out = Path(cfg.out_dir)
             out.mkdir(parents=True, exist_ok=True)
             recipe.save(engine.module, out)
     if rank == 0:
-        import json
-
         (out / "history.json").write_text(json.dumps(history, indent=1))
         (out / "topology.json").write_text(json.dumps({"world_size": world, "workers": topology}, indent=1))
     checkpoint(cfg.epochs, 0, {"step": engine.global_steps, "done": 1})
+
+
+class _ShowOnce:
+    """`warnings.showwarning` that shows each distinct warning once per worker. A filter cannot: every
+    catch_warnings() block (one per image read) resets Python's memory of what it showed, so a deprecation DeepSpeed
+    triggers each step (torch's all_gather_into_tensor) would fill the worker's log."""
+
+    def __init__(self, show):
+        self.show, self.seen = show, set()
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:
+        key = (str(message), category, filename, lineno)
+        if key not in self.seen:
+            self.seen.add(key)
+            self.show(message, category, filename, lineno, file, line)
 
 
 class _RankZeroTracker:

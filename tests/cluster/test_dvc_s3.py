@@ -41,7 +41,7 @@ def s3(monkeypatch):
     server.stop()
 
 
-@pytest.mark.heavy
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_push_then_pull_a_data_version_through_s3(s3, home, project, tmp_path: Path):
     v1 = ingest("synth", project, home, load_config("tiny", {"data": {"synth_n": 8}}), seed=1).version

@@ -105,7 +105,7 @@ def _register(registry: Registry, dice: float) -> str:
     return v
 
 
-@pytest.mark.heavy
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_register_gate_promote_rollback_on_mlflow_server_with_postgres(mlflow_server):
     url, pg_port = mlflow_server

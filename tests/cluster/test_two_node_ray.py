@@ -23,7 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.heavy
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_a_stage_trains_with_one_worker_on_each_of_two_nodes(home, project, tmp_path: Path):
     import ray

@@ -82,7 +82,7 @@ def _cli(args: list[str], home, capsys: pytest.CaptureFixture) -> dict:
     return json.loads(out.out)
 
 
-@pytest.mark.heavy
+@pytest.mark.integration
 def test_publish_promotes_better_rejects_less_trained_reevaluates_champion_and_cli_gates(
         models, home, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
     data_a = write_phantom_dataset(tmp_path / "a" / "data", DATA_A)

@@ -1,5 +1,7 @@
 """Scheduled retraining against a real Prefect server on loopback: `medplib schedule` creates the cron deployment,
-serves it, and a scheduled run executes (data-triggered: the data did not change, so it does not retrain)."""
+serves it, and a scheduled run executes (data-triggered: the data did not change, so it does not retrain).
+The test does not wait for the next minute: it asks the server to schedule the deployment's cron over the last
+minute (a backfill), which creates the same auto-scheduled run the scheduler service would, due at once."""
 from __future__ import annotations
 
 import os
@@ -8,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -60,7 +63,7 @@ class _EchoModel(mlflow.pyfunc.PythonModel):
         return list(model_input)
 
 
-@pytest.mark.heavy
+@pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_cron_deployment_runs_on_schedule(home, project, tmp_path: Path):
     small = tmp_path / "small.yaml"
@@ -100,7 +103,19 @@ def test_cron_deployment_runs_on_schedule(home, project, tmp_path: Path):
              "--epochs", "1", "--name", "retrain-test"],
             cwd=project, env=_env(home.root, PREFECT_API_URL=api), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True)
-        deadline = time.monotonic() + 360  # the next minute boundary, then one run
+        deadline = time.monotonic() + 300
+        deployment_id = None
+        while deployment_id is None:  # `medplib schedule` registers the deployment, then serves it
+            assert schedule.poll() is None, "medplib schedule exited:\n" + _stop(schedule)
+            assert time.monotonic() < deadline, "the deployment was not created in time:\n" + _stop(schedule)
+            found = httpx.post(f"{api}/deployments/filter", timeout=10, json={
+                "deployments": {"name": {"any_": ["retrain-test"]}}}).json()
+            deployment_id = found[0]["id"] if found else None
+            time.sleep(1)
+        now = datetime.now(timezone.utc)
+        r = httpx.post(f"{api}/deployments/{deployment_id}/schedule", timeout=30, json={
+            "start_time": (now - timedelta(seconds=61)).isoformat(), "end_time": now.isoformat(), "max_runs": 1})
+        assert r.status_code < 300, r.text
         done = None
         while done is None:
             assert schedule.poll() is None, "medplib schedule exited:\n" + _stop(schedule)

@@ -20,7 +20,7 @@ from medplib.data.torch_dataset import MedDataset, read_records, strip_paths
 from medplib.model import LossWeights, MedPLIB, MedTokenizer, dice_score
 
 
-@pytest.mark.heavy
+@pytest.mark.integration
 def test_overfit_eight_synthetic_samples(tmp_path):
     generate(tmp_path / "src", n=24, seed=1)
     build_dataset(tmp_path / "src", tmp_path / "data", "synth", [], 8192 * 8192)

@@ -59,6 +59,7 @@ CHILD = textwrap.dedent("""
 KILL_POINTS = [("set_registered_model_alias", 1), ("set_registered_model_alias", 2), ("set_model_version_tag", 2)]
 
 
+@pytest.mark.integration  # a subprocess per kill point, each with its own MLflow store
 @pytest.mark.parametrize("method, n", KILL_POINTS, ids=["before-fallback-alias", "before-champion-alias",
                                                         "during-decision-tags"])
 def test_killed_promotion_leaves_champion_whole(home, method, n):

@@ -4,9 +4,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from medplib.config.home import REPO_ROOT
 
 
+@pytest.mark.integration  # collects the suite in a subprocess: ~20 s
 def test_the_table_matches_the_tests_and_every_case_passed():
     p = subprocess.run([sys.executable, str(REPO_ROOT / "docs" / "reliability_table.py"), "--check"], cwd=REPO_ROOT,
                        capture_output=True, text=True, timeout=600)

@@ -121,7 +121,7 @@ def _request(cx: int, cy: int, **prompt) -> dict:
     return {"image": encode_png(phantom(cx, cy)[0]), "question": QUESTION, **prompt}
 
 
-@pytest.mark.heavy
+@pytest.mark.integration
 def test_registered_pyfunc_answers_like_the_model(champion_home, grounder: Path):
     home, tracking, run_id = champion_home
     cx, cy = HELD_OUT
@@ -139,7 +139,7 @@ def test_registered_pyfunc_answers_like_the_model(champion_home, grounder: Path)
     np.testing.assert_array_equal(_png(out[0]["masks"][0]) > 0, direct.masks[0])
 
 
-@pytest.mark.heavy
+@pytest.mark.integration
 def test_mlflow_models_serve_answers_a_pixel_prompt_question_with_a_mask(champion_home, tmp_path: Path):
     home, tracking, _ = champion_home
     cx, cy = HELD_OUT
@@ -175,7 +175,7 @@ def _medplib(args: list[str], home: Path) -> subprocess.CompletedProcess:
     return subprocess.run([MEDPLIB, *args], env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.heavy
+@pytest.mark.integration
 def test_cli_predict_writes_the_mask(champion_home, tmp_path: Path):
     import json
 

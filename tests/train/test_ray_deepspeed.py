@@ -10,6 +10,8 @@ from medplib.train.deepspeed_config import deepspeed_config
 from medplib.train.launcher import run_stage
 from medplib.train.worker import LoopConfig
 
+from tests.train.toy_recipe import TOY_BASE
+
 
 
 def test_deepspeed_config_cpu_and_gpu():
@@ -27,7 +29,7 @@ def test_deepspeed_config_cpu_and_gpu():
 
 
 
-@pytest.mark.heavy
+@pytest.mark.integration
 def test_two_workers_learn_and_resume_after_a_failure(ray_home, tmp_path: Path):
     base = dict(recipe="tests.train.toy_recipe:LinearRegressionRecipe", recipe_config={"n": 512}, epochs=6,
                 micro_batch=16, grad_accum=2, lr=0.05, zero_stage=2, checkpoint_every=10, log_every=1)

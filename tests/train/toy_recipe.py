@@ -33,3 +33,9 @@ class LinearRegressionRecipe:
 
     def save(self, module: torch.nn.Module, out_dir: Path) -> None:
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(out_dir / "model.safetensors"))
+
+
+# The toy stage the Ray Train + DeepSpeed tests share (tests/conftest.py `toy_clean_run`): 512 samples, 6 epochs of
+# 16 × 2 workers × 2 accumulation (48 steps), ZeRO-2, a checkpoint every 10 steps.
+TOY_BASE = dict(recipe="tests.train.toy_recipe:LinearRegressionRecipe", recipe_config={"n": 512}, epochs=6,
+                micro_batch=16, grad_accum=2, lr=0.05, zero_stage=2, checkpoint_every=10, log_every=1)

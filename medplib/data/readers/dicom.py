@@ -26,11 +26,11 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_rescale
-from tqdm import tqdm
 
 from medplib.data.images import MAX_IMAGE_PIXELS, write_png
 from medplib.data.schema import IMAGE_TOKEN, MODALITIES, MODALITY_NAMES, SEG_TOKEN, RecordError
 from medplib.data.synth import FILES
+from medplib.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def convert_dicom(src: Path, out: Path, test_fraction: float = 0.2) -> list[Reco
     staging = MeCoVQAStaging(out, dataset="dicom", test_fraction=test_fraction, src=src)
     errors: list[RecordError] = []
     series: dict[tuple[str, str], list[_DicomFile]] = {}
-    for path in tqdm(files, desc="dicom headers", unit="file", disable=len(files) < 50):
+    for path in track(files, "dicom headers", "files", disable=len(files) < 50):
         item = _read_header(path, src)
         if isinstance(item, RecordError):
             errors.append(item)
@@ -77,7 +77,7 @@ def convert_dicom(src: Path, out: Path, test_fraction: float = 0.2) -> list[Reco
     todo = [(key, f) for key, group in sorted(series.items()) for f in sorted(group, key=lambda f: f.order)]
     next_index: dict[tuple[str, str], int] = {}
     converted: dict[str, str] = {}  # SOPInstanceUID -> the file it was converted from
-    for (patient, series_uid), item in tqdm(todo, desc="dicom pixels", unit="file", disable=len(todo) < 50):
+    for (patient, series_uid), item in track(todo, "dicom pixels", "files", disable=len(todo) < 50):
         case = staging.case_name(f"{patient or 'anonymous'}-{_short_hash(series_uid)}", (patient, series_uid))
         try:
             frames = _frames_8bit(item)

@@ -25,11 +25,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
-from tqdm import tqdm
 
 from medplib.data.images import MAX_IMAGE_PIXELS
 from medplib.data.readers.dicom import MeCoVQAStaging, first_line, safe_name, source_files, to_uint8
 from medplib.data.schema import MODALITIES, RecordError
+from medplib.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ def convert_nifti(src: Path, out: Path, labels: dict[int, str] | None = None,
     if unknown:
         log.warning("modality.json names cases that are not in %s: %s", src, ", ".join(unknown))
     slices = 0
-    for case in tqdm(sorted(cases.values(), key=lambda c: c.name), desc="nifti", unit="volume",
-                     disable=len(cases) < 20):
+    for case in track(sorted(cases.values(), key=lambda c: c.name), "nifti", "volumes", disable=len(cases) < 20):
         modality = _modality_of(case.name, modalities, errors)
         if modality is not None:
             slices += _convert_case(case, modality, names, src, staging, errors)
