@@ -53,7 +53,7 @@ def main() -> int:
     from medplib.data.synth import generate
     from medplib.train.recipe import StageRecipe
     from medplib.train.runner import build_init_model
-    from medplib.train.stages import stage_spec
+    from medplib.config.stages import stage_spec
 
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)

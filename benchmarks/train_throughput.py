@@ -27,7 +27,7 @@ from medplib.data.synth import generate  # noqa: E402
 from medplib.train.launcher import run_stage  # noqa: E402
 from medplib.train.recipe import StageRecipe  # noqa: E402
 from medplib.train.runner import build_init_model  # noqa: E402
-from medplib.train.stages import stage_spec  # noqa: E402
+from medplib.config.stages import stage_spec  # noqa: E402
 from medplib.train.worker import LoopConfig  # noqa: E402
 
 STEPS, WARMUP, GLOBAL_BATCH = 30, 5, 32

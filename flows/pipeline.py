@@ -52,7 +52,7 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
     t0 = time.perf_counter()
     config = Path(config).resolve() if config else None
     inputs = resolve(preset, config, home, project)
-    check_training(stages, preset, stage_overrides, workers)  # a typo must not cost three stages of training
+    check_training(stages, inputs.cfg, stage_overrides, workers)  # a typo must not cost three stages of training
     logger = get_run_logger()
     common = dict(preset=preset, config=config, home=inputs.home.root, project=inputs.project)
     retry = dict(retries=retries, retry_delay_seconds=retry_delay_seconds)
@@ -87,7 +87,8 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
         summary["stages"] = train_flow(stages=stages, workers=workers, stage_overrides=stage_overrides,
                                        parent_run_id=parent, workspace=summary["workspace"], **common, **retry)
         summary["evaluation"] = evaluate_flow(model_dir=Path(summary["stages"][-1]["out_dir"]),
-                                              data_version=summary["data_version"], parent_run_id=parent, **common)
+                                              data_version=summary["data_version"], parent_run_id=parent,
+                                              stage_overrides=stage_overrides, **common)
         summary["champion_version"] = summary["evaluation"]["champion_version"]
         summary["skipped"] = False
         status = "FINISHED"

@@ -15,9 +15,8 @@ from prefect.cache_policies import NONE
 
 from flows.settings import StepInputs, resolve
 from medplib.train.runner import train_stage
-from medplib.train.stages import stage_spec
-
-STAGES = (1, 2, 3, 4)
+from medplib.config import Config
+from medplib.config.stages import STAGES, stage_spec
 
 
 @contextmanager
@@ -47,7 +46,7 @@ def train_stage_task(stage: int, inputs: StepInputs, workers: int, overrides: di
     return summary
 
 
-def check_training(stages: list[int], preset: str, stage_overrides: dict[int, dict[str, Any]] | None,
+def check_training(stages: list[int], cfg: Config | str, stage_overrides: dict[int, dict[str, Any]] | None,
                    workers: int) -> None:
     """Fail before any training on an unknown stage, a wrong order, a bad override key or no workers."""
     if workers < 1:
@@ -59,7 +58,7 @@ def check_training(stages: list[int], preset: str, stage_overrides: dict[int, di
     if list(stages) != sorted(set(stages)):
         raise ValueError(f"Stages {list(stages)} must be distinct and in order: each starts from the one before")
     for s in stages:
-        stage_spec(preset, s, overrides.get(s))  # raises ConfigError naming a bad key or value
+        stage_spec(cfg, s, overrides.get(s))  # raises ConfigError naming a bad key or value
 
 
 @flow(name="train")
@@ -72,7 +71,7 @@ def train_flow(stages: list[int] = list(STAGES), preset: str = "tiny", config: P
     import ray
 
     inputs = resolve(preset, config, home, project)
-    check_training(stages, inputs.cfg.preset, stage_overrides, workers)
+    check_training(stages, inputs.cfg, stage_overrides, workers)
     started_ray = not ray.is_initialized()
     run = train_stage_task.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     results = []

@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-out", type=Path, default=None, help="write the first predicted mask here as PNG")
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit (default: 24)")
 
+    config = sub.add_parser("config", help="the resolved configuration")
+    csub = config.add_subparsers(dest="config_command", required=True)
+    p = csub.add_parser("show", help="print the config a command would run with: the preset, then --config's "
+                                     "overrides (stage specs included: train.stage1 … train.stage4), as YAML "
+                                     "(or JSON with --json)")
+    _common(p)
+
     data = sub.add_parser("data", help="synthesise, ingest, validate and version datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("synth", help="write a synthetic dataset in the MeCoVQA layout")
@@ -472,11 +479,27 @@ def _predict(args, home) -> int:
 def run(args: argparse.Namespace) -> int:
     apply_profile(getattr(args, "profile", None))
     cfg = load_config(args.preset, args.config)
+    cmd = " ".join([args.command] + [getattr(args, f"{args.command}_command", None) or ""]).strip()
+    if cmd == "config show":  # reads and prints: no state folder, nothing to log
+        return _config_show(args, cfg)
     home = resolve_home(args.home).ensure()
     project = (args.project or Path.cwd()).resolve()
-    cmd = args.command if args.command != "data" else f"data {args.data_command}"
     with run_log(home, cmd) as args.run_log:
         return _run_command(args, cmd, cfg, home, project)
+
+
+def _config_show(args: argparse.Namespace, cfg) -> int:
+    import yaml
+
+    from medplib.config import to_dict
+
+    resolved = to_dict(cfg)
+    if args.json:
+        print(json.dumps(resolved, indent=1), file=getattr(args, "json_out", None) or sys.stdout)
+    else:
+        source = f"preset {args.preset}" + (f" + {args.config}" if args.config else "")
+        print(f"# medplib config: {source}\n" + yaml.safe_dump(resolved, sort_keys=False), end="")
+    return 0
 
 
 def _run_command(args: argparse.Namespace, cmd: str, cfg, home, project: Path) -> int:

@@ -132,7 +132,8 @@ def pipeline_runs(prefect_harness, tmp_path_factory):
     project = root / "project"
     project.mkdir()
     small = root / "small.yaml"
-    small.write_text("data:\n  synth_n: 48\n")
+    # a stage key from the config file (train.stage4.lr) reaches the stage's MLflow run (tests/train)
+    small.write_text("data:\n  synth_n: 48\ntrain:\n  stage4:\n    lr: 0.0005\n")
     saved = dict(os.environ)
     os.environ["MEDPLIB_HOME"] = str(home.root)
     os.environ["DVC_SITE_CACHE_DIR"] = str(home.root / "dvc-site-cache")

@@ -1,10 +1,12 @@
 """Dataclass configs with named presets (`tiny`, `full`), YAML overrides and one validation step."""
 from medplib.config.base import ConfigError, from_dict, to_dict
-from medplib.config.presets import Config, DataConfig, ModelConfig, PRESETS, load_config
+from medplib.config.presets import Config, DataConfig, ModelConfig, PRESETS, load_config, with_stage_overrides
+from medplib.config.stages import StageSpec, TrainConfig, stage_spec
 from medplib.config.tracking import TrackingConfig, load_tracking_config
 from medplib.config.home import Home, resolve_home
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "Home", "ModelConfig", "PRESETS", "TrackingConfig",
-    "from_dict", "load_config", "load_tracking_config", "resolve_home", "to_dict",
+    "Config", "ConfigError", "DataConfig", "Home", "ModelConfig", "PRESETS", "StageSpec", "TrackingConfig",
+    "TrainConfig", "from_dict", "load_config", "load_tracking_config", "resolve_home", "stage_spec", "to_dict",
+    "with_stage_overrides",
 ]

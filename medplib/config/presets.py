@@ -8,6 +8,7 @@ import yaml
 
 from medplib.config.base import ConfigError, from_dict, merge
 from medplib.config.model import ModelConfig
+from medplib.config.stages import TrainConfig, full_stages, stage_overrides_config, tiny_stages
 from medplib.data.schema import MODALITIES
 
 
@@ -38,6 +39,7 @@ class Config:
     preset: str = "tiny"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, prefix: str = "") -> None:
         if self.preset not in PRESETS:
@@ -45,9 +47,16 @@ class Config:
 
 
 PRESETS = {
-    "tiny": lambda: Config(preset="tiny", data=DataConfig(), model=ModelConfig.tiny()),
-    "full": lambda: Config(preset="full", data=DataConfig(image_size=336), model=ModelConfig.full()),
+    "tiny": lambda: Config(preset="tiny", data=DataConfig(), model=ModelConfig.tiny(),
+                           train=TrainConfig.of(tiny_stages())),
+    "full": lambda: Config(preset="full", data=DataConfig(image_size=336), model=ModelConfig.full(),
+                           train=TrainConfig.of(full_stages())),
 }
+
+
+def with_stage_overrides(cfg: Config, overrides: dict[int, dict] | None) -> Config:
+    """`cfg` with per-stage overrides ({3: {"epochs": 1}}, what `--epochs` and flows pass) folded into `train`."""
+    return merge(cfg, stage_overrides_config(overrides)) if overrides else cfg
 
 
 def load_config(preset: str = "tiny", overrides: Path | dict | None = None) -> Config:

@@ -20,6 +20,9 @@ REGION_TOKEN = "<region>"
 # MedPLIB's special tokens (REFERENCE §2); `<image>` is the placeholder each patch feature replaces.
 SPECIAL_TOKENS = (SEG_TOKEN, "<ref>", "</ref>", REGION_TOKEN, "</region>", "<sr>", "</sr>", "<mask>", "</mask>",
                   IM_START, IM_END, IMAGE_TOKEN)
+# The tokens the model's forward pass and generation rely on; later ones (a new task's) may be absent from an older
+# saved tokenizer, which then still loads with its own vocabulary.
+CORE_TOKENS = (IMAGE_TOKEN, IM_START, IM_END, SEG_TOKEN, REGION_TOKEN)
 IGNORE_INDEX = -100
 _SIDE_FILE = "medplib_tokenizer.json"
 
@@ -27,12 +30,22 @@ _SIDE_FILE = "medplib_tokenizer.json"
 class MedTokenizer:
     """A transformers fast tokenizer plus MedPLIB's special tokens and conversation template."""
 
-    def __init__(self, hf: PreTrainedTokenizerFast, num_image_tokens: int, system_prompt: str = ""):
+    def __init__(self, hf: PreTrainedTokenizerFast, num_image_tokens: int, system_prompt: str = "",
+                 add_special_tokens: bool = True):
+        """`add_special_tokens`: add MedPLIB's special tokens the vocabulary lacks (building a tokenizer). A saved
+        MedTokenizer is loaded with False: its vocabulary is the one its model's embeddings were trained with."""
         if num_image_tokens < 1:
             raise ValueError(f"num_image_tokens = {num_image_tokens}: the vision tower gives at least one patch")
         missing = [t for t in SPECIAL_TOKENS if t not in hf.get_vocab()]
-        if missing:
+        if missing and add_special_tokens:
             hf.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+        elif missing:
+            core = [t for t in CORE_TOKENS if t in missing]
+            if core:
+                raise ValueError(f"The saved tokenizer lacks MedPLIB's core special tokens {core}: it was not "
+                                 "saved by MedTokenizer")
+        # the special tokens this vocabulary has: a task whose token is missing cannot be asked of this model
+        self.special_tokens = tuple(t for t in SPECIAL_TOKENS if t in hf.get_vocab())
         if hf.eos_token is None:
             raise ValueError("The tokenizer has no end-of-sequence token; set `eos_token` before using it")
         if hf.pad_token is None:  # LLaMA has none; LLaVA pads with unk
@@ -82,7 +95,9 @@ class MedTokenizer:
             raise ValueError(f"{path} is not a saved MedTokenizer: pass num_image_tokens (the vision patch count)")
         system = system_prompt if system_prompt is not None else meta.get("system_prompt", "")
         hf = AutoTokenizer.from_pretrained(str(path))
-        return cls(hf, n, system)
+        # a saved MedTokenizer is loaded as saved (never a token more: its model's embeddings fit it); a plain HF
+        # folder (LLaVA's) gets MedPLIB's special tokens
+        return cls(hf, n, system, add_special_tokens=not side.exists())
 
     def save_pretrained(self, path: Path | str) -> None:
         path = Path(path)

@@ -5,7 +5,7 @@ import fnmatch
 
 import torch.nn as nn
 
-from medplib.train.stages import LoraSpec
+from medplib.config.stages import LoraSpec
 
 
 def apply_lora(llm: nn.Module, spec: LoraSpec) -> nn.Module:

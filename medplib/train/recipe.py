@@ -10,7 +10,7 @@ from medplib.config import from_dict
 from medplib.data.torch_dataset import MedDataset, collate as collate_samples
 from medplib.model import LossWeights, MedPLIB
 from medplib.train.lora import apply_lora, merge_lora, set_trainable
-from medplib.train.stages import StageSpec
+from medplib.config.stages import StageSpec
 
 
 def build_stage_model(spec: StageSpec, base: Path, grounding: Path | None = None) -> MedPLIB:

@@ -18,7 +18,7 @@ from medplib.data.ingest import verify_data
 from medplib.data.torch_dataset import read_records, strip_paths
 from medplib.data.versioning import read_version
 from medplib.train.launcher import run_stage
-from medplib.train.stages import StageSpec, stage_spec
+from medplib.config.stages import StageSpec, stage_spec
 from medplib.train.worker import LoopConfig
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def train_stage(stage: int, cfg: Config, home: Home, project: Path, *, workers: 
                 max_failures: int = 1, extra: dict | None = None, address: str | None = None,
                 max_steps: int = 0, workspace: str | None = None, placement: str = "PACK") -> StageResult:
     """Train one stage as a Ray Train job; rank 0 logs steps to an MLflow child run; returns where it saved."""
-    spec = stage_spec(cfg.preset, stage, overrides)
+    spec = stage_spec(cfg, stage, overrides)
     data_dir = Path(project) / "data"
     verify_data(data_dir)  # a corrupted or swapped file stops the stage before any worker reads it
     if stage == 1:

@@ -60,3 +60,66 @@ def test_mlflow_yaml_is_read_and_resolved(tmp_path: Path):
 def test_config_round_trips_through_dict():
     cfg = load_config("full")
     assert load_config("tiny", to_dict(cfg)) == cfg
+
+
+# ---- stage specs are part of the config (train.stage1 … train.stage4) ----------------------------------------------
+
+def test_a_config_file_overrides_any_stage_key(tmp_path: Path):
+    from medplib.config import stage_spec
+
+    f = tmp_path / "s.yaml"
+    f.write_text("train:\n  stage3:\n    lr: 0.0005\n    zero_stage: 3\n    lora:\n      r: 4\n")
+    cfg = load_config("tiny", f)
+    spec = stage_spec(cfg, 3)
+    assert (spec.lr, spec.zero_stage, spec.lora.r, spec.lora.alpha) == (0.0005, 3, 4, 16)  # the rest kept
+    assert stage_spec(cfg, 2) == stage_spec(load_config("tiny"), 2)
+    assert stage_spec(cfg, 3, {"epochs": 2}).epochs == 2 and stage_spec(cfg, 3, {"epochs": 2}).lr == 0.0005
+    assert load_config("full").train.stage2.lora.r == 16 and load_config("tiny").train.stage3.epochs == 14
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("train:\n  stage3:\n    lrr: 1\n", "Unknown config key 'train.stage3.lrr'"),
+    ("train:\n  stage5:\n    lr: 1\n", "Unknown config key 'train.stage5'"),
+    ("train:\n  stage2:\n    stage: 3\n", "'train.stage2.stage' = 3 must be 2"),
+    ("train:\n  stage1:\n    max_steps: -1\n", "'train.stage1.max_steps' = -1"),
+    ("train:\n  stage4:\n    lora:\n      targets: [mlp]\n", "'train.stage4.lora.targets' has 'mlp'"),
+])
+def test_bad_stage_keys_name_the_key(tmp_path: Path, yaml_text: str, message: str):
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_config("tiny", f)
+
+
+def test_config_show_prints_the_resolved_config_with_stage_specs(tmp_path: Path, capsys: pytest.CaptureFixture):
+    import json
+
+    import yaml
+
+    from medplib.cli import main
+
+    f = tmp_path / "s.yaml"
+    f.write_text("train: {stage3: {lr: 0.0005}}\n")
+    home = tmp_path / "home"
+    assert main(["config", "show", "--config", str(f), "--json", "--home", str(home)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["train"]["stage3"]["lr"] == 0.0005 and shown["train"]["stage1"]["name"] == "align"
+    assert shown == to_dict(load_config("tiny", f))
+    assert main(["config", "show", "--preset", "full", "--home", str(home)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# medplib config: preset full\n") and yaml.safe_load(text) == to_dict(load_config("full"))
+    assert not home.exists()  # showing the config writes nothing
+
+
+def test_lineage_digest_covers_stage_specs_and_overrides(tmp_path: Path):
+    from medplib.config import with_stage_overrides
+    from medplib.eval.publish import config_digest
+
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("train: {stage3: {epochs: 2}}\n")
+    b.write_text("train: {stage3: {epochs: 3}}\n")
+    base = load_config("tiny")
+    assert config_digest(load_config("tiny", a)) != config_digest(load_config("tiny", b)) != config_digest(base)
+    # an override given on the command line (--epochs, flows' stage_overrides) is the same config as in a file
+    assert config_digest(with_stage_overrides(base, {3: {"epochs": 2}})) == config_digest(load_config("tiny", a))
+    assert with_stage_overrides(base, None) is base

@@ -193,3 +193,26 @@ def test_save_and_load_round_trip_without_pickles(tiny_model: MedPLIB, tokenizer
     torch.testing.assert_close(a.mask_logits, b.mask_logits, atol=0, rtol=0)
     with pytest.raises(FileNotFoundError, match="not a saved MedPLIB model"):
         MedPLIB.from_pretrained(tmp_path)
+
+
+def test_a_model_saved_before_a_new_special_token_loads_and_evaluates_after_it(tiny_model: MedPLIB, tokenizer,
+                                                                              tmp_path, monkeypatch):
+    import medplib.model.tokenizer as tokenizer_module
+    from medplib.data.ingest import build_dataset
+    from medplib.data.synth import generate
+    from medplib.eval.runner import evaluate
+
+    from .conftest import TEXTS
+
+    path = tiny_model.save_pretrained(tmp_path / "m")
+    # later, a task brings a special token of its own
+    monkeypatch.setattr(tokenizer_module, "SPECIAL_TOKENS", tokenizer_module.SPECIAL_TOKENS + ("<count>",))
+    fresh = MedTokenizer.train(TEXTS, 256, 64)
+    assert "<count>" in fresh.special_tokens  # a tokenizer built now has it
+    loaded = MedPLIB.from_pretrained(path).eval()  # the old one loads as saved: not a token more
+    assert len(loaded.tokenizer) == len(tokenizer) and "<count>" not in loaded.tokenizer.special_tokens
+    assert loaded.llm.get_input_embeddings().num_embeddings == len(tokenizer)
+    generate(tmp_path / "src", n=8, seed=3)
+    build_dataset(tmp_path / "src", tmp_path / "data", "synth", [], 8192 * 8192)
+    before, after = (evaluate(m, tmp_path / "data", splits=("test",), limit=6) for m in (tiny_model, loaded))
+    assert after.summary == before.summary and after.summary  # it evaluates, with the same answers

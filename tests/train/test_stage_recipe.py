@@ -56,3 +56,6 @@ def test_stage_outputs_chain_and_log_to_mlflow(pipeline_runs):
     history = json.loads((Path(stage1["out_dir"]) / "history.json").read_text())
     assert len(client.get_metric_history(run.info.run_id, "loss")) == len(history)
     assert any(a.path == "model" for a in client.list_artifacts(run.info.run_id))
+    # the session's config file sets train.stage4.lr; the stage ran with it and logged it
+    stage4 = client.get_run(_stage(pipeline_runs, 4)["mlflow_run_id"])
+    assert stage4.data.params["stage.lr"] == "0.0005" and stage4.data.params["stage.name"] == "moe"

@@ -1,5 +1,8 @@
 """MedPLIB's four training stages as data (REFERENCE §3): what each starts from, trains, reads and optimises.
 
+They are part of the config (`train.stage1` … `train.stage4`), so a YAML file overrides any stage key
+(`train: {stage3: {lr: 0.0005}}`) and the lineage digest covers them.
+
 `full` keeps MedPLIB's values. `tiny` scales epochs and batches to CPU minutes and differs where a randomly
 initialised model must: there is no pre-trained CLIP / LLaMA / LLaVA / SAM, so stage I trains the vision tower,
 the projector and the LLM on captions and the VQA text (it stands in for CLIP, Vicuna and LLaVA-1.5 training),
@@ -124,15 +127,42 @@ def tiny_stages() -> dict[int, StageSpec]:
     }
 
 
-STAGE_PRESETS = {"tiny": tiny_stages, "full": full_stages}
+@dataclass
+class TrainConfig:
+    """The stage plan: one StageSpec per stage, keyed `stage<N>` as in YAML."""
+    stage1: StageSpec = field(default_factory=lambda: tiny_stages()[1])
+    stage2: StageSpec = field(default_factory=lambda: tiny_stages()[2])
+    stage3: StageSpec = field(default_factory=lambda: tiny_stages()[3])
+    stage4: StageSpec = field(default_factory=lambda: tiny_stages()[4])
+
+    @classmethod
+    def of(cls, specs: dict[int, StageSpec]) -> "TrainConfig":
+        return cls(**{f"stage{n}": spec for n, spec in specs.items()})
+
+    def stages(self) -> dict[int, StageSpec]:
+        return {n: getattr(self, f"stage{n}") for n in STAGES}
+
+    def validate(self, prefix: str = "") -> None:
+        for n, spec in self.stages().items():
+            if spec.stage != n:
+                raise ConfigError(f"Config key '{prefix}stage{n}.stage' = {spec.stage} must be {n}")
 
 
-def stage_spec(preset: str, stage: int, overrides: dict | None = None) -> StageSpec:
-    """The stage's spec for a preset, with optional overrides validated key by key."""
-    if preset not in STAGE_PRESETS:
-        raise ConfigError(f"Unknown preset {preset!r}; choose one of {sorted(STAGE_PRESETS)}")
-    specs = STAGE_PRESETS[preset]()
-    if stage not in specs:
+STAGES = (1, 2, 3, 4)
+
+
+def stage_overrides_config(overrides: dict[int, dict] | None) -> dict:
+    """Per-stage overrides ({3: {"lr": 5e-4}}) as the config mapping they stand for ({"train": {"stage3": …}})."""
+    return {"train": {f"stage{n}": dict(keys) for n, keys in (overrides or {}).items()}} if overrides else {}
+
+
+def stage_spec(cfg, stage: int, overrides: dict | None = None) -> StageSpec:
+    """Stage `stage` of the config `cfg` (a Config, or a preset name), with optional overrides validated key by key."""
+    if isinstance(cfg, str):
+        from medplib.config.presets import load_config
+
+        cfg = load_config(cfg)
+    if stage not in STAGES:
         raise ConfigError(f"Stage {stage} does not exist; MedPLIB has stages 1 (align), 2 (VL expert), "
                           "3 (grounding expert) and 4 (MoE)")
-    return merge(specs[stage], overrides or {}, prefix=f"train.stage{stage}.")
+    return merge(getattr(cfg.train, f"stage{stage}"), overrides or {}, prefix=f"train.stage{stage}.")
