@@ -44,7 +44,7 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
              workers: int = 2, home: Path | None = None, project: Path | None = None,
              stages: list[int] = list(STAGES), stage_overrides: dict[int, dict[str, Any]] | None = None,
              seed: int | None = None, retries: int = 1, retry_delay_seconds: float = 10.0,
-             only_if_data_changed: bool = False) -> dict:
+             only_if_data_changed: bool = False, model: str = "medplib") -> dict:
     """The whole pipeline on `source`. `stage_overrides` maps a stage to StageSpec keys (e.g. {1: {"epochs": 1}});
     `retries` applies to ingest and to each training stage, not to evaluate (a retry after registering would
     register twice). With `only_if_data_changed`, stop after ingest when the dataset version equals the one the
@@ -52,7 +52,7 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
     t0 = time.perf_counter()
     config = Path(config).resolve() if config else None
     inputs = resolve(preset, config, home, project)
-    check_training(stages, inputs.cfg, stage_overrides, workers)  # a typo must not cost three stages of training
+    check_training(stages, inputs.cfg, stage_overrides, workers, model)  # a typo must not cost three stages of training
     logger = get_run_logger()
     common = dict(preset=preset, config=config, home=inputs.home.root, project=inputs.project)
     retry = dict(retries=retries, retry_delay_seconds=retry_delay_seconds)
@@ -74,7 +74,7 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
             _publish_artifact(summary)
             return summary
 
-    request = record.PipelineRequest(source, preset, list(stages), dict(stage_overrides or {}), workers, seed)
+    request = record.PipelineRequest(source, preset, list(stages), dict(stage_overrides or {}), workers, seed, model)
     parent = record.start_run(registry, f"pipeline-{summary['flow_run']}", "pipeline", request, inputs.cfg,
                               summary["data_version"], inputs.project,
                               tags={"medplib.prefect_flow_run_id": str(summary["flow_run_id"])})
@@ -85,7 +85,8 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
         # Each run trains in its own folder under <home>/models/runs/: pipelines sharing a home never mix stages.
         summary["workspace"] = f"runs/{summary['flow_run']}-{str(summary['flow_run_id'])[:8]}"
         summary["stages"] = train_flow(stages=stages, workers=workers, stage_overrides=stage_overrides,
-                                       parent_run_id=parent, workspace=summary["workspace"], **common, **retry)
+                                       parent_run_id=parent, workspace=summary["workspace"], model=model, **common,
+                                       **retry)
         summary["evaluation"] = evaluate_flow(model_dir=Path(summary["stages"][-1]["out_dir"]),
                                               data_version=summary["data_version"], parent_run_id=parent,
                                               stage_overrides=stage_overrides, **common)

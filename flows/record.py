@@ -30,6 +30,7 @@ class PipelineRequest:
     stage_overrides: dict[int, dict[str, Any]]
     workers: int
     seed: int | None = None
+    model: str = "medplib"  # the model family (requests recorded before families carry none: MedPLIB)
 
     def to_json(self) -> str:
         return json.dumps({**self.__dict__, "stage_overrides": {str(k): v for k, v in self.stage_overrides.items()}},
@@ -52,7 +53,7 @@ def start_run(registry: Registry, name: str, kind: str, request: PipelineRequest
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in (
         ("source", request.source), ("preset", request.preset), ("stages", request.stages),
         ("stage_overrides", json.dumps(request.stage_overrides, sort_keys=True)), ("workers", request.workers),
-        ("seed", request.seed), ("data_version", data_version))])
+        ("seed", request.seed), ("model", request.model), ("data_version", data_version))])
     client.log_text(run_id, request.to_json(), REQUEST_ARTIFACT)
     client.log_text(run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), CONFIG_ARTIFACT)
     client.log_text(run_id, (Path(project) / "data.dvc").read_text(encoding="utf-8"), POINTER_ARTIFACT)

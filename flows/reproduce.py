@@ -84,9 +84,9 @@ def restore_data(pointer: str, inputs: StepInputs) -> str:
 @task(name="evaluate", cache_policy=NONE)
 def evaluate_model(model_dir: Path, inputs: StepInputs, parent_run_id: str) -> dict:
     """Evaluate on the test and zero-shot splits into a child run of `parent_run_id`; no registration."""
-    from medplib.model import MedPLIB
+    from medplib.model import load_pretrained
 
-    report, run_id = evaluate_and_log(MedPLIB.from_pretrained(model_dir).eval(), inputs.data_dir,
+    report, run_id = evaluate_and_log(load_pretrained(model_dir).eval(), inputs.data_dir,
                                       read_version(inputs.project), Registry.from_home(inputs.home),
                                       run_name="evaluate-reproduction", model_ref=str(model_dir),
                                       parent_run_id=parent_run_id)
@@ -141,7 +141,7 @@ def reproduce(model_uri: str, home: Path | None = None, project: Path | None = N
         try:
             validate_flow(**common)
             stages = train_flow(stages=request.stages, workers=workers or request.workers,
-                                stage_overrides=request.stage_overrides, parent_run_id=run_id,
+                                stage_overrides=request.stage_overrides, parent_run_id=run_id, model=request.model,
                                 workspace=f"runs/reproduce-v{version}-{run_id[:8]}", **common)
             out |= evaluate_model(Path(stages[-1]["out_dir"]), inputs, run_id)
             status = "FINISHED"

@@ -17,6 +17,7 @@ from flows.settings import StepInputs, resolve
 from medplib.train.runner import train_stage
 from medplib.config import Config
 from medplib.config.stages import STAGES, stage_spec
+from medplib.model.family import get_family
 
 
 @contextmanager
@@ -34,11 +35,11 @@ def _own_sigint() -> Iterator[None]:
 
 @task(name="train-stage", task_run_name="train-stage-{stage}", cache_policy=NONE)
 def train_stage_task(stage: int, inputs: StepInputs, workers: int, overrides: dict[str, Any] | None,
-                     parent_run_id: str | None, workspace: str | None = None) -> dict:
+                     parent_run_id: str | None, workspace: str | None = None, model: str = "medplib") -> dict:
     """One stage as a Ray Train job (medplib.train.runner.train_stage); its summary for the flow."""
     with _own_sigint():
         result = train_stage(stage, inputs.cfg, inputs.home, inputs.project, workers=workers, overrides=overrides,
-                             parent_run_id=parent_run_id, workspace=workspace)
+                             parent_run_id=parent_run_id, workspace=workspace, model=model)
     summary = result.to_dict()
     get_run_logger().info("Stage %d (%s): %d steps in %.0f s, loss %.3f → %.3f; model %s; MLflow run %s", stage,
                           summary["name"], summary["steps"], summary["seconds"], summary["first_loss"],
@@ -47,14 +48,16 @@ def train_stage_task(stage: int, inputs: StepInputs, workers: int, overrides: di
 
 
 def check_training(stages: list[int], cfg: Config | str, stage_overrides: dict[int, dict[str, Any]] | None,
-                   workers: int) -> None:
-    """Fail before any training on an unknown stage, a wrong order, a bad override key or no workers."""
+                   workers: int, model: str = "medplib") -> None:
+    """Fail before any training on an unknown family or stage, a wrong order, a bad override key or no workers."""
     if workers < 1:
         raise ValueError(f"workers = {workers}: need at least 1 Ray Train worker")
+    family = get_family(model)
     overrides = stage_overrides or {}
-    unknown = sorted(set(stages) - set(STAGES)) + sorted(set(overrides) - set(STAGES))
+    plan = family.stages
+    unknown = sorted(set(stages) - set(plan)) + sorted(set(overrides) - set(plan))
     if unknown:
-        raise ValueError(f"Stage {unknown[0]} does not exist; MedPLIB has stages {list(STAGES)}")
+        raise ValueError(f"Stage {unknown[0]} does not exist; model family {family.name!r} has stages {list(plan)}")
     if list(stages) != sorted(set(stages)):
         raise ValueError(f"Stages {list(stages)} must be distinct and in order: each starts from the one before")
     for s in stages:
@@ -65,20 +68,21 @@ def check_training(stages: list[int], cfg: Config | str, stage_overrides: dict[i
 def train_flow(stages: list[int] = list(STAGES), preset: str = "tiny", config: Path | None = None,
                home: Path | None = None, project: Path | None = None, workers: int = 2,
                stage_overrides: dict[int, dict[str, Any]] | None = None, parent_run_id: str | None = None,
-               retries: int = 0, retry_delay_seconds: float = 10.0, workspace: str | None = None) -> list[dict]:
+               retries: int = 0, retry_delay_seconds: float = 10.0, workspace: str | None = None,
+               model: str = "medplib") -> list[dict]:
     """Train `stages` in order on `<project>/data`; outputs under `<home>/models/[<workspace>/]stage<N>`, one MLflow
     run each (children of `parent_run_id`). Starts a local Ray if none is running and stops it at the end."""
     import ray
 
     inputs = resolve(preset, config, home, project)
-    check_training(stages, inputs.cfg, stage_overrides, workers)
+    check_training(stages, inputs.cfg, stage_overrides, workers, model)
     started_ray = not ray.is_initialized()
     run = train_stage_task.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     results = []
     try:
         for stage in stages:
             results.append(run(stage, inputs, workers, (stage_overrides or {}).get(stage), parent_run_id,
-                               workspace))
+                               workspace, model))
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()

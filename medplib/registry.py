@@ -50,6 +50,7 @@ TAG_PARENT_RUN = "medplib.parent_run_id"
 TAG_EVAL = "medplib.eval"
 TAG_EVAL_DATA_VERSION = "medplib.eval_data_version"
 TAG_EVAL_SPLIT = "medplib.eval_split"
+TAG_EVAL_RUN = "medplib.eval_run_id"  # the MLflow run whose metrics TAG_EVAL holds
 TAG_DECISION = "medplib.decision"
 TAG_DECISION_REASON = "medplib.decision_reason"
 TAG_DECISION_RUN = "medplib.decision_run_id"
@@ -339,13 +340,16 @@ class Registry:
                  run_id, self.cfg.aliases.challenger, mv.version)
         return str(mv.version)
 
-    def record_eval(self, version: str | int, metrics: EvalMetrics) -> None:
-        """Store eval metrics on a version (replacing earlier ones) so later gates can read them."""
+    def record_eval(self, version: str | int, metrics: EvalMetrics, eval_run_id: str | None = None) -> None:
+        """Store eval metrics on a version (replacing earlier ones) so later gates can read them; `eval_run_id`: the
+        MLflow run that measured them (a re-evaluation of a champion replaces the one that registered it)."""
         version = str(version)
         self._version(version)
         self.client.set_model_version_tag(self.name, version, TAG_EVAL, metrics.to_json())
         self.client.set_model_version_tag(self.name, version, TAG_EVAL_DATA_VERSION, metrics.data_version)
         self.client.set_model_version_tag(self.name, version, TAG_EVAL_SPLIT, metrics.split)
+        if eval_run_id:
+            self.client.set_model_version_tag(self.name, version, TAG_EVAL_RUN, eval_run_id)
 
     def promote_if_better(self, version: str | int, metrics: EvalMetrics | None = None, *,
                           parent_run_id: str | None = None) -> Decision:

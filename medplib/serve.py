@@ -124,11 +124,11 @@ class MedPLIBPyfunc(mlflow.pyfunc.PythonModel):
     """The served model: loads the weights folder logged as the `weights` artifact."""
 
     def load_context(self, context) -> None:
-        from medplib.model import MedPLIB
+        from medplib.model import load_pretrained
 
         # No torch.set_grad_enabled(False) here: it would switch autograd off for the whole loading thread
         # (a training process that loads the pyfunc); generate() runs under no_grad already.
-        self.model = MedPLIB.from_pretrained(context.artifacts["weights"]).eval()
+        self.model = load_pretrained(context.artifacts["weights"]).eval()
 
     # The pandas hint keeps MLflow from asking for type hints; the logged signature does the validation.
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[dict]:
@@ -237,11 +237,12 @@ def model_folder(model: str | Path, tracking: "TrackingConfig | None" = None) ->
 
 
 def load_model(model: str | Path, tracking: "TrackingConfig | None" = None) -> "MedPLIB":
-    """A MedPLIB model in eval mode from a folder or an MLflow URI (see `model_folder`)."""
-    from medplib.model import MedPLIB
+    """The model in eval mode from a folder or an MLflow URI (see `model_folder`), of whatever family the saved
+    folder declares."""
+    from medplib.model import load_pretrained
 
     with model_folder(model, tracking) as folder:
-        return MedPLIB.from_pretrained(folder).eval()
+        return load_pretrained(folder).eval()
 
 
 def predict(model: "MedPLIB", image: str, question: str, *, point: str | None = None, box: str | None = None,

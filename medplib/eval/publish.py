@@ -18,13 +18,12 @@ import yaml
 from medplib.config import Config, Home, TrackingConfig, load_tracking_config, resolve_home, to_dict
 from medplib.config.home import REPO_ROOT
 from medplib.eval.runner import SUMMARY_KEYS, EvalReport, evaluate, log_report
-from medplib.registry import TAG_DECISION_RUN, EvalMetrics, Registry, use_tracking
+from medplib.registry import TAG_DECISION_RUN, TAG_EVAL_RUN, EvalMetrics, Registry, use_tracking
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_PATH = "medplib"  # the pyfunc's name in its run; `models:/<model id>` and `runs:/<run>/medplib`
 GATE_TABLE = "test/grounding"
-TAG_EVAL_RUN = "medplib.eval_run_id"
 TAG_GIT_DIRTY = "medplib.git_dirty"
 
 
@@ -127,8 +126,7 @@ def reevaluate_champion(registry: Registry, data_dir: Path, data_version: str, *
                                       run_name=f"evaluate-champion-v{champion}", model_ref=ref,
                                       parent_run_id=parent_run_id, limit=limit, batch_size=batch_size,
                                       tags={"medplib.evaluated_version": champion})
-    registry.record_eval(champion, report_metrics(report, data_version, split))
-    registry.client.set_model_version_tag(registry.name, champion, TAG_EVAL_RUN, run_id)
+    registry.record_eval(champion, report_metrics(report, data_version, split), eval_run_id=run_id)
     return run_id
 
 
@@ -140,7 +138,7 @@ def publish(model_dir: Path, data_dir: Path, data_version: str, home: Home | Pat
     `data_version`), log the report and the pyfunc in one run (child of `parent_run_id`), register the version with
     its lineage as `challenger`, record its metrics, re-evaluate the champion if it was measured on other data, and
     run the promotion gate. Returns a JSON-able summary of what happened."""
-    from medplib.model import MedPLIB
+    from medplib.model import load_pretrained
 
     if not data_version:
         raise ValueError("data_version is empty: publish needs the DVC version of the evaluation data "
@@ -154,7 +152,7 @@ def publish(model_dir: Path, data_dir: Path, data_version: str, home: Home | Pat
     if git_commit is None:
         git_commit, dirty = current_git_commit()
 
-    model = MedPLIB.from_pretrained(model_dir).eval()
+    model = load_pretrained(model_dir).eval()
     report, run_id = evaluate_and_log(model, data_dir, data_version, registry, run_name="evaluate-register",
                                       model_ref=str(model_dir), parent_run_id=parent_run_id, limit=limit,
                                       batch_size=batch_size, log_model_dir=model_dir)

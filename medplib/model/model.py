@@ -466,3 +466,14 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
             per_expert = [sum(p.numel() for p in e.parameters()) for e in m.experts]
             inactive += sum(per_expert) - max(per_expert)
     return {"total": total, "active": total - inactive}
+
+
+def _register() -> None:
+    from medplib.model.family import ModelFamily, register_family
+
+    register_family(ModelFamily(name="medplib", model_class=MedPLIB, format="medplib", stages=(1, 2, 3, 4),
+                                recipe="medplib.train.recipe:StageRecipe", registered_model="medplib",
+                                gate_metric="grounding_mdice"))
+
+
+_register()

@@ -135,8 +135,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def train_stage(stage: int, cfg: Config, home: Home, project: Path, *, workers: int = 2, base: Path | None = None,
                 overrides: dict | None = None, parent_run_id: str | None = None, track: bool = True,
                 max_failures: int = 1, extra: dict | None = None, address: str | None = None,
-                max_steps: int = 0, workspace: str | None = None, placement: str = "PACK") -> StageResult:
-    """Train one stage as a Ray Train job; rank 0 logs steps to an MLflow child run; returns where it saved."""
+                max_steps: int = 0, workspace: str | None = None, placement: str = "PACK",
+                model: str = "medplib") -> StageResult:
+    """Train one stage of model family `model` as a Ray Train job (the family's recipe); rank 0 logs steps to an
+    MLflow child run; returns where it saved."""
+    from medplib.model.family import get_family
+
+    family = get_family(model)
+    if stage not in family.stages:
+        raise ValueError(f"Stage {stage} is not in model family {family.name!r}'s plan {list(family.stages)}")
     spec = stage_spec(cfg, stage, overrides)
     data_dir = Path(project) / "data"
     verify_data(data_dir)  # a corrupted or swapped file stops the stage before any worker reads it
@@ -150,7 +157,7 @@ def train_stage(stage: int, cfg: Config, home: Home, project: Path, *, workers: 
         run_id, tracking_uri = _start_mlflow_run(home, spec, cfg, data_version, parent_run_id,
                                                  {"base": str(start), "grounding": str(grounding)})
     loop = LoopConfig(
-        recipe="medplib.train.recipe:StageRecipe",
+        recipe=family.recipe,
         recipe_config={"spec": to_dict(spec), "data_dir": str(data_dir), "base": str(start),
                        "grounding": str(grounding) if grounding else None},
         out_dir=str(out), epochs=spec.epochs, micro_batch=spec.micro_batch, grad_accum=spec.grad_accum, lr=spec.lr,

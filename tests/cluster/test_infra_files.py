@@ -22,7 +22,7 @@ def _docs(path: Path) -> list[dict]:
 
 
 def _medplib_command_parses(argv: list[str]) -> None:
-    from medplib.cli import build_parser
+    from medplib_cli.main import build_parser
 
     try:
         build_parser().parse_args(argv)

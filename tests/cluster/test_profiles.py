@@ -53,7 +53,7 @@ def test_auth_needs_credentials_from_the_environment(cluster_env, home):
 def test_cli_profile_option_sets_prefect_and_names_bad_profiles(cluster_env, capsys):
     import os
 
-    from medplib.cli import apply_profile, main
+    from medplib_cli.main import apply_profile, main
 
     cluster_env.delenv(PROFILE_ENV)
     apply_profile("cluster")

@@ -96,7 +96,7 @@ def test_config_show_prints_the_resolved_config_with_stage_specs(tmp_path: Path,
 
     import yaml
 
-    from medplib.cli import main
+    from medplib_cli.main import main
 
     f = tmp_path / "s.yaml"
     f.write_text("train: {stage3: {lr: 0.0005}}\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from medplib.cli import main
+from medplib_cli.main import main
 from medplib.config import load_tracking_config
 from medplib.eval.publish import TAG_EVAL_RUN, eval_split, publish, report_metrics
 from medplib.eval.runner import EvalReport

@@ -12,7 +12,7 @@ import torch
 from medplib.config.home import REPO_ROOT
 from medplib.config.model import ModelConfig
 
-SOURCES = sorted((REPO_ROOT / "medplib").rglob("*.py")) + sorted((REPO_ROOT / "flows").rglob("*.py"))
+SOURCES = [p for package in ("medplib", "medplib_cli", "flows") for p in sorted((REPO_ROOT / package).rglob("*.py"))]
 
 
 def _tiny_llama(folder: Path, safe: bool) -> ModelConfig:
@@ -109,7 +109,7 @@ def test_every_service_the_code_starts_binds_loopback():
                     assert isinstance(host, ast.Constant) and host.value == "127.0.0.1", \
                         f"{path}:{node.lineno} binds `{exe} {verb}` to {ast.unparse(host)}"
     # the three places that start servers: `medplib ui` (Prefect + MLflow), the served model, the schedule check
-    assert {"cli.py", "serve.py"} <= set(starts), starts
+    assert {"main.py", "serve.py"} <= set(starts), starts
 
 
 SECRET_PATTERNS = {

@@ -194,7 +194,7 @@ def test_cli_predict_writes_the_mask(champion_home, tmp_path: Path):
 
 
 def test_cli_predict_names_bad_inputs(home, tmp_path: Path, capsys: pytest.CaptureFixture):
-    from medplib.cli import main
+    from medplib_cli.main import main
 
     write_png(tmp_path / "image.png", phantom(20, 20)[0])
     write_png(tmp_path / "small.png", np.ones((8, 8), bool))

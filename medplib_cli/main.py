@@ -43,11 +43,13 @@ def apply_profile(name: str | None) -> None:
 def _pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default="synth", help="synth | mecovqa:DIR | dicom:DIR | nifti:DIR (default: synth)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers per stage (default: 2)")
+    p.add_argument("--model", default="medplib", help="model family to train (default: medplib)")
     p.add_argument("--epochs", type=int, default=None, help="override every stage's epochs")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop every stage after this many optimiser steps (smoke runs; default: no cap)")
-    p.add_argument("--stages", default="1,2,3,4",
-                   help="comma-separated stages to train, in order (default: 1,2,3,4); the last one is evaluated")
+    p.add_argument("--stages", default=None,
+                   help="comma-separated stages to train, in order (default: the family's plan, MedPLIB's 1,2,3,4); "
+                        "the last one is evaluated")
     p.add_argument("--retries", type=int, default=1, help="retries of ingest and of each stage (default: 1)")
 
 
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--stage", type=int, required=True, choices=[1, 2, 3, 4],
                    help="1 align, 2 VL expert, 3 grounding expert, 4 MoE")
+    p.add_argument("--model", default="medplib", help="model family (default: medplib)")
     p.add_argument("--from", dest="from_", default=None,
                    help="model folder (or MLflow run id) the stage starts from; default: the previous stage's output")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
@@ -194,7 +197,7 @@ def _prefect_setup(home) -> None:
 
 
 def _flows(module: str):
-    """`flows.<module>`: the one place medplib reaches the flows package."""
+    """`flows.<module>`, imported late: Prefect must be set up (`_prefect_setup`) before it is imported."""
     import importlib
 
     try:
@@ -216,6 +219,10 @@ def _stage_overrides(args) -> dict | None:
 
 
 def _stages(args) -> list[int]:
+    if args.stages is None:
+        from medplib.model.family import get_family
+
+        return list(get_family(args.model).stages)
     try:
         stages = [int(s) for s in args.stages.split(",") if s.strip()]
     except ValueError:
@@ -232,7 +239,7 @@ def _pipeline(args, home, project) -> int:
         summary = pipeline.pipeline(source=args.source, preset=args.preset, config=args.config, workers=args.workers,
                                     home=home.root, project=project, stages=_stages(args),
                                     stage_overrides=_stage_overrides(args),
-                                    retries=args.retries)
+                                    retries=args.retries, model=args.model)
     except validate.DataValidationError as e:
         print(f"medplib: the dataset failed the validation gate; nothing was trained.\n{e}", file=sys.stderr)
         return 1
@@ -266,7 +273,7 @@ def _schedule(args, home, project) -> int:
     params = dict(source=args.source, preset=args.preset, config=args.config.resolve() if args.config else None,
                   workers=args.workers, home=home.root, project=project, stages=_stages(args),
                   stage_overrides=_stage_overrides(args),
-                  retries=args.retries, only_if_data_changed=args.on_data_change)
+                  retries=args.retries, only_if_data_changed=args.on_data_change, model=args.model)
     deployment = schedule.retraining_deployment(args.name, args.cron, params)
     info = {"deployment": f"{deployment.flow_name}/{deployment.name}", "cron": args.cron, "api": api,
             "on_data_change": args.on_data_change, "parameters": params}
@@ -537,7 +544,7 @@ def _run_command(args: argparse.Namespace, cmd: str, cfg, home, project: Path) -
             raise FileNotFoundError(f"No dataset at {project / 'data'}: run `medplib data ingest` first")
         overrides = {"epochs": args.epochs} if args.epochs else None
         r = train_stage(args.stage, cfg, home, project, workers=args.workers, overrides=overrides,
-                        base=resolve_start(args.from_, home), address=args.ray_address)
+                        base=resolve_start(args.from_, home), address=args.ray_address, model=args.model)
         d = r.to_dict() | {"logs": args.run_log.to_dict()}
         _emit(args, d, f"Stage {d['stage']} ({d['name']}): {d['steps']} steps in {d['seconds']} s, loss "
                        f"{d['first_loss']:.3f} → {d['last_loss']:.3f}; saved to {d['out_dir']} "
