@@ -32,7 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
@@ -350,6 +350,20 @@ class Registry:
         self.client.set_model_version_tag(self.name, version, TAG_EVAL_SPLIT, metrics.split)
         if eval_run_id:
             self.client.set_model_version_tag(self.name, version, TAG_EVAL_RUN, eval_run_id)
+
+    def register_and_gate(self, run_id: str, artifact_path: str, metrics: EvalMetrics, *, git_commit: str,
+                          data_version: str, config_digest: str, parent_run_id: str | None = None,
+                          tags: dict[str, str] | None = None,
+                          before_gate: Callable[[str], None] | None = None) -> tuple[str, Decision]:
+        """The publishing sequence: register the logged model (lineage, `challenger`), record its metrics, run
+        `before_gate(version)` (the caller re-measures the champion on this data there, if it must), then gate
+        it against the champion. Returns the version and the gate's decision."""
+        version = self.register(run_id, artifact_path, git_commit=git_commit, data_version=data_version,
+                                config_digest=config_digest, parent_run_id=parent_run_id, tags=tags)
+        self.record_eval(version, metrics)
+        if before_gate is not None:
+            before_gate(version)
+        return version, self.promote_if_better(version, parent_run_id=parent_run_id)
 
     def promote_if_better(self, version: str | int, metrics: EvalMetrics | None = None, *,
                           parent_run_id: str | None = None) -> Decision:

@@ -1,7 +1,7 @@
 """Publish a trained model: evaluate it, log it as a pyfunc, register it with its lineage, gate it against the champion.
 
-Tracking calls happen here, where the work is; registry operations (register, record_eval, aliases, the gate) stay
-in `medplib.registry`. The gate only compares metrics measured on the same data version and split, so when the
+Tracking calls happen here, where the work is; registry operations stay in `medplib.registry`, the register →
+record → gate sequence included (`Registry.register_and_gate`): this module evaluates and hands over the metrics. The gate only compares metrics measured on the same data version and split, so when the
 champion was last measured on other data it is re-evaluated here first, on the same records as the challenger.
 """
 from __future__ import annotations
@@ -165,12 +165,17 @@ def publish(model_dir: Path, data_dir: Path, data_version: str, home: Home | Pat
     if dirty is not None:
         version_tags[TAG_GIT_DIRTY] = str(dirty).lower()
     previous = registry.champion_version()
-    version = registry.register(run_id, ARTIFACT_PATH, git_commit=git_commit, data_version=data_version,
-                                config_digest=config_digest, parent_run_id=parent_run_id, tags=version_tags)
-    registry.record_eval(version, metrics)
-    champion_run = reevaluate_champion(registry, data_dir, data_version, limit=limit, batch_size=batch_size,
-                                       parent_run_id=parent_run_id, skip_version=version)
-    decision = registry.promote_if_better(version, parent_run_id=parent_run_id)
+    champion_runs: list[str | None] = []
+
+    def remeasure_champion(version: str) -> None:
+        champion_runs.append(reevaluate_champion(registry, data_dir, data_version, limit=limit,
+                                                 batch_size=batch_size, parent_run_id=parent_run_id,
+                                                 skip_version=version))
+
+    version, decision = registry.register_and_gate(
+        run_id, ARTIFACT_PATH, metrics, git_commit=git_commit, data_version=data_version, config_digest=config_digest,
+        parent_run_id=parent_run_id, tags=version_tags, before_gate=remeasure_champion)
+    champion_run = champion_runs[0] if champion_runs else None
     return {
         "version": version, "model_uri": f"models:/{registry.name}/{version}", "promoted": decision.promote,
         "decision": "promoted" if decision.promote else "rejected", "reason": decision.reason,
