@@ -394,7 +394,7 @@ def _evaluate(args, home, project) -> int:
                                       tags={"medplib.evaluated_version": version} if version else None)
     recorded = None
     if version and data_version and "test" in splits:
-        metrics = report_metrics(report, data_version, eval_split(args.limit))
+        metrics = report_metrics(report, data_version, eval_split(args.limit), registry.cfg.gate.primary_metric)
         if metrics.primary(registry.cfg.gate.primary_metric) is not None:
             registry.record_eval(version, metrics)
             recorded = version

@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from medplib import tasks
 from medplib.config import Config, Home
 from medplib.data.images import ImageReadError, read_image, read_mask, write_png
 from medplib.data.readers.mecovqa import RawItem, read_mecovqa
@@ -29,7 +30,6 @@ from medplib.progress import track
 log = logging.getLogger(__name__)
 
 SOURCE_KINDS = ("synth", "mecovqa", "dicom", "nifti")
-FAMILY_TASK = {"region": "region_vqa", "grounding": "grounding", "caption": "caption"}
 
 
 @dataclass
@@ -195,18 +195,17 @@ def normalise(item: RawItem, files: _Files) -> tuple[Record, dict[str, np.ndarra
         answer_type = "closed" if answer.strip().lower().rstrip(".") in ("yes", "no") else "open"
     if answer_type not in ("open", "closed"):
         raise RecordError(where, "answer_type", answer_type, "expected 'open' or 'closed'")
-    if item.family == "complex":
-        task = "vqa_closed" if answer_type == "closed" else "vqa_open"
-    else:
-        task = FAMILY_TASK[item.family]
-    if task == "grounding" and not masks:
-        raise RecordError(where, "conversations", answer, f"a grounding record needs a {SEG_TOKEN} with a <mask>")
-    if task == "region_vqa" and not regions:
-        raise RecordError(where, "conversations", turns[0]["value"], "a region record needs a <region> prompt mask")
+    task = tasks.for_family(item.family, answer_type)
+    if task is None:
+        raise RecordError(where, "file name", item.file, f"no registered task reads {item.family!r} records "
+                          f"with answer_type {answer_type!r}; registered tasks: {tasks.names()}")
+    problem = task.check(turns, masks, regions)
+    if problem is not None:
+        raise RecordError(where, "conversations", *problem)
     digest = hashlib.sha256(np.ascontiguousarray(image).tobytes() + str(image.shape).encode()).hexdigest()
-    rid = stable_id(digest, turns, item.split, task)
+    rid = stable_id(digest, turns, item.split, task.name)
     source_id = raw.get("id") if isinstance(raw.get("id"), str) else where
-    record = Record(id=rid, image=image_rel, modality=modality, split=item.split, task=task, conversations=turns,
+    record = Record(id=rid, image=image_rel, modality=modality, split=item.split, task=task.name, conversations=turns,
                     masks=masks, regions=regions, answer_type=answer_type, source=item.file, source_id=source_id)
     return record, out_files
 

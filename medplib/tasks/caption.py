@@ -1,0 +1,25 @@
+"""Caption (alignment): describe the image; scored as open text (token recall/F1, BLEU), stage I's data."""
+from __future__ import annotations
+
+from medplib.tasks import Task, register
+
+
+class Caption(Task):
+    name = "caption"
+    groups = ("caption",)
+    family = "caption"
+    file_words = ("alignment", "caption")
+    files = {"train": "train/alignment.json", "test": "test/alignment_test.json"}
+    summary = {"caption_bleu1": ("test", "bleu1")}
+
+    def synth(self, scene):
+        listing = " and ".join(scene.names) if scene.names else "no visible structure"
+        return [scene.record("open", "Describe the image briefly.", f"A {scene.mod_name} image showing {listing}.")]
+
+    def score(self, prediction, reference, pred_masks, target):
+        from medplib.eval.metrics import vqa_open_scores  # nltk takes seconds to import: only when scoring
+
+        return vqa_open_scores(prediction, reference)
+
+
+register(Caption())
