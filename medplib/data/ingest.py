@@ -19,6 +19,7 @@ import numpy as np
 
 from medplib import tasks
 from medplib.config import Config, Home
+from medplib.data import readers
 from medplib.data.images import ImageReadError, read_image, read_mask, write_png
 from medplib.data.readers.mecovqa import RawItem, read_mecovqa
 from medplib.data.schema import (
@@ -28,8 +29,6 @@ from medplib.data.versioning import track_data
 from medplib.progress import track
 
 log = logging.getLogger(__name__)
-
-SOURCE_KINDS = ("synth", "mecovqa", "dicom", "nifti")
 
 
 @dataclass
@@ -51,48 +50,16 @@ class IngestResult:
 
 
 def parse_source(spec: str) -> tuple[str, Path | None]:
-    """`synth` or `KIND:DIR` with KIND in mecovqa, dicom, nifti."""
-    if spec == "synth":
-        return "synth", None
-    kind, sep, path = spec.partition(":")
-    if not sep or kind not in SOURCE_KINDS or kind == "synth" or not path:
-        raise ValueError(f"Source {spec!r} is not understood: use 'synth' or one of "
-                         f"{', '.join(k + ':DIR' for k in SOURCE_KINDS if k != 'synth')}")
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise ValueError(f"Source {spec!r}: folder {p} does not exist")
-    return kind, p.resolve()
+    """`KIND` or `KIND:DIR` with KIND a registered source reader (synth, mecovqa, dicom, nifti, …)."""
+    reader, path = readers.parse_source(spec)
+    return reader.kind, path
 
 
 def stage_source(spec: str, home: Home, cfg: Config, seed: int | None = None) -> tuple[Path, list[RecordError], str]:
-    """Bring a source into the MeCoVQA layout; returns (folder, conversion errors, canonical source name)."""
-    kind, path = parse_source(spec)
-    if kind == "synth":
-        from medplib.data.synth import generate
-
-        d = cfg.data
-        seed = d.synth_seed if seed is None else seed
-        name = f"synth(n={d.synth_n},seed={seed},size={d.image_size},zeroshot={','.join(d.zeroshot_modalities)})"
-        out = home.sources / hashlib.sha256(name.encode()).hexdigest()[:16]
-        if out.exists():
-            shutil.rmtree(out)
-        generate(out, n=d.synth_n, seed=seed, image_size=d.image_size,
-                 zeroshot_modalities=d.zeroshot_modalities, test_fraction=d.test_fraction)
-        return out, [], name
-    if kind == "mecovqa":
-        return path, [], "mecovqa"
-    out = home.sources / f"{kind}-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}"
-    if out.exists():
-        shutil.rmtree(out)
-    if kind == "dicom":
-        from medplib.data.readers.dicom import convert_dicom
-
-        errors = convert_dicom(path, out, test_fraction=cfg.data.test_fraction)
-    else:
-        from medplib.data.readers.nifti import convert_nifti
-
-        errors = convert_nifti(path, out, test_fraction=cfg.data.test_fraction)
-    return out, errors, kind
+    """Bring a source into the MeCoVQA layout with its registered reader; returns (folder, conversion errors,
+    canonical source name)."""
+    reader, path = readers.parse_source(spec)
+    return reader.stage(path, readers.StagingContext(home=home, cfg=cfg, seed=seed))
 
 
 class _Files:

@@ -28,6 +28,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_rescale
 
 from medplib.data.images import MAX_IMAGE_PIXELS, write_png
+from medplib.data.readers import Reader, register
 from medplib.data.schema import IMAGE_TOKEN, MODALITIES, MODALITY_NAMES, SEG_TOKEN, RecordError
 from medplib.data.synth import FILES
 from medplib.progress import track
@@ -367,3 +368,11 @@ class MeCoVQAStaging:
                             encoding="utf-8")
             counts[rel] = len(records)
         return counts
+
+
+def stage_dicom(path: Path | None, ctx) -> tuple:
+    out = ctx.fresh_dir("dicom", str(path))
+    return out, convert_dicom(path, out, test_fraction=ctx.cfg.data.test_fraction), "dicom"
+
+
+register(Reader("dicom", stage_dicom, describe="a folder of DICOM files"))

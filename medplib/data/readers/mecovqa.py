@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from medplib import tasks
+from medplib.data.readers import Reader, register
 from medplib.data.schema import RecordError
 
 # Where a file sits and what its name says decide the split and the task family (the registered tasks say
@@ -70,3 +71,10 @@ def read_mecovqa(root: Path) -> Iterator[RawItem | RecordError]:
         for i, raw in enumerate(data):
             yield RawItem(raw=raw, file=str(rel), index=i, split=split, family=family)
 
+
+def stage_mecovqa(path: Path | None, ctx) -> tuple:
+    """A MeCoVQA folder is already in the layout: ingest reads it in place."""
+    return path, [], "mecovqa"
+
+
+register(Reader("mecovqa", stage_mecovqa, describe="a folder in the MeCoVQA layout"))
