@@ -1,9 +1,9 @@
 """The task room: one module per task, each registering a `Task`; consumers loop over the registry.
 
 A task says what its records look like (the check ingest and the GX suite share), where they live in the
-MeCoVQA layout, what the synthetic generator writes for it, how one generation is scored and how scores
-aggregate (a `Cumulative`: per-sample buffers, then `aggregate()`), its headline metrics and its generation
-length. Nothing outside this package names a concrete task; stage data mixes name tasks or groups.
+MeCoVQA layout, what the synthetic generator writes for it (and the DICOM/NIfTI readers for a labelled slice),
+how one generation is scored and how scores aggregate (a `Cumulative`: per-sample buffers, then `aggregate()`),
+its headline metrics and its generation length. Nothing outside this package names a concrete task; stage data mixes name tasks or groups.
 Adding a task: a module here with a `Task` subclass and `register(...)`, imported at the bottom of this file
 (or, for a plug-in or a test, `register` from anywhere and `unregister` when done).
 """
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
+    from medplib.data.readers.dicom import LabelledSlice
     from medplib.data.synth import Scene
 
 # MeCoVQA's split folders for annotation files; zero-shot images sit under zeroshot4grounding/ (grounding only).
@@ -62,6 +63,10 @@ class Task:
 
     def synth(self, scene: "Scene") -> list[dict]:
         """The raw MeCoVQA records this task asks about one synthetic phantom (may draw from `scene.rng`)."""
+        return []
+
+    def from_labels(self, labelled: "LabelledSlice") -> list[dict]:
+        """The raw MeCoVQA records this task asks about one real slice with label masks (DICOM, NIfTI readers)."""
         return []
 
     def score(self, prediction: str, reference: str, pred_masks: Sequence[np.ndarray],
@@ -112,6 +117,11 @@ def get(name: str) -> Task:
 def all_tasks() -> list[Task]:
     """Registered tasks in registration order (the synthetic generator's order, so its random draws are stable)."""
     return list(_TASKS.values())
+
+
+def labelled_tasks() -> list[Task]:
+    """The tasks that ask about real labelled slices (they override `from_labels`)."""
+    return [t for t in _TASKS.values() if type(t).from_labels is not Task.from_labels]
 
 
 def names() -> list[str]:

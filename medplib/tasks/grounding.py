@@ -30,6 +30,14 @@ class Grounding(Task):
             out.append(scene.record("open", f"Segment the {name}.", answer))
         return out
 
+    def from_labels(self, labelled):
+        out = []
+        for structure, mask in sorted(labelled.masks.items()):
+            rel = labelled.write_mask(structure, mask)
+            out.append(labelled.record("open", f"Segment the {structure}.",
+                                       f"It is the {structure}. {SEG_TOKEN} <mask>{rel}</mask>"))
+        return out
+
     def score(self, prediction, reference, pred_masks, target):
         from medplib.eval.metrics import dice_iou
 

@@ -22,6 +22,15 @@ class ClosedVQA(Task):
                              "yes" if asked == scene.modality else "no"),
                 scene.record("closed", f"Is there a {probe} in this image?", "yes" if probe in scene.names else "no")]
 
+    def from_labels(self, labelled):
+        name, other = labelled.mod_name, MODALITY_NAMES[labelled.other_modality]
+        out = [labelled.record("closed", f"Is this a {name} image?", "yes"),
+               labelled.record("closed", f"Is this a {other} image?", "no")]
+        for structure in sorted(set(labelled.masks) | set(labelled.absent)):
+            out.append(labelled.record("closed", f"Is there a {structure} in this image?",
+                                       "yes" if structure in labelled.masks else "no"))
+        return out
+
     def score(self, prediction, reference, pred_masks, target):
         from medplib.eval.metrics import closed_vqa_correct
 

@@ -23,6 +23,9 @@ class OpenVQA(Task):
         return out + [scene.record("open", "How many structures are visible?", f"{COUNT_WORDS[len(scene.names)]}."),
                       scene.record("open", f"Where is the {name}?", f"The {name} is {scene.where(mask)}.")]
 
+    def from_labels(self, labelled):
+        return [labelled.record("open", "What modality is this image?", f"This is a {labelled.mod_name} image.")]
+
     def score(self, prediction, reference, pred_masks, target):
         from medplib.eval.metrics import vqa_open_scores
 
