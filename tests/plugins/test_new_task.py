@@ -141,3 +141,18 @@ def test_a_sixth_task_runs_through_synth_ingest_gate_mix_and_eval(tmp_path: Path
 
 def test_the_sixth_task_is_gone_after_the_fixture():
     assert "count_structures" not in tasks.names() and "count_structures" not in tasks.resolve(["vl"])
+
+
+def test_stage_mixes_and_the_gate_are_checked_against_the_registry(count_task):
+    from medplib.config import ConfigError, load_config
+
+    assert tasks.resolve(["vl"]) == ("vqa_closed", "vqa_open", "region_vqa", "count_structures")
+    cfg = load_config("tiny", {"train": {"stage4": {"tasks": ["count_structures", "grounding"]}}})
+    assert cfg.train.stage4.tasks == ("count_structures", "grounding")
+    with pytest.raises(ConfigError, match="train.stage2.tasks.*'counting' is neither a registered task"):
+        load_config("tiny", {"train": {"stage2": {"tasks": ["vl", "counting"]}}})
+    with pytest.raises(ValueError, match="already registered"):
+        tasks.register(CountStructures())
+    from medplib.eval.publish import gate_table
+
+    assert gate_table("count_accuracy") == "test/count_structures" and gate_table("grounding_mdice") == "test/grounding"
