@@ -18,12 +18,24 @@ from prefect.context import TaskRunContext
 from prefect.results import get_result_store
 
 from flows.settings import StepInputs, resolve
+from medplib import tasks
 from medplib.config import Config, to_dict
+from medplib.data import readers
 from medplib.data.ingest import ingest, parse_source
 from medplib.data.versioning import data_status
 
-# The code that decides what a source turns into: a change to it must not be served from the cache.
+# The code that decides what a source turns into: a change to it must not be served from the cache. The source
+# readers and the tasks (record checks, synthetic records) come from their registries, so a new one counts too.
 _INGEST_CODE = ("data/ingest.py", "data/schema.py", "data/synth.py", "data/images.py")
+
+
+def ingest_code_files() -> list[Path]:
+    """Every source file whose change can change what ingest writes: ingest itself, the registered readers and
+    the registered tasks."""
+    import medplib
+
+    package = Path(medplib.__file__).parent
+    return sorted({*(package / rel for rel in _INGEST_CODE), *readers.code_files(), *tasks.code_files()})
 
 
 def source_fingerprint(spec: str, cfg: Config, seed: int | None = None) -> str:
@@ -37,8 +49,9 @@ def source_fingerprint(spec: str, cfg: Config, seed: int | None = None) -> str:
     h.update(json.dumps({"kind": kind, "data": data_cfg,
                          "seed": data_cfg["synth_seed"] if seed is None else seed}, sort_keys=True).encode())
     package = Path(medplib.__file__).parent
-    for rel in _INGEST_CODE:
-        h.update(rel.encode() + (package / rel).read_bytes())
+    for f in ingest_code_files():
+        name = f.relative_to(package).as_posix() if f.is_relative_to(package) else f.name
+        h.update(name.encode() + f.read_bytes())
     if path is not None:
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             with f.open("rb") as fh:

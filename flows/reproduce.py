@@ -20,10 +20,10 @@ from flows import record
 from flows.settings import StepInputs, resolve
 from flows.train import train_flow
 from flows.validate import validate_flow
+from medplib import tasks
 from medplib.config import load_tracking_config, resolve_home
 from medplib.data.versioning import checkout_version, data_status, read_version
 from medplib.eval.publish import current_git_commit, evaluate_and_log
-from medplib.eval.runner import SUMMARY_KEYS
 from medplib.registry import TAG_GIT_COMMIT, TAG_PARENT_RUN, Registry
 
 # Largest accepted |reproduced - recorded| of an eval metric (all lie in [0, 1]), and relative difference of each
@@ -63,7 +63,7 @@ def registered_eval_metrics(registry: Registry, version: str) -> dict:
     version's `medplib.eval` tag may since hold a re-evaluation of a champion on newer data."""
     run_id = registry.client.get_model_version(registry.name, version).run_id
     run = registry.client.get_run(run_id)
-    metrics = {k: v for k, v in run.data.metrics.items() if k in SUMMARY_KEYS}
+    metrics = {k: v for k, v in run.data.metrics.items() if k in tasks.summary_keys()}
     if not metrics:
         raise ValueError(f"Version {version} was logged by run {run_id}, which has no eval metrics to compare with")
     return {"run_id": run_id, "metrics": metrics, "data_version": run.data.tags.get("medplib.data_version")}

@@ -41,7 +41,8 @@ def apply_profile(name: str | None) -> None:
 
 
 def _pipeline_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", default="synth", help="synth | mecovqa:DIR | dicom:DIR | nifti:DIR (default: synth)")
+    p.add_argument("--source", default="synth",
+                   help="synth, or KIND:DIR for a registered reader: mecovqa, dicom, nifti, … (default: synth)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers per stage (default: 2)")
     p.add_argument("--model", default="medplib", help="model family to train (default: medplib)")
     p.add_argument("--epochs", type=int, default=None, help="override every stage's epochs")
@@ -140,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's data.synth_seed)")
     p = dsub.add_parser("ingest", help="normalise a source into data/, quarantine bad records, version with DVC")
     _common(p)
-    p.add_argument("--source", default="synth", help="synth | mecovqa:DIR | dicom:DIR | nifti:DIR (default: synth)")
+    p.add_argument("--source", default="synth",
+                   help="synth, or KIND:DIR for a registered reader: mecovqa, dicom, nifti, … (default: synth)")
     p.add_argument("--seed", type=int, default=None, help="seed for the synth source")
     p = dsub.add_parser("validate", help="run the Great Expectations gate over data/; non-zero exit on failure")
     _common(p)
@@ -401,7 +403,8 @@ def _evaluate(args, home, project) -> int:
                                       tags={"medplib.evaluated_version": version} if version else None)
     recorded = None
     if version and data_version and "test" in splits:
-        metrics = report_metrics(report, data_version, eval_split(args.limit))
+        metrics = report_metrics(report, data_version, eval_split(args.limit),
+                                 primary=registry.cfg.gate.primary_metric)
         if metrics.primary(registry.cfg.gate.primary_metric) is not None:
             registry.record_eval(version, metrics)
             recorded = version

@@ -46,7 +46,7 @@ class LossSpec:
 class StageSpec:
     stage: int
     name: str
-    tasks: tuple[str, ...]  # the data mix: record tasks of the train split
+    tasks: tuple[str, ...]  # the data mix: task groups (vl, grounding, caption, …) or task names, train split
     train: tuple[str, ...]  # parameter-name patterns trained fully (fnmatch on MedPLIB.named_parameters())
     lora: Optional[LoraSpec] = None
     loss: LossSpec = field(default_factory=LossSpec)
@@ -74,6 +74,12 @@ class StageSpec:
             raise ConfigError(f"Config key '{prefix}max_steps' = {self.max_steps} must be >= 0 (0 = no cap)")
         if not self.train and self.lora is None:
             raise ConfigError(f"Stage {self.stage} trains nothing: set '{prefix}train' or '{prefix}lora'")
+        from medplib import tasks  # the registry: a task module may add a group
+
+        try:
+            tasks.resolve(self.tasks)
+        except ValueError as e:
+            raise ConfigError(f"Config key '{prefix}tasks' = {list(self.tasks)}: {e}") from None
 
 
 NORMS = "llm.*norm*"
@@ -85,13 +91,13 @@ def full_stages() -> dict[int, StageSpec]:
     """MedPLIB's values: 4 GPUs, effective batch 128 (4 × micro 4 × accumulation 8), bf16, ZeRO-2."""
     return {
         1: StageSpec(1, "align", tasks=("caption",), train=("projector.*",), lr=1e-3, epochs=1, max_len=2048),
-        2: StageSpec(2, "vl_expert", tasks=("vqa_closed", "vqa_open", "region_vqa"),
+        2: StageSpec(2, "vl_expert", tasks=("vl",),
                      train=("projector.*", "region_encoder.*", NORMS, *EMBED), lora=LoraSpec(16, 32, 0.05, LLM_ALL),
                      lr=1e-4, epochs=3, max_len=2048, gradient_checkpointing=True),
         3: StageSpec(3, "grounding_expert", tasks=("grounding",), train=GROUNDING, lora=LoraSpec(8, 16, 0.05, FFN),
                      loss=LossSpec(ce=1.0, bce=1.0, dice=5.0), lr=3e-4, epochs=10, max_len=2048,
                      gradient_checkpointing=True),
-        4: StageSpec(4, "moe", tasks=("vqa_closed", "vqa_open", "region_vqa", "grounding"),
+        4: StageSpec(4, "moe", tasks=("vl", "grounding"),
                      train=("*.router.*", *EMBED, *GROUNDING, "region_encoder.*"),
                      lora=LoraSpec(8, 16, 0.05, ("gate_proj", "up_proj", "down_proj", "q_proj", "v_proj")),
                      loss=LossSpec(ce=1.0, bce=2.0, dice=0.5), lr=3e-4, epochs=3, max_len=1024,
@@ -112,15 +118,15 @@ def tiny_stages() -> dict[int, StageSpec]:
     """
     cpu = dict(micro_batch=16, grad_accum=1, max_len=512, warmup_ratio=0.05, checkpoint_every=50)
     return {
-        1: StageSpec(1, "align", tasks=("caption", "vqa_closed", "vqa_open"),
+        1: StageSpec(1, "align", tasks=("caption", "vqa"),
                      train=("vision_tower.*", "projector.*", "llm.*"), lr=2e-3, epochs=1, **cpu),
-        2: StageSpec(2, "vl_expert", tasks=("vqa_closed", "vqa_open", "region_vqa"),
+        2: StageSpec(2, "vl_expert", tasks=("vl",),
                      train=("projector.*", "region_encoder.*", NORMS, *EMBED), lora=LoraSpec(16, 32, 0.0, LLM_ALL),
                      lr=2e-3, epochs=4, **cpu),
         3: StageSpec(3, "grounding_expert", tasks=("grounding",), train=(*GROUNDING, "sam.*"),
                      lora=LoraSpec(8, 16, 0.0, FFN), loss=LossSpec(ce=1.0, bce=1.0, dice=5.0), lr=1e-3, epochs=14,
                      **{**cpu, "micro_batch": 8}),
-        4: StageSpec(4, "moe", tasks=("vqa_closed", "vqa_open", "region_vqa", "grounding"),
+        4: StageSpec(4, "moe", tasks=("vl", "grounding"),
                      train=("*.router.*", *EMBED, *GROUNDING, "region_encoder.*"),
                      lora=LoraSpec(8, 16, 0.0, ("gate_proj", "up_proj", "down_proj", "q_proj", "v_proj")),
                      loss=LossSpec(ce=1.0, bce=2.0, dice=0.5), lr=1e-3, epochs=1, **cpu),

@@ -26,6 +26,11 @@ class GateConfig:
     max_modality_regression: float = 0.05
 
     def validate(self, prefix: str = "") -> None:
+        from medplib import tasks  # the headline metrics are the registered tasks' summary keys
+
+        if self.primary_metric not in tasks.summary_keys():
+            raise ConfigError(f"Config key '{prefix}primary_metric' = {self.primary_metric!r} is no task's headline "
+                              f"metric; choose one of {sorted(tasks.summary_keys())}")
         if self.min_delta < 0:
             raise ConfigError(f"Config key '{prefix}min_delta' = {self.min_delta} must be >= 0")
         if not 0 <= self.max_modality_regression <= 1:

@@ -17,7 +17,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from medplib import tasks
 from medplib.config import Config, Home
+from medplib.data import readers
 from medplib.data.images import ImageReadError, read_image, read_mask, write_png
 from medplib.data.readers.mecovqa import RawItem, read_mecovqa
 from medplib.data.schema import (
@@ -27,9 +29,6 @@ from medplib.data.versioning import track_data
 from medplib.progress import track
 
 log = logging.getLogger(__name__)
-
-SOURCE_KINDS = ("synth", "mecovqa", "dicom", "nifti")
-FAMILY_TASK = {"region": "region_vqa", "grounding": "grounding", "caption": "caption"}
 
 
 @dataclass
@@ -51,48 +50,16 @@ class IngestResult:
 
 
 def parse_source(spec: str) -> tuple[str, Path | None]:
-    """`synth` or `KIND:DIR` with KIND in mecovqa, dicom, nifti."""
-    if spec == "synth":
-        return "synth", None
-    kind, sep, path = spec.partition(":")
-    if not sep or kind not in SOURCE_KINDS or kind == "synth" or not path:
-        raise ValueError(f"Source {spec!r} is not understood: use 'synth' or one of "
-                         f"{', '.join(k + ':DIR' for k in SOURCE_KINDS if k != 'synth')}")
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise ValueError(f"Source {spec!r}: folder {p} does not exist")
-    return kind, p.resolve()
+    """`KIND` or `KIND:DIR` with KIND a registered source reader (synth, mecovqa, dicom, nifti, …)."""
+    reader, path = readers.parse_source(spec)
+    return reader.kind, path
 
 
 def stage_source(spec: str, home: Home, cfg: Config, seed: int | None = None) -> tuple[Path, list[RecordError], str]:
-    """Bring a source into the MeCoVQA layout; returns (folder, conversion errors, canonical source name)."""
-    kind, path = parse_source(spec)
-    if kind == "synth":
-        from medplib.data.synth import generate
-
-        d = cfg.data
-        seed = d.synth_seed if seed is None else seed
-        name = f"synth(n={d.synth_n},seed={seed},size={d.image_size},zeroshot={','.join(d.zeroshot_modalities)})"
-        out = home.sources / hashlib.sha256(name.encode()).hexdigest()[:16]
-        if out.exists():
-            shutil.rmtree(out)
-        generate(out, n=d.synth_n, seed=seed, image_size=d.image_size,
-                 zeroshot_modalities=d.zeroshot_modalities, test_fraction=d.test_fraction)
-        return out, [], name
-    if kind == "mecovqa":
-        return path, [], "mecovqa"
-    out = home.sources / f"{kind}-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}"
-    if out.exists():
-        shutil.rmtree(out)
-    if kind == "dicom":
-        from medplib.data.readers.dicom import convert_dicom
-
-        errors = convert_dicom(path, out, test_fraction=cfg.data.test_fraction)
-    else:
-        from medplib.data.readers.nifti import convert_nifti
-
-        errors = convert_nifti(path, out, test_fraction=cfg.data.test_fraction)
-    return out, errors, kind
+    """Bring a source into the MeCoVQA layout with its registered reader; returns (folder, conversion errors,
+    canonical source name)."""
+    reader, path = readers.parse_source(spec)
+    return reader.stage(path, readers.StagingContext(home=home, cfg=cfg, seed=seed))
 
 
 class _Files:
@@ -195,18 +162,17 @@ def normalise(item: RawItem, files: _Files) -> tuple[Record, dict[str, np.ndarra
         answer_type = "closed" if answer.strip().lower().rstrip(".") in ("yes", "no") else "open"
     if answer_type not in ("open", "closed"):
         raise RecordError(where, "answer_type", answer_type, "expected 'open' or 'closed'")
-    if item.family == "complex":
-        task = "vqa_closed" if answer_type == "closed" else "vqa_open"
-    else:
-        task = FAMILY_TASK[item.family]
-    if task == "grounding" and not masks:
-        raise RecordError(where, "conversations", answer, f"a grounding record needs a {SEG_TOKEN} with a <mask>")
-    if task == "region_vqa" and not regions:
-        raise RecordError(where, "conversations", turns[0]["value"], "a region record needs a <region> prompt mask")
+    task = tasks.for_family(item.family, answer_type)
+    if task is None:
+        raise RecordError(where, "file name", item.file, f"no registered task reads {item.family!r} records "
+                          f"with answer_type {answer_type!r}; registered tasks: {tasks.names()}")
+    problem = task.check(turns, masks, regions)
+    if problem is not None:
+        raise RecordError(where, "conversations", *problem)
     digest = hashlib.sha256(np.ascontiguousarray(image).tobytes() + str(image.shape).encode()).hexdigest()
-    rid = stable_id(digest, turns, item.split, task)
+    rid = stable_id(digest, turns, item.split, task.name)
     source_id = raw.get("id") if isinstance(raw.get("id"), str) else where
-    record = Record(id=rid, image=image_rel, modality=modality, split=item.split, task=task, conversations=turns,
+    record = Record(id=rid, image=image_rel, modality=modality, split=item.split, task=task.name, conversations=turns,
                     masks=masks, regions=regions, answer_type=answer_type, source=item.file, source_id=source_id)
     return record, out_files
 

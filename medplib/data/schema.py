@@ -12,7 +12,6 @@ MODALITY_NAMES = {
     "dermoscopy": "dermoscopy", "fundus": "fundus", "ultrasound": "ultrasound",
 }
 SPLITS = ("train", "test", "zeroshot")
-TASKS = ("vqa_closed", "vqa_open", "region_vqa", "grounding", "caption")
 
 IMAGE_TOKEN = "<image>"
 SEG_TOKEN = "<SEG>"

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from medplib.data.images import write_png
-from medplib.data.schema import MODALITIES, MODALITY_NAMES
+from medplib import tasks
+from medplib.data.schema import IMAGE_TOKEN, MODALITIES, MODALITY_NAMES
 from medplib.progress import track
 
 log = logging.getLogger(__name__)
@@ -38,20 +39,15 @@ LOOKS: dict[str, tuple[tuple[float, float, float], bool]] = {
     "dermoscopy": ((0.85, 0.65, 0.55), True), "fundus": ((0.6, 0.2, 0.05), True),
     "ultrasound": ((0.15, 0.15, 0.15), False),
 }
-COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
-PROMPT_KINDS = ("point", "box", "free-form")
 POINT_SIDE_AT_336 = 41  # MedPLIB: a point prompt becomes a 41x41 square at 336 px
 
-FILES = {
-    ("train", "complex"): "train/MeCoVQA-Complex.json",
-    ("train", "region"): "train/MeCoVQA-Region.json",
-    ("train", "grounding"): "train/MeCoVQA-Grounding.json",
-    ("train", "caption"): "train/alignment.json",
-    ("test", "complex"): "test/MeCoVQA_Complex_VQA_test.json",
-    ("test", "region"): "test/MeCoVQA_Region_VQA_test.json",
-    ("test", "grounding"): "test/MeCoVQA_Grounding_test.json",
-    ("test", "caption"): "test/alignment_test.json",
-}
+
+def files() -> dict[tuple[str, str], str]:
+    """(split, family) → the annotation file the registered tasks write, in the MeCoVQA layout."""
+    return {(split, t.family): t.file_for(split) for t in tasks.all_tasks() for split in tasks.TRAIN_TEST}
+
+
+FILES = files()  # the built-in tasks' files (the DICOM and NIfTI staging writes some of them)
 
 
 @dataclass
@@ -143,8 +139,58 @@ def _prompt_mask(kind: str, mask: np.ndarray, rng: np.random.Generator) -> np.nd
     return np.where(rng.random(mask.shape) < 0.5, grown, mask)
 
 
-def _turns(question: str, answer: str) -> list[dict]:
-    return [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]
+@dataclass
+class Scene:
+    """One phantom as the tasks see it when they write their records: image, structures, split, a shared rng."""
+
+    out: Path
+    index: int
+    modality: str
+    stem: str
+    split: str  # train | test | zeroshot
+    structures: list[tuple[str, np.ndarray]]
+    rng: np.random.Generator
+    _focus: tuple[str, np.ndarray] | None = None
+
+    @property
+    def image_rel(self) -> str:
+        return f"images/{self.stem}.png"
+
+    @property
+    def mod_name(self) -> str:
+        return MODALITY_NAMES[self.modality]
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.structures]
+
+    @property
+    def catalogue(self) -> list[tuple[str, str, float]]:
+        """The modality's possible structures (name, shape, brightness), present or not."""
+        return STRUCTURES[self.modality]
+
+    @property
+    def focus(self) -> tuple[str, np.ndarray]:
+        """One structure, drawn once per phantom: the tasks that ask about "a structure" ask about the same one."""
+        if self._focus is None:
+            self._focus = self.structures[int(self.rng.integers(len(self.structures)))]
+        return self._focus
+
+    def record(self, answer_type: str, question: str, answer: str) -> dict:
+        """A raw MeCoVQA record about this image."""
+        return {"image": self.image_rel, "answer_type": answer_type, "conversations": [
+            {"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": "gpt", "value": answer}]}
+
+    def write(self, rel: str, arr: np.ndarray) -> str:
+        """Write a mask or image file under the source folder; returns `rel`."""
+        write_png(self.out / rel, arr)
+        return rel
+
+    def where(self, mask: np.ndarray) -> str:
+        return _where(mask)
+
+    def prompt_mask(self, kind: str, mask: np.ndarray) -> np.ndarray:
+        return _prompt_mask(kind, mask, self.rng)
 
 
 def generate(out: Path, n: int = 240, seed: int = 42, image_size: int = 64,
@@ -166,51 +212,21 @@ def generate(out: Path, n: int = 240, seed: int = 42, image_size: int = 64,
         image_rel = f"images/{stem}.png"
         write_png(out / image_rel, img)
         split = "test" if rng.random() < test_fraction else "train"
+        # Held out of grounding training: zero-shot images carry only the tasks asked zero-shot.
         zeroshot = modality in zeroshot_modalities and rng.random() < 0.5
-        mod_name = MODALITY_NAMES[modality]
-        names = [s[0] for s in structures]
-        if zeroshot:  # held out of grounding training: these images carry grounding questions only
-            for name, m in structures:
-                rel = f"masks_merged/{stem}--{name.replace(' ', '-')}_merged.png"
-                write_png(out / rel, m)
-                add(f"zeroshot4grounding/{'xray' if modality == 'x' else modality}.json", {
-                    "image": image_rel, "answer_type": "open",
-                    "conversations": _turns(f"Segment the {name}.", f"It is the {name}. <SEG> <mask>{rel}</mask>")})
-            continue
-        listing = " and ".join(names) if names else "no visible structure"
-        add(FILES[(split, "caption")], {"image": image_rel, "answer_type": "open",
-                                        "conversations": _turns("Describe the image briefly.",
-                                                                f"A {mod_name} image showing {listing}.")})
-        other = MODALITIES[(i + 1 + int(rng.integers(len(MODALITIES) - 1))) % len(MODALITIES)]
-        asked = modality if rng.random() < 0.5 else other
-        add(FILES[(split, "complex")], {"image": image_rel, "answer_type": "closed", "conversations": _turns(
-            f"Is this a {MODALITY_NAMES[asked]} image?", "yes" if asked == modality else "no")})
-        probe = STRUCTURES[modality][int(rng.integers(3))][0]
-        add(FILES[(split, "complex")], {"image": image_rel, "answer_type": "closed", "conversations": _turns(
-            f"Is there a {probe} in this image?", "yes" if probe in names else "no")})
-        add(FILES[(split, "complex")], {"image": image_rel, "answer_type": "open", "conversations": _turns(
-            "What modality is this image?", f"This is a {mod_name} image.")})
-        if not structures:
-            continue
-        add(FILES[(split, "complex")], {"image": image_rel, "answer_type": "open", "conversations": _turns(
-            "How many structures are visible?", f"{COUNT_WORDS[len(structures)]}.")})
-        name, m = structures[int(rng.integers(len(structures)))]
-        add(FILES[(split, "complex")], {"image": image_rel, "answer_type": "open", "conversations": _turns(
-            f"Where is the {name}?", f"The {name} is {_where(m)}.")})
-        kind = PROMPT_KINDS[int(rng.integers(3))]
-        prompt_rel = f"masks/{stem}--{name.replace(' ', '-')}--{kind}.png"
-        write_png(out / prompt_rel, _prompt_mask(kind, m, rng))
-        add(FILES[(split, "region")], {"image": image_rel, "answer_type": "open", "conversations": _turns(
-            f"What is in <region>{prompt_rel}</region>?", f"It is the {name}.")})
-        for name, m in structures:
-            rel = f"masks_merged/{stem}--{name.replace(' ', '-')}_merged.png"
-            write_png(out / rel, m)
-            add(FILES[(split, "grounding")], {"image": image_rel, "answer_type": "open", "conversations": _turns(
-                f"Segment the {name}.", f"It is the {name}. <SEG> <mask>{rel}</mask>")})
+        scene = Scene(out=out, index=i, modality=modality, stem=stem, split="zeroshot" if zeroshot else split,
+                      structures=structures, rng=rng)
+        for task in tasks.all_tasks():
+            if zeroshot and not task.zeroshot:
+                continue
+            rel = f"zeroshot4grounding/{'xray' if modality == 'x' else modality}.json" if zeroshot \
+                else task.file_for(split)
+            for rec in task.synth(scene):
+                add(rel, rec)
     for rel, records in buckets.items():
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(records, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    files = {rel: len(r) for rel, r in sorted(buckets.items())}
-    log.info("synthetic MeCoVQA: %d images, %d records in %s", n, sum(files.values()), out)
-    return SynthSummary(out=out, images=n, records=sum(files.values()), files=files)
+    counts = {rel: len(r) for rel, r in sorted(buckets.items())}
+    log.info("synthetic MeCoVQA: %d images, %d records in %s", n, sum(counts.values()), out)
+    return SynthSummary(out=out, images=n, records=sum(counts.values()), files=counts)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from medplib import tasks as registry
 from medplib.data.images import read_image, read_mask
 from medplib.data.schema import MASK_RE, REGION_RE, Record
 
@@ -111,7 +112,7 @@ class Sample:
 
 
 class MedDataset(Dataset):
-    """Records of `data_dir/records.jsonl` (optionally one split / some tasks) as model-ready tensors."""
+    """Records of `data_dir/records.jsonl` (optionally one split / some tasks or task groups) as model-ready tensors."""
 
     def __init__(self, data_dir: Path, tokenizer: ConversationTokenizer, image_size: int, sam_image_size: int,
                  split: str | None = None, tasks: Sequence[str] | None = None,
@@ -120,7 +121,8 @@ class MedDataset(Dataset):
         self.tokenizer = tokenizer
         self.image_size, self.sam_image_size = image_size, sam_image_size
         recs = list(records) if records is not None else read_records(self.data_dir)
-        self.records = [r for r in recs if (split is None or r.split == split) and (tasks is None or r.task in tasks)]
+        chosen = None if tasks is None else registry.resolve(tasks)  # task names and/or groups (`vl`)
+        self.records = [r for r in recs if (split is None or r.split == split) and (chosen is None or r.task in chosen)]
 
     def __len__(self) -> int:
         return len(self.records)

@@ -15,15 +15,16 @@ from typing import Iterator, Sequence
 
 import yaml
 
+from medplib import tasks
 from medplib.config import Config, Home, TrackingConfig, load_tracking_config, resolve_home, to_dict
+from medplib.config.tracking import GateConfig
 from medplib.config.home import REPO_ROOT
-from medplib.eval.runner import SUMMARY_KEYS, EvalReport, evaluate, log_report
+from medplib.eval.runner import EvalReport, evaluate, log_report
 from medplib.registry import TAG_DECISION_RUN, TAG_EVAL_RUN, EvalMetrics, Registry, use_tracking
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_PATH = "medplib"  # the pyfunc's name in its run; `models:/<model id>` and `runs:/<run>/medplib`
-GATE_TABLE = "test/grounding"
 TAG_GIT_DIRTY = "medplib.git_dirty"
 
 
@@ -33,16 +34,25 @@ def eval_split(limit: int | None = None) -> str:
     return f"test[:{limit}]" if limit else "test"
 
 
-def report_metrics(report: EvalReport, data_version: str, split: str = "test") -> EvalMetrics:
+def gate_table(primary: str) -> str:
+    """The evaluation table the gate's primary metric comes from ("test/<task>"), as the tasks' summaries say."""
+    keys = tasks.summary_keys()
+    if primary not in keys:
+        raise ValueError(f"Primary metric {primary!r} is no task's summary metric; known: {sorted(keys)}")
+    return keys[primary][0]
+
+
+def report_metrics(report: EvalReport, data_version: str, split: str = "test",
+                   primary: str = GateConfig.primary_metric) -> EvalMetrics:
     """The registry's view of a report: headline metrics over all modalities (`all`) and per modality, named as
     `EvalReport.summary` names them (`grounding_mdice` = table "test/grounding", metric "dice"); `n` counts the
-    grounding samples the primary metric averages."""
+    samples the primary metric averages."""
     rows: dict[str, dict[str, float]] = {"all": dict(report.summary)}
-    for name, (table, metric) in SUMMARY_KEYS.items():
+    for name, (table, metric) in tasks.summary_keys().items():
         for modality, values in report.tables.get(table, {}).items():
             if modality != "all" and metric in values:
                 rows.setdefault(modality, {})[name] = float(values[metric])
-    for modality, values in report.tables.get(GATE_TABLE, {}).items():
+    for modality, values in report.tables.get(gate_table(primary), {}).items():
         rows.setdefault(modality, {})["n"] = float(values["n"])
     return EvalMetrics(data_version=data_version, metrics=rows, split=split)
 
@@ -156,11 +166,12 @@ def publish(model_dir: Path, data_dir: Path, data_version: str, home: Home | Pat
     report, run_id = evaluate_and_log(model, data_dir, data_version, registry, run_name="evaluate-register",
                                       model_ref=str(model_dir), parent_run_id=parent_run_id, limit=limit,
                                       batch_size=batch_size, log_model_dir=model_dir)
-    metrics = report_metrics(report, data_version, split)
+    metrics = report_metrics(report, data_version, split, primary)
+    table = gate_table(primary)
     if metrics.primary(primary) is None:
-        raise ValueError(f"The evaluation of {model_dir} gave no '{primary}' (no {GATE_TABLE} samples among the "
+        raise ValueError(f"The evaluation of {model_dir} gave no '{primary}' (no {table} samples among the "
                          f"{len(report.rows)} evaluated{f' with limit {limit}' if limit else ''}): the gate cannot "
-                         f"judge it. Evaluate on data with grounding test records (MLflow run {run_id}).")
+                         f"judge it. Evaluate on data with {table} records (MLflow run {run_id}).")
     version_tags = {TAG_EVAL_RUN: run_id, **(tags or {})}
     if dirty is not None:
         version_tags[TAG_GIT_DIRTY] = str(dirty).lower()
@@ -181,7 +192,7 @@ def publish(model_dir: Path, data_dir: Path, data_version: str, home: Home | Pat
         "decision": "promoted" if decision.promote else "rejected", "reason": decision.reason,
         "primary_metric": primary, "challenger_metric": decision.challenger, "champion_metric": decision.champion,
         "delta": decision.delta, "modality_deltas": decision.modality_deltas,
-        "metrics": dict(report.summary), "per_modality": report.per_modality(GATE_TABLE, "dice"),
+        "metrics": dict(report.summary), "per_modality": report.per_modality(table, tasks.summary_keys()[primary][1]),
         "data_version": data_version, "eval_split": split,
         "previous_champion_version": previous, "champion_version": registry.champion_version(),
         "eval_run_id": run_id, "champion_eval_run_id": champion_run,

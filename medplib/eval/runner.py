@@ -11,13 +11,11 @@ import numpy as np
 from medplib.data.images import read_image, read_mask
 from medplib.data.schema import Record
 from medplib.data.torch_dataset import read_records, strip_paths
-from medplib.eval.metrics import aggregate_by_modality, closed_vqa_correct, dice_iou, vqa_open_scores
+from medplib import tasks as registry
 from medplib.model import MedPLIB
 from medplib.progress import StepProgress
 
 log = logging.getLogger(__name__)
-
-OPEN_TASKS = ("vqa_open", "region_vqa", "caption")
 
 
 @dataclass
@@ -40,25 +38,33 @@ def _question(rec: Record) -> tuple[str, str, list[str], list[str]]:
 
 def score_sample(rec: Record, prediction: str, pred_masks: Sequence[np.ndarray], reference: str,
                  target: np.ndarray | None) -> dict:
-    """The metric values of one sample for its task."""
-    row: dict = {}
-    if rec.task == "vqa_closed":
-        row["accuracy"] = closed_vqa_correct(prediction, reference)
-    elif rec.task in OPEN_TASKS:
-        row |= vqa_open_scores(prediction, reference)
-    elif rec.task == "grounding":
-        pred = pred_masks[0] if pred_masks else np.zeros_like(target, dtype=bool)  # no <SEG> generated → empty
-        row["dice"], row["iou"] = dice_iou(pred, target)
-        row["seg_generated"] = float(bool(pred_masks))
-    return row
+    """The metric values of one sample, as its task scores them."""
+    return registry.get(rec.task).score(prediction, reference, pred_masks, target)
+
+
+def aggregate(rows: Sequence[dict], splits: Sequence[str]) -> dict[str, dict]:
+    """"<split>/<task>" → {modality: {metric: value, "n": count}}: each task's `Cumulative` over its rows."""
+    tables: dict[str, dict] = {}
+    for split in splits:
+        for task in sorted({r["task"] for r in rows if r["split"] == split}):
+            metric = registry.get(task).metric()
+            for r in rows:
+                if r["split"] == split and r["task"] == task:
+                    metric.append({k: v for k, v in r.items() if k not in ("id", "split", "task")})
+            tables[f"{split}/{task}"] = metric.aggregate()
+    return tables
 
 
 def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("test", "zeroshot"),
-             tasks: Sequence[str] | None = None, batch_size: int = 16, max_new_tokens: int = 24,
+             tasks: Sequence[str] | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
              limit: int | None = None) -> EvalReport:
-    """Generate an answer (and masks) for every record of `splits`, score it, and aggregate per modality."""
+    """Generate an answer (and masks) for every record of `splits`, score it, and aggregate per modality.
+
+    `tasks` takes task names or groups; `max_new_tokens` None lets each batch use its tasks' generation length.
+    """
     data_dir = Path(data_dir)
-    records = [r for r in read_records(data_dir) if r.split in splits and (tasks is None or r.task in tasks)]
+    chosen = None if tasks is None else registry.resolve(tasks)
+    records = [r for r in read_records(data_dir) if r.split in splits and (chosen is None or r.task in chosen)]
     records.sort(key=lambda r: (r.split, r.task, r.id))
     if limit:
         records = records[:limit]
@@ -78,43 +84,30 @@ def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("test", "z
             regions.append([read_mask(data_dir / p) for p in region_paths])
             refs.append(gpt.replace("<SEG>", "").strip())
             targets.append(read_mask(data_dir / mask_paths[0]) if mask_paths else None)
-        outputs = model.generate(images, questions, regions, max_new_tokens=max_new_tokens)
+        length = max_new_tokens or max(registry.get(rec.task).max_new_tokens for rec in batch)
+        outputs = model.generate(images, questions, regions, max_new_tokens=length)
         for rec, question, out, ref, target, image in zip(batch, questions, outputs, refs, targets, images):
             prediction = out.text.replace("<SEG>", "").strip()
             row = {"id": rec.id, "split": rec.split, "task": rec.task, "modality": rec.modality,
                    "question": question, "prediction": out.text, "reference": ref,
                    **score_sample(rec, prediction, out.masks, ref, target)}
             rows.append(row)
-            if rec.task == "grounding":
+            if target is not None:  # a segmentation sample: keep it for the overlays
                 pred = out.masks[0] if out.masks else np.zeros_like(target, dtype=bool)
                 kept[rec.id] = (image, pred, target)
         bar.update(len(batch))
     bar.close()
 
-    tables: dict[str, dict] = {}
-    for split in splits:
-        for task in sorted({r["task"] for r in rows if r["split"] == split}):
-            subset = [{k: v for k, v in r.items() if k not in ("id", "split", "task")}
-                      for r in rows if r["split"] == split and r["task"] == task]
-            tables[f"{split}/{task}"] = aggregate_by_modality(subset)
+    tables = aggregate(rows, splits)
     summary = summarise(tables)
     log.info("evaluated %d samples: %s", len(rows), {k: round(v, 3) for k, v in summary.items()})
     return EvalReport(rows=rows, tables=tables, summary=summary, masks=kept)
 
 
-SUMMARY_KEYS = {  # flat name -> (table, metric)
-    "grounding_mdice": ("test/grounding", "dice"), "grounding_miou": ("test/grounding", "iou"),
-    "zeroshot_grounding_mdice": ("zeroshot/grounding", "dice"), "zeroshot_grounding_miou": ("zeroshot/grounding", "iou"),
-    "closed_vqa_accuracy": ("test/vqa_closed", "accuracy"), "open_vqa_recall": ("test/vqa_open", "recall"),
-    "open_vqa_f1": ("test/vqa_open", "f1"), "open_vqa_bleu1": ("test/vqa_open", "bleu1"),
-    "region_vqa_recall": ("test/region_vqa", "recall"), "caption_bleu1": ("test/caption", "bleu1"),
-}
-
-
 def summarise(tables: dict[str, dict]) -> dict[str, float]:
     """Headline metrics (over all modalities) of the evaluation tables that exist."""
     out = {}
-    for name, (table, metric) in SUMMARY_KEYS.items():
+    for name, (table, metric) in registry.summary_keys().items():
         value = tables.get(table, {}).get("all", {}).get(metric)
         if value is not None:
             out[name] = float(value)
@@ -131,9 +124,9 @@ def overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray) -> np.ndarr
 
 
 def overlay_grid(report: EvalReport, split: str = "test", per_side: int = 3) -> dict[str, np.ndarray]:
-    """Per modality, one strip: its `per_side` best then worst grounding samples by Dice."""
+    """Per modality, one strip: its `per_side` best then worst segmentation samples by Dice."""
     grids = {}
-    rows = [r for r in report.rows if r["split"] == split and r["task"] == "grounding" and r["id"] in report.masks]
+    rows = [r for r in report.rows if r["split"] == split and r["id"] in report.masks and "dice" in r]
     for modality in sorted({r["modality"] for r in rows}):
         ranked = sorted((r for r in rows if r["modality"] == modality), key=lambda r: -r["dice"])
         chosen = ranked[:per_side] + ranked[-per_side:] if len(ranked) > 2 * per_side else ranked

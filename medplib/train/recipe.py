@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from medplib.config import from_dict
+from medplib.tasks import resolve
 from medplib.data.torch_dataset import MedDataset, collate as collate_samples
 from medplib.model import LossWeights, MedPLIB
 from medplib.train.lora import apply_lora, merge_lora, set_trainable
@@ -54,7 +55,7 @@ class StageRecipe:
                         split="train", tasks=self.spec.tasks)
         if len(ds) == 0:
             raise ValueError(f"Stage {self.spec.stage} ({self.spec.name}) has no train records of tasks "
-                             f"{list(self.spec.tasks)} in {self.data_dir}")
+                             f"{list(self.spec.tasks)} ({', '.join(resolve(self.spec.tasks))}) in {self.data_dir}")
         return ds
 
     def collate(self, items: list) -> dict:

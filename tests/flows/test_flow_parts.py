@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.ingest import ingest_cache_key, source_fingerprint
+from flows.ingest import ingest_cache_key, ingest_code_files, source_fingerprint
 from flows.pipeline import report_markdown, summary_text
 from flows.record import PipelineRequest
 from flows.reproduce import compare
@@ -36,6 +36,22 @@ def test_fingerprint_follows_source_content_and_synth_parameters(tmp_path: Path)
     assert source_fingerprint(f"mecovqa:{src}", cfg) != before
     (src / "train" / "a.json").rename(src / "train" / "b.json")
     assert source_fingerprint(f"mecovqa:{src}", cfg) != before  # a renamed file is a change too
+
+
+def test_fingerprint_covers_every_registered_reader_and_task(monkeypatch: pytest.MonkeyPatch):
+    import medplib
+    from medplib import tasks
+    from medplib.data import readers
+
+    package = Path(medplib.__file__).parent
+    names = {p.relative_to(package).as_posix() for p in ingest_code_files()}
+    assert {"data/readers/dicom.py", "data/readers/nifti.py", "tasks/grounding.py", "tasks/__init__.py"} <= names
+    cfg = load_config("tiny")
+    before = source_fingerprint("synth", cfg)
+    this_file = Path(__file__).resolve()
+    monkeypatch.setattr(readers, "code_files", lambda: [this_file])  # as if a reader module's source changed
+    assert this_file in ingest_code_files() and source_fingerprint("synth", cfg) != before
+    assert tasks.code_files()  # the tasks' modules are hashed too
 
 
 def test_training_request_checks_fail_before_training():

@@ -10,7 +10,8 @@ loop's frozen frames, a second copy of an instance) are skipped and logged. Prob
 pixel data, unknown modality, undecodable compression, nothing new in a file) come back as RecordErrors; every
 other file still converts.
 
-The staging writer at the bottom of this module (`MeCoVQAStaging`) is shared with the NIfTI reader.
+The staging writer at the bottom of this module (`MeCoVQAStaging`) is shared with the NIfTI reader; the records
+it writes for a slice come from the registered tasks (`Task.from_labels`).
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_rescale
 
 from medplib.data.images import MAX_IMAGE_PIXELS, write_png
-from medplib.data.schema import IMAGE_TOKEN, MODALITIES, MODALITY_NAMES, SEG_TOKEN, RecordError
-from medplib.data.synth import FILES
+from medplib import tasks
+from medplib.data.readers import Reader, register
+from medplib.data.schema import IMAGE_TOKEN, MODALITIES, MODALITY_NAMES, RecordError
 from medplib.progress import track
 
 log = logging.getLogger(__name__)
@@ -236,21 +238,59 @@ def safe_name(text: str, max_len: int = 64) -> str:
 
 # ---- The MeCoVQA staging layout, shared by the DICOM and NIfTI readers ----
 
-# The files the readers write; always all of them (an empty list when a split has no record), so the ingest
-# step finds the layout even when every source file was bad and reports the problems instead.
-STAGED_FILES = {key: rel for key, rel in FILES.items() if key[1] in ("complex", "grounding", "caption")}
-
-
 def _turns(question: str, answer: str) -> list[dict]:
     return [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": "gpt", "value": answer}]
+
+
+def staged_files() -> dict[tuple[str, str], str]:
+    """(split, family) → annotation file, for every task that asks about real labelled slices. The readers always
+    write all of them (an empty list when a split has no record), so the ingest step finds the layout even when
+    every source file was bad and reports the problems instead."""
+    return {(split, t.family): t.file_for(split) for t in tasks.labelled_tasks() for split in tasks.TRAIN_TEST}
 
 
 def _pixel_digest(pixels: np.ndarray) -> str:
     return hashlib.sha256(str(pixels.shape).encode() + np.ascontiguousarray(pixels).tobytes()).hexdigest()
 
 
-def _article(name: str) -> str:
-    return "An" if name[0].lower() in "aeiou" or name in ("MRI", "X-ray") else "A"
+@dataclass
+class LabelledSlice:
+    """One converted slice as the tasks see it when they write their records (`Task.from_labels`)."""
+
+    out: Path
+    stem: str
+    modality: str
+    subject: str | None  # what the volume shows, from its labels file ("brain"), if known
+    masks: dict[str, np.ndarray]  # structure → non-empty boolean mask in this slice
+    absent: tuple[str, ...]  # structures labelled elsewhere in the volume but not in this slice
+
+    @property
+    def image_rel(self) -> str:
+        return f"images/{self.stem}.png"
+
+    @property
+    def mod_name(self) -> str:
+        return MODALITY_NAMES[self.modality]
+
+    @property
+    def is_slice(self) -> bool:
+        """A cross-section of a volume (CT, MR, PET) rather than a projection or photograph."""
+        return self.modality in ("ct", "mr", "pet")
+
+    @property
+    def other_modality(self) -> str:
+        """Another modality, fixed by the slice's name (the "no" of a modality question)."""
+        others = [m for m in MODALITIES if m != self.modality]
+        return others[int(hashlib.sha256(self.stem.encode("utf-8")).hexdigest(), 16) % len(others)]
+
+    def record(self, answer_type: str, question: str, answer: str) -> dict:
+        return {"image": self.image_rel, "answer_type": answer_type, "conversations": _turns(question, answer)}
+
+    def write_mask(self, structure: str, mask: np.ndarray) -> str:
+        """Write a structure's mask next to the image; returns its path relative to the staging folder."""
+        rel = f"masks/{self.stem}--{safe_name(structure)}.png"
+        write_png(self.out / rel, np.asarray(mask, dtype=bool))
+        return rel
 
 
 class MeCoVQAStaging:
@@ -266,7 +306,7 @@ class MeCoVQAStaging:
         if src is not None and self.out.resolve().is_relative_to(Path(src).resolve()):
             raise ValueError(f"output folder {self.out} is inside the source folder {src}; put it elsewhere")
         self.out.mkdir(parents=True, exist_ok=True)
-        self.records: dict[tuple[str, str], list[dict]] = {key: [] for key in STAGED_FILES}
+        self.records: dict[str, list[dict]] = {rel: [] for rel in staged_files().values()}
         self._case_owner: dict[str, object] = {}
         self._digests: dict[str, str] = {}  # pixel digest -> image written with those pixels
 
@@ -319,51 +359,39 @@ class MeCoVQAStaging:
     def add_slice(self, modality: str, case: str, index: int, pixels: np.ndarray, split: str,
                   subject: str | None = None, masks: dict[str, np.ndarray] | None = None,
                   absent: tuple[str, ...] | list[str] = ()) -> str:
-        """Write one slice (and its label masks) and its caption, VQA and grounding records; return the stem.
+        """Write one slice (and its label masks) and the records every task asks about it; return the stem.
 
         `masks` maps a structure name to its boolean mask in this slice (non-empty); `absent` names structures
         labelled elsewhere in the same volume but not in this slice (they give "no" answers).
         """
         if modality not in MODALITIES:  # callers map modalities first; this guards the file-name contract
             raise ValueError(f"modality {modality!r} is not one of {list(MODALITIES)}")
-        masks = masks or {}
         stem = f"{modality}_00--{self.dataset}--{case}--z_{index:04d}"
         image_rel = f"images/{stem}.png"
         write_png(self.out / image_rel, pixels)
         self._digests.setdefault(_pixel_digest(pixels), image_rel)
-        name = MODALITY_NAMES[modality]
-        kind = "slice" if modality in ("ct", "mr", "pet") else "image"
-        of = f" of the {subject}" if subject else ""
-        showing = f" showing {' and '.join('the ' + s for s in sorted(masks))}" if masks else ""
-        self._add(split, "caption", image_rel, "open", "Describe the image briefly.",
-                  f"{_article(name)} {name} {kind}{of}{showing}.")
-        others = [m for m in MODALITIES if m != modality]
-        other = others[int(hashlib.sha256(stem.encode("utf-8")).hexdigest(), 16) % len(others)]
-        self._add(split, "complex", image_rel, "closed", f"Is this a {name} image?", "yes")
-        self._add(split, "complex", image_rel, "closed", f"Is this a {MODALITY_NAMES[other]} image?", "no")
-        self._add(split, "complex", image_rel, "open", "What modality is this image?", f"This is a {name} image.")
-        for structure in sorted(set(masks) | set(absent)):
-            self._add(split, "complex", image_rel, "closed", f"Is there a {structure} in this image?",
-                      "yes" if structure in masks else "no")
-        for structure, mask in sorted(masks.items()):
-            mask_rel = f"masks/{stem}--{safe_name(structure)}.png"
-            write_png(self.out / mask_rel, np.asarray(mask, dtype=bool))
-            self._add(split, "grounding", image_rel, "open", f"Segment the {structure}.",
-                      f"It is the {structure}. {SEG_TOKEN} <mask>{mask_rel}</mask>")
+        labelled = LabelledSlice(out=self.out, stem=stem, modality=modality, subject=subject, masks=masks or {},
+                                 absent=tuple(absent))
+        for task in tasks.labelled_tasks():
+            self.records.setdefault(task.file_for(split), []).extend(task.from_labels(labelled))
         return stem
-
-    def _add(self, split: str, family: str, image_rel: str, answer_type: str, question: str, answer: str) -> None:
-        self.records[(split, family)].append(
-            {"image": image_rel, "answer_type": answer_type, "conversations": _turns(question, answer)})
 
     def finish(self) -> dict[str, int]:
         """Write every annotation file (sorted records, fixed indent); return records per file."""
         counts = {}
-        for key, rel in sorted(STAGED_FILES.items()):
-            records = sorted(self.records[key], key=lambda r: json.dumps(r, sort_keys=True, ensure_ascii=False))
+        for rel in sorted(self.records):
+            records = sorted(self.records[rel], key=lambda r: json.dumps(r, sort_keys=True, ensure_ascii=False))
             path = self.out / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(records, indent=1, sort_keys=True, ensure_ascii=False) + "\n",
                             encoding="utf-8")
             counts[rel] = len(records)
         return counts
+
+
+def stage_dicom(path: Path | None, ctx) -> tuple:
+    out = ctx.fresh_dir("dicom", str(path))
+    return out, convert_dicom(path, out, test_fraction=ctx.cfg.data.test_fraction), "dicom"
+
+
+register(Reader("dicom", stage_dicom, describe="a folder of DICOM files"))

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from medplib import tasks
+from medplib.data.readers import Reader, register
 from medplib.data.schema import RecordError
 
-# Where a file sits and what its name says decide the split and the task family.
+# Where a file sits and what its name says decide the split and the task family (the registered tasks say
+# which words in a file name mean which family).
 SPLIT_DIRS = {"train": "train", "test": "test", "zeroshot4grounding": "zeroshot"}
-FAMILIES = (("complex", "complex"), ("region", "region"), ("grounding", "grounding"), ("alignment", "caption"),
-            ("caption", "caption"))
 
 
 @dataclass
@@ -22,7 +23,7 @@ class RawItem:
     file: str  # source file, relative to the source root
     index: int  # position in that file
     split: str
-    family: str  # complex | region | grounding | caption
+    family: str  # a registered task's family: complex | region | grounding | caption | …
 
     @property
     def where(self) -> str:
@@ -30,10 +31,11 @@ class RawItem:
 
 
 def family_of(rel: Path) -> str | None:
-    if rel.parts[0] == "zeroshot4grounding":
-        return "grounding"
     name = rel.name.lower()
-    return next((fam for key, fam in FAMILIES if key in name), None)
+    family = next((fam for word, fam in tasks.file_words() if word in name), None)
+    if family is None and rel.parts[0] == "zeroshot4grounding":  # named by modality (pet.json): the zero-shot task
+        family = next((t.family for t in tasks.all_tasks() if t.zeroshot), None)
+    return family
 
 
 def read_mecovqa(root: Path) -> Iterator[RawItem | RecordError]:
@@ -52,8 +54,8 @@ def read_mecovqa(root: Path) -> Iterator[RawItem | RecordError]:
         family = family_of(rel)
         if family is None:
             yield RecordError(str(rel), "file name", rel.name,
-                              "cannot tell the task from the file name (expected Complex, Region, Grounding or "
-                              "alignment in it)")
+                              "cannot tell the task from the file name (expected one of "
+                              f"{', '.join(w for w, _ in tasks.file_words())} in it)")
             continue
         raw_bytes = path.read_bytes()
         # Decode leniently so one bad string quarantines one record, not the whole file.
@@ -68,3 +70,11 @@ def read_mecovqa(root: Path) -> Iterator[RawItem | RecordError]:
             continue
         for i, raw in enumerate(data):
             yield RawItem(raw=raw, file=str(rel), index=i, split=split, family=family)
+
+
+def stage_mecovqa(path: Path | None, ctx) -> tuple:
+    """A MeCoVQA folder is already in the layout: ingest reads it in place."""
+    return path, [], "mecovqa"
+
+
+register(Reader("mecovqa", stage_mecovqa, describe="a folder in the MeCoVQA layout"))

@@ -27,6 +27,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from medplib.data.images import MAX_IMAGE_PIXELS
+from medplib.data.readers import Reader, register
 from medplib.data.readers.dicom import MeCoVQAStaging, first_line, safe_name, source_files, to_uint8
 from medplib.data.schema import MODALITIES, RecordError
 from medplib.progress import track
@@ -271,3 +272,11 @@ def _case_labels(case: _Case, shape: tuple[int, ...], image_affine: np.ndarray, 
                                   f"label value {value} has no name: add it to labels.json "
                                   f"({{\"{value}\": \"<name>\"}}) or pass labels=...; its masks are skipped"))
     return label
+
+
+def stage_nifti(path: Path | None, ctx) -> tuple:
+    out = ctx.fresh_dir("nifti", str(path))
+    return out, convert_nifti(path, out, test_fraction=ctx.cfg.data.test_fraction), "nifti"
+
+
+register(Reader("nifti", stage_nifti, describe="a folder of NIfTI volumes with label maps"))

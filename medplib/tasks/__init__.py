@@ -1,0 +1,188 @@
+"""The task room: one module per task, each registering a `Task`; consumers loop over the registry.
+
+A task says what its records look like (the check ingest and the GX suite share), where they live in the
+MeCoVQA layout, what the synthetic generator writes for it (and the DICOM/NIfTI readers for a labelled slice),
+how one generation is scored and how scores aggregate (a `Cumulative`: per-sample buffers, then `aggregate()`),
+its headline metrics and its generation length. Nothing outside this package names a concrete task; stage data mixes name tasks or groups.
+Adding a task: a module here with a `Task` subclass and `register(...)`, imported at the bottom of this file
+(or, for a plug-in or a test, `register` from anywhere and `unregister` when done).
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from medplib.data.readers.dicom import LabelledSlice
+    from medplib.data.synth import Scene
+
+# MeCoVQA's split folders for annotation files; zero-shot images sit under zeroshot4grounding/ (grounding only).
+TRAIN_TEST = ("train", "test")
+
+
+class Cumulative:
+    """Per-sample buffers per modality, then `aggregate()`: {modality: {metric: value, "n": count}, "all": {...}}.
+
+    The default is MedPLIB's per-sample mean (`aggregate_by_modality`); a corpus metric (BLEU over the corpus,
+    CIDEr) overrides `aggregate` and reads the buffered rows, which carry `prediction` and `reference`.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def append(self, row: dict) -> None:
+        """One scored sample: its `modality`, metric values, and any text fields (ignored by the mean)."""
+        self.rows.append(dict(row))
+
+    def aggregate(self) -> dict[str, dict[str, float]]:
+        from medplib.eval.metrics import aggregate_by_modality
+
+        return aggregate_by_modality(self.rows)
+
+
+class Task:
+    """One task. Subclasses set the class attributes and override what differs from these defaults."""
+
+    name: str = ""
+    groups: tuple[str, ...] = ()  # what stage data mixes select (`tasks=("vl",)` takes every task of group vl)
+    family: str = ""  # the MeCoVQA annotation-file family holding its records (Complex, Region, …)
+    file_words: tuple[str, ...] = ()  # words in an annotation file name that mean `family` (default: family)
+    files: dict[str, str] = {}  # split → annotation file the synthetic generator writes (default from family)
+    answer_type: str | None = None  # when several tasks share a family, the answer type that picks this one
+    zeroshot: bool = False  # also asked on zero-shot images (written under zeroshot4grounding/)
+    max_new_tokens: int = 24  # generation length when evaluated
+    summary: dict[str, tuple[str, str]] = {}  # headline metric name → (split, metric of this task's table)
+
+    def check(self, turns: Sequence[dict], masks: Sequence[str], regions: Sequence[str]) -> tuple[Any, str] | None:
+        """Why a record of this task cannot be used, as (the value at fault, reason); None when it can."""
+        return None
+
+    def synth(self, scene: "Scene") -> list[dict]:
+        """The raw MeCoVQA records this task asks about one synthetic phantom (may draw from `scene.rng`)."""
+        return []
+
+    def from_labels(self, labelled: "LabelledSlice") -> list[dict]:
+        """The raw MeCoVQA records this task asks about one real slice with label masks (DICOM, NIfTI readers)."""
+        return []
+
+    def score(self, prediction: str, reference: str, pred_masks: Sequence[np.ndarray],
+              target: np.ndarray | None) -> dict:
+        """The metric values of one generation (prediction text without `<SEG>`, masks, and the targets)."""
+        return {}
+
+    def metric(self) -> Cumulative:
+        """A fresh aggregator for one evaluation table of this task."""
+        return Cumulative()
+
+    def file_for(self, split: str) -> str:
+        if split in self.files:
+            return self.files[split]
+        title = self.family.capitalize()
+        return f"train/MeCoVQA-{title}.json" if split == "train" else f"{split}/MeCoVQA_{title}_{split}.json"
+
+    def __repr__(self) -> str:
+        return f"<task {self.name}: groups {list(self.groups)}, family {self.family!r}>"
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    """Add a task to the registry; a name or group clash is an error, not a silent replacement."""
+    if not task.name or not task.family:
+        raise ValueError(f"{task!r}: a task needs a name and a MeCoVQA family")
+    if task.name in _TASKS:
+        raise ValueError(f"Task {task.name!r} is already registered ({_TASKS[task.name]!r}); unregister it first")
+    if task.name in groups():
+        raise ValueError(f"Task name {task.name!r} is already a task group; pick another name")
+    _TASKS[task.name] = task
+    return task
+
+
+def unregister(name: str) -> None:
+    """Remove a task (plug-ins and tests that registered one)."""
+    _TASKS.pop(name, None)
+
+
+def get(name: str) -> Task:
+    if name not in _TASKS:
+        raise KeyError(f"Task {name!r} is not registered; registered tasks are {names()}")
+    return _TASKS[name]
+
+
+def all_tasks() -> list[Task]:
+    """Registered tasks in registration order (the synthetic generator's order, so its random draws are stable)."""
+    return list(_TASKS.values())
+
+
+def labelled_tasks() -> list[Task]:
+    """The tasks that ask about real labelled slices (they override `from_labels`)."""
+    return [t for t in _TASKS.values() if type(t).from_labels is not Task.from_labels]
+
+
+def names() -> list[str]:
+    return list(_TASKS)
+
+
+def groups() -> dict[str, list[str]]:
+    """Group → the tasks in it, in registration order."""
+    out: dict[str, list[str]] = {}
+    for task in _TASKS.values():
+        for group in task.groups:
+            out.setdefault(group, []).append(task.name)
+    return out
+
+
+def resolve(selection: Iterable[str]) -> tuple[str, ...]:
+    """Task names of a data mix given as task names and/or group names; an unknown name is an error."""
+    by_group = groups()
+    out: list[str] = []
+    for item in selection:
+        if item in _TASKS:
+            chosen = [item]
+        elif item in by_group:
+            chosen = by_group[item]
+        else:
+            raise ValueError(f"{item!r} is neither a registered task ({names()}) nor a task group "
+                             f"({sorted(by_group)})")
+        out += [t for t in chosen if t not in out]
+    return tuple(out)
+
+
+def for_family(family: str, answer_type: str) -> Task | None:
+    """The task a MeCoVQA record of `family` with `answer_type` belongs to."""
+    candidates = [t for t in _TASKS.values() if t.family == family]
+    if len(candidates) > 1:
+        candidates = [t for t in candidates if t.answer_type in (None, answer_type)]
+    return candidates[0] if candidates else None
+
+
+def file_words() -> list[tuple[str, str]]:
+    """(word in an annotation file name, family) pairs, for readers of the MeCoVQA layout."""
+    out: list[tuple[str, str]] = []
+    for task in _TASKS.values():
+        for word in task.file_words or (task.family,):
+            if (word, task.family) not in out:
+                out.append((word, task.family))
+    return out
+
+
+def summary_keys() -> dict[str, tuple[str, str]]:
+    """Headline metric name → ("<split>/<task>" table, metric), over every registered task."""
+    return {key: (f"{split}/{task.name}", metric) for task in _TASKS.values()
+            for key, (split, metric) in task.summary.items()}
+
+
+def code_files() -> list[Path]:
+    """The source files of every registered task's module (a cache key over them sees a changed task)."""
+    mods = {type(t).__module__ for t in _TASKS.values()} | {__name__}
+    return sorted(Path(inspect.getsourcefile(sys.modules[m])) for m in mods)
+
+
+# The built-in tasks. Their order is the order of the headline metrics, and the order in which the synthetic
+# generator asks them (closed before open before region VQA: the random draws, hence the data, depend on it).
+from medplib.tasks import grounding, vqa_closed, vqa_open, region_vqa, caption  # noqa: E402,F401
