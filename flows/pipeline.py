@@ -145,6 +145,16 @@ def report_markdown(summary: dict) -> str:
         verdict = "**promoted** to champion" if ev["promoted"] else "**not promoted**"
         lines += ["", "## Promotion", "", f"Version {ev['version']} {verdict}: {ev['reason']}.",
                   f"Champion is now version {ev['champion_version']} (`models:/medplib@champion`)."]
+        if ev.get("champion_metric") is not None:  # a comparison was made: show every part of it
+            lines += ["", "| comparison | challenger − champion | limit |", "|---|---|---|",
+                      f"| {ev['primary_metric']} (primary) | {ev['delta']:+.4f} | > 0 |"]
+            if ev.get("interval"):
+                low, high = ev["interval"]
+                lines.append(f"| {ev['primary_metric']} {ev['confidence']:.0%} bootstrap interval "
+                             f"({ev['paired_samples']} paired samples) | [{low:+.4f}, {high:+.4f}] | low end > min_delta |")
+            lines += [f"| guard {m} | {d:+.4f} | ≥ −tolerance |" for m, d in (ev.get("guard_deltas") or {}).items()]
+            lines += [f"| {ev['primary_metric']} on {m} | {d:+.4f} | ≥ −max_modality_regression |"
+                      for m, d in (ev.get("modality_deltas") or {}).items()]
     lines += ["", "## MLflow", "", f"Tracking URI `{summary['tracking_uri']}`, experiment {summary['experiment_id']}"
               f" (open with `medplib ui`).", "", "| run | id |", "|---|---|",
               f"| pipeline (parent) | {_mlflow_link(summary, summary.get('pipeline_run_id'))} |"]

@@ -30,7 +30,7 @@ import os
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -105,6 +105,9 @@ class EvalMetrics:
     data_version: str
     metrics: dict[str, dict[str, float]]
     split: str = "test"
+    # Per-sample rows of the evaluation (id, split, task, modality, metric values, texts), for the gate's paired
+    # bootstrap; not part of the version tag (too large): read from the eval run's `eval/samples.json`.
+    samples: list[dict] | None = field(default=None, compare=False, repr=False)
 
     def primary(self, metric: str, group: str = "all") -> float | None:
         value = self.metrics.get(group, {}).get(metric)
@@ -122,7 +125,8 @@ class EvalMetrics:
 
 @dataclass
 class Decision:
-    """What the gate decided and why; deltas are challenger minus champion on the primary metric."""
+    """What the gate decided and why; deltas are challenger minus champion. `interval` is the paired bootstrap's
+    (low, high) of the primary metric's delta at `confidence`; `guard_deltas` the guard metrics' changes."""
 
     promote: bool
     reason: str
@@ -131,18 +135,100 @@ class Decision:
     champion: float | None = None
     delta: float | None = None
     modality_deltas: dict[str, float] = field(default_factory=dict)
+    interval: tuple[float, float] | None = None
+    confidence: float | None = None
+    paired_samples: int | None = None
+    guard_deltas: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A paired bootstrap's view of `metric`'s delta (challenger minus champion) over `n` shared samples."""
+
+    metric: str
+    delta: float
+    low: float
+    high: float
+    confidence: float
+    n: int
+
+
+def paired_bootstrap(challenger_rows: list[dict], champion_rows: list[dict], metric: str, *, resamples: int = 1000,
+                     confidence: float = 0.9, seed: int = 0) -> Interval:
+    """Resample the samples both models were scored on (with replacement, the same draw for both) and return the
+    central `confidence` interval of the headline `metric`'s delta. A per-sample-mean metric is resampled as the
+    mean of paired differences; a corpus metric (BLEU, CIDEr) is re-aggregated by its task on every resample.
+    Raises ValueError when the two were not scored on the same samples."""
+    import numpy as np
+
+    from medplib import tasks
+    from medplib.tasks import Cumulative
+
+    if metric not in tasks.summary_keys():
+        raise ValueError(f"'{metric}' is no task's headline metric; known: {sorted(tasks.summary_keys())}")
+    table, column = tasks.summary_keys()[metric]
+    split, task_name = table.split("/", 1)
+
+    task = tasks.get(task_name)
+    per_sample = type(task.metric()) is Cumulative  # a per-sample mean; otherwise a corpus metric
+
+    def pick(rows: list[dict]) -> dict[str, dict]:
+        return {str(r["id"]): r for r in rows if r.get("split") == split and r.get("task") == task_name
+                and (not per_sample or r.get(column) is not None)}
+
+    a, b = pick(challenger_rows), pick(champion_rows)
+    if not a or not b:
+        what = f"'{column}' scores" if per_sample else "rows"
+        raise ValueError(f"no per-sample {what} of {table} for the "
+                         f"{'challenger' if not a else 'champion'}: the paired bootstrap of {metric} needs them")
+    if a.keys() != b.keys():
+        only = sorted(a.keys() ^ b.keys())
+        raise ValueError(f"challenger and champion were scored on different {table} samples ({len(only)} differ, "
+                         f"e.g. {only[0]}): re-evaluate the champion on the same data")
+    ids = sorted(a)
+    n = len(ids)
+    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    if per_sample:  # the delta is the mean paired difference
+        diff = np.array([float(a[i][column]) - float(b[i][column]) for i in ids])
+        delta, boots = float(diff.mean()), diff[draws].mean(axis=1)
+    else:
+        def value(rows: list[dict]) -> float:
+            agg = task.metric()
+            for r in rows:
+                agg.append({k: v for k, v in r.items() if k not in ("id", "split", "task")})
+            return float(agg.aggregate()["all"][column])
+
+        ra, rb = [a[i] for i in ids], [b[i] for i in ids]
+        delta = value(ra) - value(rb)
+        boots = np.array([value([ra[j] for j in d]) - value([rb[j] for j in d]) for d in draws])
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(boots, [tail, 1 - tail])
+    return Interval(metric, delta, float(low), float(high), confidence, n)
 
 
 def gate(challenger: EvalMetrics, champion: EvalMetrics | None, cfg: GateConfig) -> Decision:
-    """Promote iff there is no champion, or on the same eval data the primary metric improves by > 0 and
-    ≥ `min_delta` while no modality's primary metric drops by more than `max_modality_regression`."""
+    """The promotion decision (GateConfig says what each threshold means). Without a champion, the challenger
+    must reach every floor. Otherwise, on the same eval data and split: the primary metric's delta must be > 0 and,
+    with the bootstrap on, the lower end of its paired interval must lie above `min_delta` (without it, the point
+    delta must reach `min_delta`); no guard metric may drop by more than its tolerance; no modality's primary
+    metric by more than `max_modality_regression`. Every comparison is in the decision."""
     p = cfg.primary_metric
     c = challenger.primary(p)
     if c is None:
         raise ValueError(f"Challenger metrics have no '{p}' in their 'all' row "
                          f"(has: {sorted(challenger.metrics.get('all', {}))}); the gate's primary_metric is '{p}'")
     if champion is None:
-        return Decision(True, f"no champion yet: promote with {p} = {c:.4f}", p, challenger=c)
+        short = []
+        for metric, minimum in sorted(cfg.floor.items()):
+            value = challenger.primary(metric)
+            if value is None or math.isnan(value) or value < minimum - _EPS:
+                short.append(f"{metric} {'missing' if value is None else f'{value:.4f}'} is below the first "
+                             f"champion's floor {minimum}")
+        if short:
+            return Decision(False, "no champion yet, but " + "; ".join(short), p, challenger=c)
+        floors = f" (floors met: {', '.join(f'{m} >= {v}' for m, v in sorted(cfg.floor.items()))})" \
+            if cfg.floor else ""
+        return Decision(True, f"no champion yet: promote with {p} = {c:.4f}{floors}", p, challenger=c)
     if (challenger.data_version, challenger.split) != (champion.data_version, champion.split):
         return Decision(False, f"not comparable: challenger evaluated on data {challenger.data_version} "
                                f"split '{challenger.split}', champion on data {champion.data_version} split "
@@ -154,11 +240,49 @@ def gate(challenger: EvalMetrics, champion: EvalMetrics | None, cfg: GateConfig)
 
     delta = c - ch
     failures: list[str] = []
+    passed: list[str] = []
+    interval: Interval | None = None
     if delta <= 0:
         failures.append(f"{p} {c:.4f} does not beat the champion's {ch:.4f} (delta {delta:+.4f})")
-    elif delta < cfg.min_delta - _EPS:
-        failures.append(f"{p} {c:.4f} beats the champion's {ch:.4f} by {delta:+.4f}, "
-                        f"less than min_delta {cfg.min_delta}")
+    elif cfg.bootstrap_samples > 0 and challenger.samples is not None and champion.samples is not None:
+        try:
+            interval = paired_bootstrap(challenger.samples, champion.samples, p, resamples=cfg.bootstrap_samples,
+                                        confidence=cfg.confidence, seed=cfg.seed)
+        except ValueError as e:
+            failures.append(str(e))
+        if interval is not None:
+            where = f"{cfg.confidence:.0%} interval [{interval.low:+.4f}, {interval.high:+.4f}] over {interval.n} " \
+                    "paired samples"
+            if interval.low <= cfg.min_delta + _EPS:
+                failures.append(f"{p} {c:.4f} vs the champion's {ch:.4f} (delta {delta:+.4f}) is within the noise: "
+                                f"its {where} does not lie above min_delta {cfg.min_delta}")
+            else:
+                passed.append(f"{p} {c:.4f} vs champion {ch:.4f} (delta {delta:+.4f}; {where}, above min_delta "
+                              f"{cfg.min_delta})")
+    else:  # no bootstrap: configured off, or metrics recorded without per-sample scores (no eval run)
+        unpaired = " (point delta: no per-sample scores to bootstrap)" if cfg.bootstrap_samples > 0 else ""
+        if delta < cfg.min_delta - _EPS:
+            failures.append(f"{p} {c:.4f} beats the champion's {ch:.4f} by {delta:+.4f}, "
+                            f"less than min_delta {cfg.min_delta}{unpaired}")
+        else:
+            passed.append(f"{p} {c:.4f} vs champion {ch:.4f} (delta {delta:+.4f} >= min_delta {cfg.min_delta}"
+                          f"{unpaired})")
+
+    guard_deltas: dict[str, float] = {}
+    for metric, tolerance in cfg.guard_metrics().items():
+        ch_g = champion.primary(metric)
+        if ch_g is None or math.isnan(ch_g):
+            continue  # the champion was not measured on it: nothing to guard
+        c_g = challenger.primary(metric)
+        if c_g is None or math.isnan(c_g):
+            failures.append(f"guard {metric} is {ch_g:.4f} for the champion but missing for the challenger")
+            continue
+        guard_deltas[metric] = c_g - ch_g
+        if ch_g - c_g > tolerance + _EPS:
+            failures.append(f"guard {metric} drops {ch_g:.4f} -> {c_g:.4f} ({c_g - ch_g:+.4f}), more than its "
+                            f"tolerance {tolerance}")
+    if guard_deltas:
+        passed.append("guards within tolerance: " + ", ".join(f"{m} {d:+.4f}" for m, d in guard_deltas.items()))
 
     modality_deltas: dict[str, float] = {}
     for modality in sorted(m for m in champion.metrics if m != "all"):
@@ -175,13 +299,15 @@ def gate(challenger: EvalMetrics, champion: EvalMetrics | None, cfg: GateConfig)
             failures.append(f"modality '{modality}' {p} drops {ch_m:.4f} -> {c_m:.4f} ({d:+.4f}), "
                             f"more than max_modality_regression {cfg.max_modality_regression}")
 
+    extra = dict(interval=(interval.low, interval.high) if interval else None,
+                 confidence=cfg.confidence if interval else None, paired_samples=interval.n if interval else None,
+                 guard_deltas=guard_deltas)
     if failures:
-        return Decision(False, "; ".join(failures), p, c, ch, delta, modality_deltas)
+        return Decision(False, "; ".join(failures), p, c, ch, delta, modality_deltas, **extra)
     worst = min(modality_deltas.items(), key=lambda kv: kv[1]) if modality_deltas else None
-    worst_text = f"; smallest modality change {worst[0]} {worst[1]:+.4f}" if worst else ""
-    return Decision(True, f"{p} {c:.4f} vs champion {ch:.4f} (delta {delta:+.4f} >= min_delta {cfg.min_delta}); "
-                          f"no modality dropped more than {cfg.max_modality_regression}{worst_text}",
-                    p, c, ch, delta, modality_deltas)
+    passed.append(f"no modality dropped more than {cfg.max_modality_regression}"
+                  + (f"; smallest modality change {worst[0]} {worst[1]:+.4f}" if worst else ""))
+    return Decision(True, "; ".join(passed), p, c, ch, delta, modality_deltas, **extra)
 
 
 _READY_STORES: set[tuple[str, str]] = set()
@@ -299,6 +425,23 @@ class Registry:
         text = self._version(version).tags.get(TAG_EVAL)
         return EvalMetrics.from_json(text) if text else None
 
+    def eval_samples(self, version: str | int) -> list[dict] | None:
+        """The per-sample rows behind a version's recorded metrics (`eval/samples.json` of the run tagged
+        `medplib.eval_run_id`), or None when the version has no such run or the run has no such artifact."""
+        import tempfile
+
+        run_id = self._version(version).tags.get(TAG_EVAL_RUN)
+        if not run_id:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = self.client.download_artifacts(run_id, "eval/samples.json", tmp)
+            except (MlflowException, OSError) as e:
+                log.warning("Version %s: no per-sample scores in eval run %s (%s)", version, run_id, e)
+                return None
+            table = json.loads(Path(path).read_text(encoding="utf-8"))
+        return [dict(zip(table["columns"], row)) for row in table["data"]]
+
     def experiment_id(self) -> str:
         """The experiment's id, creating it with the configured artifact location if absent."""
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
@@ -350,6 +493,8 @@ class Registry:
         self.client.set_model_version_tag(self.name, version, TAG_EVAL_SPLIT, metrics.split)
         if eval_run_id:
             self.client.set_model_version_tag(self.name, version, TAG_EVAL_RUN, eval_run_id)
+        elif TAG_EVAL_RUN in self._version(version).tags:  # metrics given by hand: no run's samples stand behind them
+            self.client.delete_model_version_tag(self.name, version, TAG_EVAL_RUN)
 
     def register_and_gate(self, run_id: str, artifact_path: str, metrics: EvalMetrics, *, git_commit: str,
                           data_version: str, config_digest: str, parent_run_id: str | None = None,
@@ -360,7 +505,7 @@ class Registry:
         it against the champion. Returns the version and the gate's decision."""
         version = self.register(run_id, artifact_path, git_commit=git_commit, data_version=data_version,
                                 config_digest=config_digest, parent_run_id=parent_run_id, tags=tags)
-        self.record_eval(version, metrics)
+        self.record_eval(version, metrics, eval_run_id=(tags or {}).get(TAG_EVAL_RUN))
         if before_gate is not None:
             before_gate(version)
         return version, self.promote_if_better(version, parent_run_id=parent_run_id)
@@ -381,6 +526,11 @@ class Registry:
         old = self.champion_version()
         champion = self.eval_metrics(old) if old is not None else None
         p = self.cfg.gate.primary_metric
+        if self.cfg.gate.bootstrap_samples > 0 and champion is not None and old != version:
+            # The per-sample scores of the runs that measured the recorded metrics (none when the metrics were
+            # recorded by hand: the gate then judges the point delta and says so).
+            challenger = replace(challenger, samples=self.eval_samples(version))
+            champion = replace(champion, samples=self.eval_samples(old))
         if old == version:
             decision = Decision(False, f"version {version} is already the champion", p,
                                 challenger=challenger.primary(p))
@@ -393,8 +543,14 @@ class Registry:
         g = self.cfg.gate
         params = {"version": version, "champion_version": old or "none", "primary_metric": p,
                   "min_delta": g.min_delta, "max_modality_regression": g.max_modality_regression,
+                  "bootstrap_samples": g.bootstrap_samples, "confidence": g.confidence,
+                  **{f"guard.{m}": t for m, t in g.guard_metrics().items()},
+                  **{f"floor.{m}": v for m, v in sorted(g.floor.items())},
                   "eval_data_version": challenger.data_version, "eval_split": challenger.split}
+        low, high = decision.interval or (None, None)
         metrics_out = {"challenger": decision.challenger, "champion": decision.champion, "delta": decision.delta,
+                       "delta_low": low, "delta_high": high, "paired_samples": decision.paired_samples,
+                       **{f"guard_delta.{m}": d for m, d in decision.guard_deltas.items()},
                        **{f"modality_delta.{m}": d for m, d in decision.modality_deltas.items()}}
         label = "promoted" if decision.promote else "rejected"
         with self._decision_run(f"promote-v{version}", "promotion", label, decision.reason, params, metrics_out,

@@ -406,7 +406,7 @@ def _evaluate(args, home, project) -> int:
         metrics = report_metrics(report, data_version, eval_split(args.limit),
                                  primary=registry.cfg.gate.primary_metric)
         if metrics.primary(registry.cfg.gate.primary_metric) is not None:
-            registry.record_eval(version, metrics)
+            registry.record_eval(version, metrics, eval_run_id=run_id)
             recorded = version
     summary = {"model": model_ref, "version": version, "data_version": data_version, "splits": list(splits),
                "limit": args.limit, "samples": len(report.rows), "metrics": report.summary, "tables": report.tables,
@@ -432,7 +432,8 @@ def _promote(args, home) -> int:
     d = registry.promote_if_better(version)
     summary = {"version": version, "promoted": d.promote, "reason": d.reason, "primary_metric": d.primary_metric,
                "challenger_metric": d.challenger, "champion_metric": d.champion, "delta": d.delta,
-               "modality_deltas": d.modality_deltas, "previous_champion_version": before,
+               "modality_deltas": d.modality_deltas, "interval": d.interval, "confidence": d.confidence,
+               "paired_samples": d.paired_samples, "guard_deltas": d.guard_deltas, "previous_champion_version": before,
                "champion_version": registry.champion_version(),
                "decision_run_id": registry.version_tags(version).get(TAG_DECISION_RUN)}
     _emit(args, summary, f"Version {version} {'promoted to champion' if d.promote else 'not promoted'}: {d.reason}"

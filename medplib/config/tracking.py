@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -21,21 +22,56 @@ class Aliases:
 
 @dataclass
 class GateConfig:
+    """The promotion gate (medplib.registry.gate). A challenger is promoted over the champion only when, on the same
+    eval data: the lower end of the `confidence` interval of a paired bootstrap of the primary metric's delta
+    (`bootstrap_samples` resamples of the samples both were scored on) lies above `min_delta`; no guard metric drops
+    by more than its tolerance; no modality's primary metric drops by more than `max_modality_regression`. The first
+    champion must reach every `floor`."""
+
     primary_metric: str = "grounding_mdice"
     min_delta: float = 0.0
     max_modality_regression: float = 0.05
+    guard_tolerance: float = 0.02  # how far each guard metric may drop
+    guards: Optional[dict[str, float]] = None  # metric → its own tolerance; None: every task's headline metric
+    floor: dict[str, float] = field(default_factory=dict)  # metric → the minimum a first champion must reach
+    bootstrap_samples: int = 1000  # 0 judges the point delta alone (no interval)
+    confidence: float = 0.9
+    seed: int = 0
+
+    def guard_metrics(self) -> dict[str, float]:
+        """Metric → tolerance of every guard: `guards`, or each registered task's headline metric (the primary
+        excepted) at `guard_tolerance`."""
+        from medplib import tasks
+
+        if self.guards is not None:
+            return {m: float(t) for m, t in self.guards.items() if m != self.primary_metric}
+        return {m: self.guard_tolerance for m in tasks.headline_metrics() if m != self.primary_metric}
 
     def validate(self, prefix: str = "") -> None:
         from medplib import tasks  # the headline metrics are the registered tasks' summary keys
 
-        if self.primary_metric not in tasks.summary_keys():
+        known = tasks.summary_keys()
+        if self.primary_metric not in known:
             raise ConfigError(f"Config key '{prefix}primary_metric' = {self.primary_metric!r} is no task's headline "
-                              f"metric; choose one of {sorted(tasks.summary_keys())}")
+                              f"metric; choose one of {sorted(known)}")
         if self.min_delta < 0:
             raise ConfigError(f"Config key '{prefix}min_delta' = {self.min_delta} must be >= 0")
-        if not 0 <= self.max_modality_regression <= 1:
-            raise ConfigError(f"Config key '{prefix}max_modality_regression' = {self.max_modality_regression} "
-                              "must be in [0, 1]")
+        for key, value in (("max_modality_regression", self.max_modality_regression),
+                           ("guard_tolerance", self.guard_tolerance)):
+            if not 0 <= value <= 1:
+                raise ConfigError(f"Config key '{prefix}{key}' = {value} must be in [0, 1]")
+        for key, table in (("guards", self.guards or {}), ("floor", self.floor)):
+            for metric, value in table.items():
+                if metric not in known:
+                    raise ConfigError(f"Config key '{prefix}{key}.{metric}' names no task's headline metric; "
+                                      f"choose from {sorted(known)}")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                    raise ConfigError(f"Config key '{prefix}{key}.{metric}' = {value!r} must be a number in [0, 1]")
+        if self.bootstrap_samples < 0:
+            raise ConfigError(f"Config key '{prefix}bootstrap_samples' = {self.bootstrap_samples} must be >= 0 "
+                              "(0: no bootstrap)")
+        if not 0.5 <= self.confidence < 1:
+            raise ConfigError(f"Config key '{prefix}confidence' = {self.confidence} must be in [0.5, 1)")
 
 
 @dataclass

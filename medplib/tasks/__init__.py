@@ -56,6 +56,7 @@ class Task:
     zeroshot: bool = False  # also asked on zero-shot images (written under zeroshot4grounding/)
     max_new_tokens: int = 24  # generation length when evaluated
     summary: dict[str, tuple[str, str]] = {}  # headline metric name → (split, metric of this task's table)
+    headline: str | None = None  # the summary key the promotion gate guards (default: its first on the test split)
 
     def check(self, turns: Sequence[dict], masks: Sequence[str], regions: Sequence[str]) -> tuple[Any, str] | None:
         """Why a record of this task cannot be used, as (the value at fault, reason); None when it can."""
@@ -77,6 +78,12 @@ class Task:
     def metric(self) -> Cumulative:
         """A fresh aggregator for one evaluation table of this task."""
         return Cumulative()
+
+    def headline_metric(self) -> str | None:
+        """The one metric that stands for this task when the promotion gate guards against a regression."""
+        if self.headline is not None:
+            return self.headline
+        return next((key for key, (split, _) in self.summary.items() if split == "test"), None)
 
     def file_for(self, split: str) -> str:
         if split in self.files:
@@ -175,6 +182,11 @@ def summary_keys() -> dict[str, tuple[str, str]]:
     """Headline metric name → ("<split>/<task>" table, metric), over every registered task."""
     return {key: (f"{split}/{task.name}", metric) for task in _TASKS.values()
             for key, (split, metric) in task.summary.items()}
+
+
+def headline_metrics() -> list[str]:
+    """Each registered task's guarded headline metric, in registration order."""
+    return [m for m in (t.headline_metric() for t in _TASKS.values()) if m is not None]
 
 
 def code_files() -> list[Path]:

@@ -14,6 +14,7 @@ class OpenVQA(Task):
     answer_type = "open"
     summary = {"open_vqa_recall": ("test", "recall"), "open_vqa_f1": ("test", "f1"),
                "open_vqa_bleu1": ("test", "bleu1")}
+    headline = "open_vqa_f1"
 
     def synth(self, scene):
         out = [scene.record("open", "What modality is this image?", f"This is a {scene.mod_name} image.")]

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -27,7 +29,8 @@ def _metrics(overall: float, data: str = DATA, **per_modality: float) -> EvalMet
 
 # ---- the gate, pure ---------------------------------------------------------------------------------------
 
-GATE = GateConfig(primary_metric=P, min_delta=0.01, max_modality_regression=0.05)
+# The point-delta rules (no bootstrap): min_delta and the per-modality regression.
+GATE = GateConfig(primary_metric=P, min_delta=0.01, max_modality_regression=0.05, bootstrap_samples=0)
 
 
 def test_gate_promotes_without_champion():
@@ -44,12 +47,12 @@ def test_gate_needs_an_improvement_of_at_least_min_delta():
 
     small = gate(_metrics(0.605, ct=0.6, mr=0.61), champion, GATE)
     assert not small.promote and "less than min_delta 0.01" in small.reason
-    tie = gate(_metrics(0.60, ct=0.6, mr=0.6), champion, GateConfig(P, 0.0, 0.05))
+    tie = gate(_metrics(0.60, ct=0.6, mr=0.6), champion, GateConfig(P, 0.0, 0.05, bootstrap_samples=0))
     assert not tie.promote and "does not beat" in tie.reason  # min_delta 0 still needs a strict improvement
     worse = gate(_metrics(0.50, ct=0.5, mr=0.5), champion, GATE)
     assert not worse.promote and worse.delta == pytest.approx(-0.10) and "0.5000 does not beat" in worse.reason
     # exactly min_delta counts despite float rounding (0.75 - 0.70 = 0.04999999999999993)
-    assert gate(_metrics(0.75), _metrics(0.70), GateConfig(P, 0.05, 0.05)).promote
+    assert gate(_metrics(0.75), _metrics(0.70), GateConfig(P, 0.05, 0.05, bootstrap_samples=0)).promote
 
 
 def test_gate_rejects_a_modality_regression_beyond_tolerance():
@@ -78,6 +81,115 @@ def test_gate_names_a_missing_primary_metric():
         gate(EvalMetrics(DATA, {"all": {"dice": 0.5, "n": 3}}), None, GATE)
 
 
+def _scored(dice: list[float], data: str = DATA, **headline: float) -> EvalMetrics:
+    """Metrics with per-sample grounding rows (ids s0, s1, …; modality ct) and extra headline metrics."""
+    rows = [{"id": f"s{i}", "split": "test", "task": "grounding", "modality": "ct", "dice": d, "iou": d / 2}
+            for i, d in enumerate(dice)]
+    mean = float(np.mean(dice))
+    return EvalMetrics(data, {"all": {P: mean, **headline, "n": len(dice)}, "ct": {P: mean, "n": len(dice)}},
+                       samples=rows)
+
+
+STRICT = GateConfig(primary_metric=P, min_delta=0.0, max_modality_regression=0.05, guard_tolerance=0.02,
+                    bootstrap_samples=1000, confidence=0.9)
+
+
+def test_gate_rejects_a_better_grounding_that_costs_closed_vqa_beyond_tolerance():
+    rng = np.random.default_rng(1)
+    base = list(rng.uniform(0.4, 0.8, 40))
+    champion = _scored(base, closed_vqa_accuracy=0.90, open_vqa_f1=0.70)
+    challenger = _scored([d + 0.10 for d in base], closed_vqa_accuracy=0.85, open_vqa_f1=0.71)
+    d = gate(challenger, champion, STRICT)
+    assert not d.promote
+    assert "guard closed_vqa_accuracy drops 0.9000 -> 0.8500 (-0.0500), more than its tolerance 0.02" in d.reason
+    assert d.guard_deltas == pytest.approx({"closed_vqa_accuracy": -0.05, "open_vqa_f1": 0.01})
+    # within tolerance it passes, and the reason lists every guard
+    ok = gate(_scored([x + 0.10 for x in base], closed_vqa_accuracy=0.89, open_vqa_f1=0.70), champion, STRICT)
+    assert ok.promote and "guards within tolerance: closed_vqa_accuracy -0.0100, open_vqa_f1 +0.0000" in ok.reason
+    # a guard the champion has and the challenger lacks is a failure, not a pass
+    missing = gate(_scored([x + 0.10 for x in base], open_vqa_f1=0.70), champion, STRICT)
+    assert not missing.promote and "guard closed_vqa_accuracy is 0.9000 for the champion but missing" in missing.reason
+
+
+def test_gate_rejects_a_gain_inside_the_bootstrap_noise_and_promotes_a_clear_one():
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0.3, 0.9, 30)
+    champion = _scored(list(base))
+    # +0.01 on average, but per-sample changes of ±0.2: a positive point delta the interval cannot separate from 0
+    noisy = np.clip(base + 0.01 + rng.normal(0, 0.2, 30), 0, 1)
+    noisy += (float(base.mean()) + 0.01) - float(noisy.mean())  # exactly +0.01 overall
+    d = gate(_scored(list(noisy)), champion, STRICT)
+    assert not d.promote and d.delta == pytest.approx(0.01)
+    low, high = d.interval
+    assert low < 0 < 0.01 < high and d.confidence == 0.9 and d.paired_samples == 30
+    assert "is within the noise: its 90% interval" in d.reason and "does not lie above min_delta 0.0" in d.reason
+    # the same +0.01 on every sample is no noise: promoted, with the interval recorded
+    clear = gate(_scored(list(base + 0.01)), champion, STRICT)
+    assert clear.promote and clear.interval == pytest.approx((0.01, 0.01))
+    # a clear gain of +0.1 with the same noise: promoted
+    strong = np.clip(base + 0.10 + rng.normal(0, 0.05, 30), 0, 1)
+    s = gate(_scored(list(strong)), champion, STRICT)
+    assert s.promote and s.interval[0] > 0.05 and "90% interval [+0." in s.reason
+    # different samples cannot be paired
+    other = _scored(list(base + 0.1))
+    other = EvalMetrics(DATA, other.metrics, samples=[{**r, "id": "x" + r["id"]} for r in other.samples])
+    d = gate(other, champion, STRICT)
+    assert not d.promote and "scored on different test/grounding samples" in d.reason
+
+
+def test_paired_bootstrap_of_a_corpus_metric_reaggregates_each_resample():
+    from medplib import tasks
+    from medplib.eval.metrics import corpus_bleu_scores
+    from medplib.registry import paired_bootstrap
+
+    class CorpusBleu(tasks.Cumulative):
+        def aggregate(self):
+            bleu = corpus_bleu_scores([r["prediction"] for r in self.rows], [r["reference"] for r in self.rows])
+            return {"all": {"bleu1": bleu["bleu1"], "n": len(self.rows)}}
+
+    class Report(tasks.Task):
+        name, family, summary = "corpus_report", "report", {"report_bleu1": ("test", "bleu1")}
+
+        def metric(self):
+            return CorpusBleu()
+
+    tasks.register(Report())
+    try:
+        rows = lambda preds: [{"id": f"c{i}", "split": "test", "task": "corpus_report", "modality": "x",
+                               "prediction": p, "reference": "a round bright lesion in the liver"}
+                              for i, p in enumerate(preds)]
+        good, bad = rows(["a round bright lesion in the liver"] * 12), rows(["a dark region"] * 12)
+        iv = paired_bootstrap(good, bad, "report_bleu1", resamples=50)
+        assert iv.delta > 0.5 and iv.low > 0.5 and iv.n == 12
+        with pytest.raises(ValueError, match="no per-sample 'dice' scores of test/grounding for the challenger"):
+            paired_bootstrap(good, bad, P)
+    finally:
+        tasks.unregister("corpus_report")
+
+
+def test_the_first_champion_must_reach_the_floor():
+    floor = GateConfig(primary_metric=P, floor={P: 0.5, "closed_vqa_accuracy": 0.6})
+    d = gate(_metrics(0.45), None, floor)
+    assert not d.promote and "grounding_mdice 0.4500 is below the first champion's floor 0.5" in d.reason
+    assert "closed_vqa_accuracy missing is below" in d.reason
+    ok = gate(EvalMetrics(DATA, {"all": {P: 0.5, "closed_vqa_accuracy": 0.7}}), None, floor)
+    assert ok.promote and "floors met: closed_vqa_accuracy >= 0.6, grounding_mdice >= 0.5" in ok.reason
+
+
+def test_gate_config_rejects_unknown_guard_and_floor_metrics():
+    from medplib.config.base import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="'gate.guards.vqa_acc' names no task's headline metric"):
+        from_dict(GateConfig, {"guards": {"vqa_acc": 0.1}}, prefix="gate.")
+    with pytest.raises(ConfigError, match="'gate.floor.grounding_mdice' = 2 must be a number in \\[0, 1\\]"):
+        from_dict(GateConfig, {"floor": {"grounding_mdice": 2}}, prefix="gate.")
+    with pytest.raises(ConfigError, match="'gate.confidence' = 1.0"):
+        from_dict(GateConfig, {"confidence": 1.0}, prefix="gate.")
+    # by default every task's headline metric but the primary is guarded
+    assert set(GateConfig().guard_metrics()) == {"closed_vqa_accuracy", "open_vqa_f1", "region_vqa_recall",
+                                                 "caption_bleu1"}
+
+
 # ---- the registry on a real sqlite MLflow ---------------------------------------------------------------------
 
 class Echo(mlflow.pyfunc.PythonModel):
@@ -104,6 +216,7 @@ def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def registry(home, template_db: Path):
     shutil.copy(template_db, home.mlflow_db)
     cfg = load_tracking_config().resolved(home)
+    cfg = replace(cfg, gate=replace(cfg.gate, floor={}))  # these tests start from low made-up metrics
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(cfg.tracking_uri)  # the fluent log_model / load_model calls in these tests
     try:
@@ -235,3 +348,38 @@ def test_errors_name_what_is_missing(registry: Registry):
         registry.promote_if_better(v)
     with pytest.raises(RegistryError, match="No version 7 of registered model 'medplib'"):
         registry.promote_if_better("7", _metrics(0.5))
+
+
+def _evaluated(registry: Registry, version: str, metrics: EvalMetrics) -> str:
+    """Record `metrics` on `version` as an evaluation run would: its per-sample rows as eval/samples.json."""
+    import pandas as pd
+
+    run_id = registry.client.create_run(registry.experiment_id(), run_name=f"evaluate-v{version}").info.run_id
+    registry.client.log_table(run_id, pd.DataFrame(metrics.samples), "eval/samples.json")
+    registry.client.set_terminated(run_id)
+    registry.record_eval(version, metrics, eval_run_id=run_id)
+    return run_id
+
+
+def test_the_registry_gate_bootstraps_from_the_eval_runs_and_records_the_interval(registry: Registry):
+    base = np.random.default_rng(3).uniform(0.5, 0.8, 25)
+    v1 = _register(registry, "first")
+    _evaluated(registry, v1, _scored(list(base), closed_vqa_accuracy=0.9))
+    assert registry.promote_if_better(v1).promote
+    assert registry.eval_samples(v1)[0] == {"id": "s0", "split": "test", "task": "grounding", "modality": "ct",
+                                            "dice": pytest.approx(base[0]), "iou": pytest.approx(base[0] / 2)}
+    v2 = _register(registry, "better")
+    _evaluated(registry, v2, _scored(list(base + 0.05), closed_vqa_accuracy=0.9))
+    d = registry.promote_if_better(v2)
+    assert d.promote and d.interval == pytest.approx((0.05, 0.05)) and d.paired_samples == 25
+    run = registry.client.get_run(registry.version_tags(v2)[TAG_DECISION_RUN])
+    assert run.data.metrics["delta_low"] == pytest.approx(0.05) and run.data.metrics["paired_samples"] == 25
+    assert run.data.metrics["guard_delta.closed_vqa_accuracy"] == 0.0
+    assert run.data.params["confidence"] == "0.9" and run.data.params["guard.closed_vqa_accuracy"] == "0.02"
+    path = registry.client.download_artifacts(run.info.run_id, "decision.json")
+    assert json.loads(Path(path).read_text())["decision"]["interval"] == pytest.approx([0.05, 0.05])
+    # metrics recorded by hand (no eval run behind them) drop the stale run: the point delta is judged, and said so
+    v3 = _register(registry, "by-hand")
+    registry.record_eval(v3, EvalMetrics(DATA, {"all": {P: 0.8, "closed_vqa_accuracy": 0.9}, "ct": {P: 0.8}}))
+    d = registry.promote_if_better(v3)
+    assert d.promote and d.interval is None and "point delta: no per-sample scores to bootstrap" in d.reason
