@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -92,14 +93,18 @@ def test_publish_promotes_better_rejects_less_trained_reevaluates_champion_and_c
     client = MlflowClient(tracking.tracking_uri)
     parent = client.create_run(registry.experiment_id(), run_name="pipeline").info.run_id
     common = dict(home=home, parent_run_id=parent, git_commit="c0ffee")
+    # mlflow.yaml's floor keeps a Dice-0 model from becoming the first champion; this test wants one to roll back to
+    no_floor = replace(tracking, gate=replace(tracking.gate, floor={}))
 
     with one_thread():
-        s1 = publish(models["less"], data_a, "aaa.dir", config_digest="cfg-less", **common)
+        s1 = publish(models["less"], data_a, "aaa.dir", config_digest="cfg-less", tracking=no_floor, **common)
         assert s1["promoted"] and s1["version"] == "1" and "no champion yet" in s1["reason"]
         assert s1["metrics"]["grounding_mdice"] == 0.0
 
         s2 = publish(models["more"], data_a, "aaa.dir", config_digest="cfg-more", **common)
         assert s2["promoted"] and s2["champion_version"] == "2" and s2["previous_champion_version"] == "1"
+        # judged by a paired bootstrap over the 4 test discs both were scored on
+        assert s2["paired_samples"] == 4 and s2["interval"][0] > 0.5 and "90% interval" in s2["reason"]
         assert s2["champion_eval_run_id"] is None  # champion 1 was measured on the same data: nothing to redo
         assert s2["metrics"]["grounding_mdice"] > 0.7 and set(s2["per_modality"]) == {"ct", "mr"}
         assert s2["modality_deltas"] == pytest.approx(s2["per_modality"])  # the champion scored 0 everywhere
@@ -149,6 +154,7 @@ def test_publish_promotes_better_rejects_less_trained_reevaluates_champion_and_c
                                                                                     "zeroshot/grounding"}
         out = _cli(["promote", "--version", "2"], home, capsys)
         assert out["promoted"] and out["champion_version"] == "2" and out["previous_champion_version"] == "1"
+        assert out["paired_samples"] == 5 and out["interval"][0] > 0.5  # both eval runs on data B: paired
         assert out["delta"] == pytest.approx(champion_now.primary("grounding_mdice"))
 
         # a folder (not a registered version) is evaluated and logged, but not recorded for the gate

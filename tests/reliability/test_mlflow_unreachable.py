@@ -44,5 +44,15 @@ def test_publish_stops_before_evaluating_or_registering(tmp_path: Path, home):
     assert not (tmp_path / "artifacts").exists()
 
 
-def test_a_local_sqlite_store_needs_no_server(home):
-    Registry(load_tracking_config().resolved(home)).check_reachable(tries=1)
+def test_a_local_sqlite_store_needs_no_server(home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import httpx
+
+    asked: list[str] = []
+    monkeypatch.setattr(httpx, "get", lambda url, **kw: asked.append(url) or httpx.Response(503))
+    local = Registry(load_tracking_config().resolved(home))
+    assert local.cfg.tracking_uri.startswith("sqlite:///")
+    assert local.check_reachable(tries=1) is None and asked == []  # no server asked, nothing raised
+    # the same call on a server URI does ask it (and a 503 fails): the check above was not vacuous
+    with pytest.raises(RegistryError, match="/health did not answer 200"):
+        _unreachable(tmp_path).check_reachable(tries=1)
+    assert len(asked) == 1 and asked[0].endswith("/health")
