@@ -2,7 +2,8 @@
 
 Three tables are built from `data/` as it is on disk now: one row per record (fields and values derived from the
 conversation), one row per image and one row per (mask, image) pair, with statistics read from the files
-themselves. A file that cannot be read becomes a flagged row, never an exception. Each table gets its own
+themselves. Every image and mask of a record is in them: the query image, its masks and prompt masks, and the
+record's context images and masks (a context mask is paired with its context image). A file that cannot be read becomes a flagged row, never an exception. Each table gets its own
 expectation suite; Data Docs HTML for the run is written to the report folder.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -21,7 +23,8 @@ import pandas as pd
 from medplib.data.images import ImageReadError, read_image
 from medplib import tasks
 from medplib.data.schema import (
-    IMAGE_TOKEN, MASK_RE, MODALITIES, REGION_RE, SEG_TOKEN, SPLITS, modality_from_filename,
+    IMAGE_TOKEN, MASK_RE, MODALITIES, REGION_RE, SEG_TOKEN, SPLITS, RecordError, modality_from_filename,
+    parse_context,
 )
 from medplib.progress import track
 
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MIN_SIDE, MAX_SIDE = 16, 8192  # pixels per image side; smaller is not an image, larger is refused at read
 N_EXAMPLES = 5
+HELD_OUT = ("test", "zeroshot")  # splits whose query images training must never see
 SITE_NAME = "medplib"
 # The key columns that name a row of each table in examples.
 KEYS = {"records": ["line"], "images": ["path"], "masks": ["path", "image"]}
@@ -122,12 +126,18 @@ def _record_row(line: int, text: str, paths: _PathCheck) -> dict:
     masks, regions = _str_list(rec.get("masks")), _str_list(rec.get("regions"))
     mask_tags = [p for t in texts for p in MASK_RE.findall(t)]
     region_tags = [p for t in texts for p in REGION_RE.findall(t)]
-    named = [image, *masks, *regions, *mask_tags, *region_tags]
+    try:
+        context, context_ok = parse_context(rec.get("context"), f"line {line}"), True
+    except RecordError:
+        context, context_ok = [], False
+    context_files = [p for c in context for p in (c["image"], c["mask"]) if p is not None]
+    named = [image, *masks, *regions, *mask_tags, *region_tags, *context_files]
     unusable = {p for p in named if isinstance(p, str) and paths.status(p) != "ok"}
     task = rec.get("task")
-    # The check ingest runs too; an unregistered task is the task column's failure, not this one's.
+    # The checks ingest runs too; an unregistered task is the task column's failure, not this one's.
     clean_turns = [t for t in turns if isinstance(t, dict)]
-    target_ok = task not in tasks.names() or tasks.get(task).check(clean_turns, mask_tags, region_tags) is None
+    target_ok = task not in tasks.names() or (tasks.get(task).check(clean_turns, mask_tags, region_tags) is None
+                                              and tasks.get(task).check_context(context) is None)
     return {
         **row, "json_ok": True, "id": _text(rec.get("id")) or None, "image": _text(image),
         "modality": _text(rec.get("modality")),
@@ -145,11 +155,17 @@ def _record_row(line: int, text: str, paths: _PathCheck) -> dict:
         "image_exists": paths.status(image) == "ok",
         "mask_files_exist": not any(p in unusable for p in mask_tags + masks if isinstance(p, str)),
         "region_files_exist": not any(p in unusable for p in region_tags + regions if isinstance(p, str)),
+        "n_context": len(context), "context_ok": context_ok,
+        "context_files_exist": all(isinstance(p, str) and p not in unusable for p in context_files),
         "missing_files": ", ".join(sorted(p for p in unusable if isinstance(p, str))) or None,
         "conversation_hash": hashlib.sha256(json.dumps(convs, sort_keys=True, default=repr).encode()).hexdigest()[:16],
-        # not columns: the files the masks table is built from
+        "context_hash": hashlib.sha256(json.dumps(context, sort_keys=True).encode()).hexdigest()[:16] if context
+        else "",
+        # not columns: the files the images and masks tables are built from
         "_mask_paths": list(dict.fromkeys(p for p in mask_tags + masks if isinstance(p, str))),
         "_region_paths": list(dict.fromkeys(p for p in region_tags + regions if isinstance(p, str))),
+        "_context": [(c["image"], c["mask"]) for c in context if isinstance(c["image"], str)
+                     and (c["mask"] is None or isinstance(c["mask"], str))],
     }
 
 
@@ -159,10 +175,12 @@ RECORD_COLUMNS = {  # column → dtype; rows whose line is not JSON leave everyt
     "roles_ok": "boolean", "min_turn_chars": "Int64", "image_token": "boolean", "n_seg": "Int64",
     "n_mask_tags": "Int64", "n_region_tags": "Int64", "tags_listed": "boolean", "task_target": "boolean",
     "paths_safe": "boolean", "image_exists": "boolean", "mask_files_exist": "boolean",
-    "region_files_exist": "boolean", "missing_files": "object", "conversation_hash": "object",
+    "region_files_exist": "boolean", "n_context": "Int64", "context_ok": "boolean", "context_files_exist": "boolean",
+    "missing_files": "object", "conversation_hash": "object", "context_hash": "object",
 }
 IMAGE_COLUMNS = {"path": "object", "readable": "bool", "error": "object", "width": "Int64", "height": "Int64",
-                 "channels": "Int64", "n_records": "int64", "n_splits": "int64", "splits": "object"}
+                 "channels": "Int64", "n_records": "int64", "n_splits": "int64", "splits": "object",
+                 "context_splits": "object", "no_context_leak": "bool"}
 MASK_COLUMNS = {"path": "object", "image": "object", "used_as": "object", "record": "object", "readable": "bool",
                 "error": "object", "width": "Int64", "height": "Int64", "image_width": "Int64",
                 "image_height": "Int64", "channels": "Int64", "binary": "boolean", "fg_fraction": "float64"}
@@ -207,27 +225,46 @@ def build_tables(data_dir: Path) -> dict[str, pd.DataFrame]:
             rows.append(_record_row(i, text, paths))
     records = _frame(rows, RECORD_COLUMNS)
 
-    # The existing files each record uses; the splits an image is used in are what the leak check needs.
+    # The existing files each record uses, and in which splits an image is asked about (the query image) or shown
+    # as context: what the leak checks need.
     image_splits: dict[str, set] = {}
+    context_splits: dict[str, set] = {}
+    n_uses: Counter = Counter()
     mask_uses: dict[tuple[str, str], dict] = {}
+
+    def use_mask(path: str, image: str, kind: str, record: object) -> None:
+        if paths.status(path) == "ok":
+            mask_uses.setdefault((path, image), {"used_as": set(), "record": record})["used_as"].add(kind)
+
     for row in rows:
+        context = [(image, mask) for image, mask in row.get("_context", []) if paths.status(image) == "ok"]
+        for image, mask in context:
+            context_splits.setdefault(image, set()).add(row["split"])
+            if mask is not None:
+                use_mask(mask, image, "context", row["id"])
+        n_uses.update({image for image, _ in context} - {row.get("image")})
         if not row.get("image_exists"):
             continue
+        n_uses[row["image"]] += 1
         image_splits.setdefault(row["image"], set()).add(row["split"])
         for kind in ("mask", "region"):
             for p in row[f"_{kind}_paths"]:
-                if paths.status(p) == "ok":
-                    use = mask_uses.setdefault((p, row["image"]), {"used_as": set(), "record": row["id"]})
-                    use["used_as"].add(kind)
-    n_uses = records["image"].value_counts().to_dict()
+                use_mask(p, row["image"], kind, row["id"])
+    image_files = sorted(set(image_splits) | set(context_splits))
     mask_files = sorted({p for p, _ in mask_uses})
-    todo = [(p, False) for p in sorted(image_splits)] + [(p, True) for p in mask_files]
+    todo = [(p, False) for p in image_files] + [(p, True) for p in mask_files]
     stats = {(p, as_mask): _file_stats(root / p, as_mask)
              for p, as_mask in track(todo, "validate: reading files", "files", disable=len(todo) < 500)}
 
+    def splits_text(splits: set) -> str:
+        return ",".join(sorted(map(str, splits)))
+
     images = _frame([{"path": p, "error": None, **stats[(p, False)], "n_records": n_uses[p],
-                      "n_splits": len(splits), "splits": ",".join(sorted(map(str, splits)))}
-                     for p, splits in sorted(image_splits.items())], IMAGE_COLUMNS)
+                      "n_splits": len(image_splits.get(p, ())), "splits": splits_text(image_splits.get(p, set())),
+                      "context_splits": splits_text(context_splits.get(p, set())),
+                      "no_context_leak": not (image_splits.get(p, set()) & set(HELD_OUT)
+                                              and "train" in context_splits.get(p, ()))}
+                     for p in image_files], IMAGE_COLUMNS)
     masks = _frame([{"path": p, "image": image, "used_as": ",".join(sorted(use["used_as"])), "record": use["record"],
                      "error": None, **stats[(p, True)], "image_width": stats[(image, False)].get("width"),
                      "image_height": stats[(image, False)].get("height")}
@@ -286,15 +323,23 @@ def build_suites() -> dict[str, list]:
         holds("image_exists", "The image file exists.", "id", "missing_files"),
         holds("mask_files_exist", "Every mask tag names an existing mask file.", "id", "missing_files"),
         holds("region_files_exist", "Every region tag names an existing prompt mask.", "id", "missing_files"),
-        gxe.ExpectCompoundColumnsToBeUnique(column_list=["image", "conversation_hash"], meta=show("id"),
-                                            description="No duplicate records: same image and same conversation."),
+        holds("context_ok", "The context field, if any, is a list of image paths each with a mask path or null.",
+              "id"),
+        holds("context_files_exist", "Every context image and context mask exists.", "id", "missing_files"),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["image", "conversation_hash", "context_hash"],
+                                            meta=show("id"), description="No duplicate records: same image, same "
+                                                                         "conversation and same context."),
     ]
     images = [
         holds("readable", "The image decodes (not truncated or corrupt, not a decompression bomb).", "error"),
         between("width", MIN_SIDE, MAX_SIDE),
         between("height", MIN_SIDE, MAX_SIDE),
         in_set("channels", (1, 3)),
-        between("n_splits", 1, 1, "An image belongs to one split only (no train/test leak).", "splits"),
+        between("n_splits", 0, 1, "An image is asked about in one split only (no train/test leak); an image only "
+                "shown as context is asked about in none.", "splits"),
+        holds("no_context_leak", "No test or zero-shot image is shown as a context image in a training record "
+                                 "(no train/test leak); a training image may be a test record's context example.",
+              "splits", "context_splits"),
     ]
     masks = [
         holds("readable", "The mask decodes.", "error", "record"),

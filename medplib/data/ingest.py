@@ -23,7 +23,8 @@ from medplib.data import readers
 from medplib.data.images import ImageReadError, read_image, read_mask, write_png
 from medplib.data.readers.mecovqa import RawItem, read_mecovqa
 from medplib.data.schema import (
-    IMAGE_TOKEN, MASK_RE, MODALITIES, REGION_RE, SEG_TOKEN, Record, RecordError, modality_from_filename, stable_id,
+    IMAGE_TOKEN, MASK_RE, MODALITIES, REGION_RE, SEG_TOKEN, Record, RecordError, modality_from_filename,
+    parse_context, stable_id,
 )
 from medplib.data.versioning import track_data
 from medplib.progress import track
@@ -110,6 +111,40 @@ def _check_text(value: object, where: str, field_name: str) -> str:
     return value
 
 
+def _digest(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes() + str(arr.shape).encode()).hexdigest()
+
+
+def _load_mask(rel: object, image: np.ndarray, image_rel: str, files: _Files, where: str, field_name: str,
+               ) -> tuple[str, np.ndarray]:
+    """A mask path of the record, checked: safe, readable, as large as its image, not empty."""
+    rel = files.safe_path(rel, where, field_name)
+    m = files.load(rel, "mask", where, field_name)
+    if m.shape != image.shape[:2]:
+        raise RecordError(where, field_name, rel, f"mask is {m.shape[1]}x{m.shape[0]} but image '{image_rel}' is "
+                                                  f"{image.shape[1]}x{image.shape[0]}")
+    if not m.any():
+        raise RecordError(where, field_name, rel, "mask is empty (no foreground pixel)")
+    return rel, m
+
+
+def _load_context(raw: dict, files: _Files, where: str, out_files: dict[str, np.ndarray],
+                  ) -> tuple[list[dict], list[tuple[str, str | None]]]:
+    """The record's context pairs with every image and mask checked as the query's are; and their digests."""
+    context, digests = [], []
+    for i, pair in enumerate(parse_context(raw.get("context"), where)):
+        image_rel = files.safe_path(pair["image"], where, f"context[{i}].image")
+        image = files.load(image_rel, "image", where, f"context[{i}].image")
+        out_files[image_rel] = image
+        mask_rel, mask_digest = None, None
+        if pair["mask"] is not None:
+            mask_rel, m = _load_mask(pair["mask"], image, image_rel, files, where, f"context[{i}].mask")
+            out_files[mask_rel], mask_digest = m, _digest(m)
+        context.append({"image": image_rel, "mask": mask_rel})
+        digests.append((_digest(image), mask_digest))
+    return context, digests
+
+
 def normalise(item: RawItem, files: _Files) -> tuple[Record, dict[str, np.ndarray]]:
     """Check one raw MeCoVQA record and return the normalised record and the files it needs."""
     where, raw = item.where, item.raw
@@ -146,16 +181,10 @@ def normalise(item: RawItem, files: _Files) -> tuple[Record, dict[str, np.ndarra
             raise RecordError(where, fld, t["value"], f"{n_seg} {SEG_TOKEN} token(s) but {len(mask_paths)} <mask> path(s)")
         for kind, paths, bucket in (("mask", mask_paths, masks), ("region", REGION_RE.findall(t["value"]), regions)):
             for rel in paths:
-                rel = files.safe_path(rel, where, f"{fld} <{kind}>")
-                m = files.load(rel, "mask", where, f"{fld} <{kind}>")
-                if m.shape != image.shape[:2]:
-                    raise RecordError(where, f"{fld} <{kind}>", rel,
-                                      f"mask is {m.shape[1]}x{m.shape[0]} but image '{image_rel}' is "
-                                      f"{image.shape[1]}x{image.shape[0]}")
-                if not m.any():
-                    raise RecordError(where, f"{fld} <{kind}>", rel, "mask is empty (no foreground pixel)")
+                rel, m = _load_mask(rel, image, image_rel, files, where, f"{fld} <{kind}>")
                 bucket.append(rel)
                 out_files[rel] = m
+    context, context_digests = _load_context(raw, files, where, out_files)
     answer_type = raw.get("answer_type")
     answer = next(t["value"] for t in turns if t["from"] == "gpt")
     if answer_type is None:
@@ -169,11 +198,14 @@ def normalise(item: RawItem, files: _Files) -> tuple[Record, dict[str, np.ndarra
     problem = task.check(turns, masks, regions)
     if problem is not None:
         raise RecordError(where, "conversations", *problem)
-    digest = hashlib.sha256(np.ascontiguousarray(image).tobytes() + str(image.shape).encode()).hexdigest()
-    rid = stable_id(digest, turns, item.split, task.name)
+    problem = task.check_context(context)
+    if problem is not None:
+        raise RecordError(where, "context", *problem)
+    rid = stable_id(_digest(image), turns, item.split, task.name, context_digests)
     source_id = raw.get("id") if isinstance(raw.get("id"), str) else where
     record = Record(id=rid, image=image_rel, modality=modality, split=item.split, task=task.name, conversations=turns,
-                    masks=masks, regions=regions, answer_type=answer_type, source=item.file, source_id=source_id)
+                    masks=masks, regions=regions, answer_type=answer_type, source=item.file, source_id=source_id,
+                    context=context)
     return record, out_files
 
 
@@ -198,8 +230,8 @@ def build_dataset(root: Path, data_dir: Path, source_name: str, pre_errors: list
             if rec.id in records:
                 first = records[rec.id]
                 raise RecordError(item.where, "id", rec.id,
-                                  f"duplicate of {first.source}[{first.source_id}]: same image, conversation, "
-                                  "split and task")
+                                  f"duplicate of {first.source}[{first.source_id}]: same image, context, "
+                                  "conversation, split and task")
         except RecordError as e:
             quarantine.append(_quarantine_entry(e, item.raw))
             continue

@@ -1,10 +1,16 @@
-"""The normalised record: one JSON line per QA sample, paths relative to the data folder."""
+"""The normalised record: one JSON line per QA sample, paths relative to the data folder.
+
+A record asks about one query image (`image`). It may also carry context images, each with an optional mask
+(`context`): the example image/mask pairs of in-context segmentation, or the other view of a two-view X-ray
+report. Records without context are written exactly as before the field existed (no `context` key).
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 MODALITIES = ("ct", "mr", "x", "pet", "endoscopy", "dermoscopy", "fundus", "ultrasound")
 MODALITY_NAMES = {
@@ -49,7 +55,11 @@ def modality_from_filename(name: str) -> str:
 
 @dataclass
 class Record:
-    """One QA sample. `image`, `masks` and `regions` are paths relative to the data folder."""
+    """One QA sample. `image`, `masks`, `regions` and the context paths are relative to the data folder.
+
+    `context` lists `{"image": path, "mask": path or None}` besides the query image, in the order a model sees
+    them; the conversation's one `<image>` placeholder is the query image.
+    """
 
     id: str
     image: str
@@ -62,9 +72,13 @@ class Record:
     answer_type: str = ""
     source: str = ""
     source_id: str = ""
+    context: list[dict] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+        d = asdict(self)
+        if not d["context"]:  # a single-image record's line is byte-identical to one written before `context`
+            del d["context"]
+        return json.dumps(d, ensure_ascii=False, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Record":
@@ -79,7 +93,32 @@ class Record:
         return next(t["value"] for t in self.conversations if t["from"] == "gpt")
 
 
-def stable_id(image_digest: str, conversations: list[dict], split: str, task: str) -> str:
-    """Content-derived id: the same image content and conversation give the same id on any machine."""
-    payload = json.dumps([image_digest, conversations, split, task], sort_keys=True, ensure_ascii=False)
+def parse_context(value: object, where: str) -> list[dict]:
+    """A raw record's `context` as `[{"image": path, "mask": path or None}, ...]` ([] when absent).
+
+    Only the shape is checked here; whether the paths are safe and the files readable is ingest's job.
+    """
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RecordError(where, "context", value, "expected a list of {'image': path, 'mask': path or null}")
+    out = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict) or "image" not in entry or set(entry) - {"image", "mask"}:
+            raise RecordError(where, f"context[{i}]", entry, "expected {'image': path, 'mask': path or null}")
+        out.append({"image": entry["image"], "mask": entry.get("mask")})
+    return out
+
+
+def stable_id(image_digest: str, conversations: list[dict], split: str, task: str,
+              context_digests: Sequence[tuple[str, str | None]] = ()) -> str:
+    """Content-derived id: the same image content and conversation give the same id on any machine.
+
+    `context_digests` ([image digest, mask digest or None] per context pair) only enter the payload when there
+    are some, so a single-image record keeps the id it had before context existed.
+    """
+    parts: list = [image_digest, conversations, split, task]
+    if context_digests:
+        parts.append([list(pair) for pair in context_digests])
+    payload = json.dumps(parts, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:20]

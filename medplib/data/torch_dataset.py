@@ -2,6 +2,8 @@
 
 Geometry: every image is padded to a square (centred) and resized, once for the CLIP tower and once for the SAM
 encoder; prompt masks follow the CLIP geometry, target masks the SAM geometry. `unsquare` undoes it for outputs.
+A record's context images (in-context examples, other views) come as extra tensors on the sample; `collate` does
+not batch them and no model uses them yet.
 """
 from __future__ import annotations
 
@@ -109,6 +111,10 @@ class Sample:
     region_masks: torch.Tensor  # (R, Sv, Sv) bool, one per <region>
     seg_masks: torch.Tensor  # (S, Ss, Ss) float, one per <SEG>
     record: Record
+    # The record's context pairs, in the CLIP geometry; None when it has none. Not batched by `collate`: the model
+    # does not take context images yet. A pair without a mask has an all-False mask (ingest refuses empty masks).
+    context_pixel_values: torch.Tensor | None = None  # (K, 3, Sv, Sv)
+    context_masks: torch.Tensor | None = None  # (K, Sv, Sv) bool
 
 
 class MedDataset(Dataset):
@@ -142,7 +148,17 @@ class MedDataset(Dataset):
             torch.zeros(0, self.image_size, self.image_size, dtype=torch.bool),
             seg_masks=torch.stack(seg_masks) if seg_masks else torch.zeros(0, self.sam_image_size, self.sam_image_size),
             record=rec,
+            **(self._context(rec) if rec.context else {}),
         )
+
+    def _context(self, rec: Record) -> dict[str, torch.Tensor]:
+        images, masks = [], []
+        for pair in rec.context:
+            image = read_image(self.data_dir / pair["image"])
+            images.append(preprocess_image(image, self.image_size, CLIP_MEAN, CLIP_STD))
+            mask = read_mask(self.data_dir / pair["mask"]) if pair["mask"] else np.zeros(image.shape[:2], bool)
+            masks.append(preprocess_mask(mask, self.image_size))
+        return {"context_pixel_values": torch.stack(images), "context_masks": torch.stack(masks)}
 
     def collate(self, samples: Sequence[Sample]) -> dict:
         """Right-padded batch; regions and SEG targets are concatenated in batch order, with their sample index."""

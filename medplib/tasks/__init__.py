@@ -1,6 +1,7 @@
 """The task room: one module per task, each registering a `Task`; consumers loop over the registry.
 
-A task says what its records look like (the check ingest and the GX suite share), where they live in the
+A task says what its records look like (the check ingest and the GX suite share, and how many context images a
+record may carry: in-context examples, other views), where they live in the
 MeCoVQA layout, what the synthetic generator writes for it (and the DICOM/NIfTI readers for a labelled slice),
 how one generation is scored and how scores aggregate (a `Cumulative`: per-sample buffers, then `aggregate()`),
 its headline metrics and its generation length. Nothing outside this package names a concrete task; stage data mixes name tasks or groups.
@@ -57,9 +58,23 @@ class Task:
     max_new_tokens: int = 24  # generation length when evaluated
     summary: dict[str, tuple[str, str]] = {}  # headline metric name → (split, metric of this task's table)
     headline: str | None = None  # the summary key the promotion gate guards (default: its first on the test split)
+    max_context: int = 0  # context images (with optional masks) a record may carry besides its query image
 
     def check(self, turns: Sequence[dict], masks: Sequence[str], regions: Sequence[str]) -> tuple[Any, str] | None:
         """Why a record of this task cannot be used, as (the value at fault, reason); None when it can."""
+        return None
+
+    def check_context(self, context: Sequence[dict]) -> tuple[Any, str] | None:
+        """Why a record's context pairs ({"image", "mask" or None}) do not suit this task; None when they do.
+
+        The default allows up to `max_context` pairs, masks optional; an in-context segmentation task would also
+        require every mask. Ingest and the GX suite run it besides `check`; whether the files exist, decode and
+        match in size is checked for every image and mask by ingest and the GX suite themselves.
+        """
+        if len(context) > self.max_context:
+            allowed = f"at most {self.max_context}" if self.max_context else "no"
+            return [c.get("image") for c in context], (f"task {self.name!r} takes {allowed} context image(s) "
+                                                       f"but the record has {len(context)}")
         return None
 
     def synth(self, scene: "Scene") -> list[dict]:

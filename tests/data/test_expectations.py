@@ -187,7 +187,7 @@ CASES = {
     "region path outside the dataset": (_region_outside, {("records", IN_SET, "paths_safe"),
                                                           ("records", IN_SET, "region_files_exist")}, "id"),
     "duplicate record": (_duplicate_record, {("records", "expect_compound_columns_to_be_unique",
-                                              "image,conversation_hash")}, "id"),
+                                              "image,conversation_hash,context_hash")}, "id"),
     "malformed json line": (_bad_json_line, {("records", IN_SET, "json_ok"),
                                              ("records", "expect_column_values_to_not_be_null", "id")}, "line"),
     "no records": (_no_records, {("records", "expect_table_row_count_to_be_between", None)}, "observed_value"),
