@@ -55,6 +55,14 @@ def test_ingest_validate_status_and_corruption_fails_gate(tmp_path: Path):
     (proj / "data/records.jsonl").write_text("\n".join([json.dumps(first)] + records[1:]) + "\n")
     p = run(["data", "validate"], proj, home, check=False)
     assert p.returncode == 1, p.stdout + p.stderr
-    assert "modality" in p.stdout and first["id"] in p.stdout or "xray" in p.stdout
+    # each failure names the expectation, the field, the bad value and the record or file it sits in
+    lines = p.stdout.splitlines()
+    modality = lines.index(next(line for line in lines if "expect_column_values_to_be_in_set on records.modality:" in line))
+    assert "1 unexpected" in lines[modality]
+    bad = json.loads(lines[modality + 1].split("e.g. ", 1)[1])
+    assert (bad["modality"], bad["id"], bad["image"]) == ("xray", first["id"], first["image"])
+    readable = lines.index(next(line for line in lines if "on images.readable" in line))
+    bad = json.loads(lines[readable + 1].split("e.g. ", 1)[1])
+    assert bad["path"] == first["image"] and bad["readable"] is False and "not a readable image" in bad["error"]
     st = json.loads(run(["data", "status", "--json"], proj, home).stdout)
     assert st["in_sync"] is False
