@@ -177,6 +177,7 @@ RECORD_COLUMNS = {  # column → dtype; rows whose line is not JSON leave everyt
     "paths_safe": "boolean", "image_exists": "boolean", "mask_files_exist": "boolean",
     "region_files_exist": "boolean", "n_context": "Int64", "context_ok": "boolean", "context_files_exist": "boolean",
     "missing_files": "object", "conversation_hash": "object", "context_hash": "object",
+    "zeroshot_held_out": "boolean",
 }
 IMAGE_COLUMNS = {"path": "object", "readable": "bool", "error": "object", "width": "Int64", "height": "Int64",
                  "channels": "Int64", "n_records": "int64", "n_splits": "int64", "splits": "object",
@@ -206,6 +207,14 @@ def _file_stats(path: Path, as_mask: bool) -> dict:
     return stats
 
 
+def _source(root: Path) -> str | None:
+    """The source kind ingest recorded in `manifest.json` (`synth`, `mecovqa`, …), or None without a manifest."""
+    try:
+        return json.loads((root / "manifest.json").read_text(encoding="utf-8")).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def build_tables(data_dir: Path) -> dict[str, pd.DataFrame]:
     """The three tables the suites check: records, images and masks, derived from `data_dir` as it is now."""
     root = Path(data_dir).resolve()
@@ -223,6 +232,15 @@ def build_tables(data_dir: Path) -> dict[str, pd.DataFrame]:
             continue
         if text.strip():
             rows.append(_record_row(i, text, paths))
+    # Synthetic data knows its zero-shot modalities (those with zero-shot records): none of their grounding
+    # records may be trained on. (Real MeCoVQA's zero-shot sets share modalities with training; the image-level
+    # leak check below covers them.)
+    held_out = {r.get("modality") for r in rows if r.get("split") == "zeroshot"} if _source(root) == "synth" else set()
+    asked_zeroshot = {t.name for t in tasks.all_tasks() if t.zeroshot}
+    for row in rows:
+        if row.get("json_ok"):
+            row["zeroshot_held_out"] = not (row.get("split") == "train" and row.get("task") in asked_zeroshot
+                                            and row.get("modality") in held_out)
     records = _frame(rows, RECORD_COLUMNS)
 
     # The existing files each record uses, and in which splits an image is asked about (the query image) or shown
@@ -326,6 +344,8 @@ def build_suites() -> dict[str, list]:
         holds("context_ok", "The context field, if any, is a list of image paths each with a mask path or null.",
               "id"),
         holds("context_files_exist", "Every context image and context mask exists.", "id", "missing_files"),
+        holds("zeroshot_held_out", "Zero-shot means held out: in synthetic data, no record of a zero-shot task "
+                                   "about a zero-shot modality is in train.", "id", "image", "modality", "task"),
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["image", "conversation_hash", "context_hash"],
                                             meta=show("id"), description="No duplicate records: same image, same "
                                                                          "conversation and same context."),

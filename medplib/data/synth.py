@@ -212,8 +212,9 @@ def generate(out: Path, n: int = 240, seed: int = 42, image_size: int = 64,
         image_rel = f"images/{stem}.png"
         write_png(out / image_rel, img)
         split = "test" if rng.random() < test_fraction else "train"
-        # Held out of grounding training: zero-shot images carry only the tasks asked zero-shot.
-        zeroshot = modality in zeroshot_modalities and rng.random() < 0.5
+        # Zero-shot means held out: every image of a zero-shot modality goes to the zero-shot split and carries only
+        # the tasks asked zero-shot; no record of those modalities' images is trained on.
+        zeroshot = modality in zeroshot_modalities
         scene = Scene(out=out, index=i, modality=modality, stem=stem, split="zeroshot" if zeroshot else split,
                       structures=structures, rng=rng)
         for task in tasks.all_tasks():

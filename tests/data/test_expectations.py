@@ -231,3 +231,36 @@ def test_gate_passes_on_ingested_synthetic_data(tmp_path):
     report = validate_dataset(tmp_path / "data", tmp_path / "docs")
     assert report.success, report.summary()
     assert report.n_records == ingested.valid > 0 and report.n_images == 16
+
+
+def test_a_zero_shot_image_or_modality_in_train_fails_the_gate_naming_it(tmp_path):
+    """Zero-shot means held out: every image of a zero-shot modality is in the zero-shot split, and the gate fails a
+    dataset where one of its images (or, in synthetic data, a grounding record of its modality) is trained on."""
+    from medplib.data.images import MAX_IMAGE_PIXELS
+    from medplib.data.ingest import build_dataset
+    from medplib.data.synth import generate
+
+    generate(tmp_path / "src", n=16, seed=3)
+    build_dataset(tmp_path / "src", tmp_path / "data", "synth", [], MAX_IMAGE_PIXELS)
+    records = [json.loads(line) for line in (tmp_path / "data/records.jsonl").read_text().splitlines()]
+    zeroshot = [r for r in records if r["split"] == "zeroshot"]
+    assert zeroshot and {r["modality"] for r in zeroshot} == {"pet", "fundus"}
+    assert not [r for r in records if r["modality"] in ("pet", "fundus") and r["split"] != "zeroshot"]
+    assert validate_dataset(tmp_path / "data", tmp_path / "docs").success
+
+    # a grounding question about a zero-shot image, put in train
+    turns = [dict(t) for t in zeroshot[0]["conversations"]]
+    turns[0]["value"] += " Outline it."
+    leaked = {**zeroshot[0], "id": "leaked-into-train", "split": "train", "conversations": turns}
+    (tmp_path / "data/records.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in [*records, leaked]), encoding="utf-8")
+    report = validate_dataset(tmp_path / "data", tmp_path / "docs")
+    assert not report.success
+    failed = {(r["table"], r["column"]): r for r in report.failed}
+    assert set(failed) == {("images", "n_splits"), ("records", "zeroshot_held_out")}
+    assert failed[("images", "n_splits")]["examples"][0]["path"] == leaked["image"]
+    assert failed[("images", "n_splits")]["examples"][0]["splits"] == "train,zeroshot"
+    example = failed[("records", "zeroshot_held_out")]["examples"][0]
+    assert (example["id"], example["image"], example["modality"]) == ("leaked-into-train", leaked["image"],
+                                                                      leaked["modality"])
+    assert leaked["image"] in report.summary()
