@@ -61,6 +61,11 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=1, help="retries of ingest and of each stage (default: 1)")
 
 
+MODEL_TO_LOAD_HELP = ("a model family NAME (its champion: models:/<its registered model>@champion), "
+                      "models:/medplib@champion, models:/medplib/N (a registered model selects its family), "
+                      "runs:/RUN_ID/medplib or a saved model folder (loaded as its format says)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medplib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,8 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a model on the test and zero-shot splits of data/ (logged to MLflow)")
     _common(p)
-    p.add_argument("--model", required=True,
-                   help="models:/medplib@champion, models:/medplib/N, runs:/RUN_ID/medplib or a saved model folder")
+    p.add_argument("--model", required=True, help=MODEL_TO_LOAD_HELP)
     p.add_argument("--split", default="test,zeroshot", help="comma-separated splits (default: test,zeroshot)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     p.add_argument("--batch-size", type=int, default=16, help="records per generate call (default: 16)")
@@ -121,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="answer one question about an image (+ optional pixel prompt) with a model")
     _common(p)
-    p.add_argument("--model", required=True,
-                   help="models:/medplib@champion, models:/medplib/N, runs:/RUN_ID/medplib or a saved model folder")
+    p.add_argument("--model", required=True, help=MODEL_TO_LOAD_HELP)
     p.add_argument("--image", required=True, help="PNG image")
     p.add_argument("--question", required=True, help="question text; a pixel prompt adds <region> if absent")
     prompt = p.add_mutually_exclusive_group()
@@ -379,6 +382,29 @@ def _quiet_downloads() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar line per file otherwise
 
 
+def _model_to_load(value: str, profile: Profile) -> tuple[str, str | None, str | None]:
+    """`--model` of evaluate, predict and reproduce: (the model family of the run context, what to load, the family
+    the loaded folder must belong to). A family NAME loads its champion (None here: the context knows its registered
+    model); `models:/NAME…` selects the family whose registered model NAME is; a folder is its format's family; a
+    `runs:/` URI (or a registered model no family claims) loads as its folder says, with MedPLIB's registry settings."""
+    import re
+
+    from medplib.config import load_tracking_config
+    from medplib.model.family import family_names, family_of
+
+    if value in family_names():
+        return value, None, value
+    path = Path(value).expanduser()
+    if (path / "config.json").is_file():  # a saved model folder (a logged pyfunc folder is read as MLflow's)
+        return family_of(path).name, str(path), None
+    named = re.match(r"models:/([^/@]+)", value)
+    if named:
+        for family in family_names():
+            if load_tracking_config(profile=profile, family=family).registered_model == named.group(1):
+                return family, value, family
+    return "medplib", value, None
+
+
 def _evaluate(args, ctx: RunContext) -> int:
     from medplib.data.versioning import read_version
     from medplib.eval.publish import eval_split, evaluate_and_log, report_metrics
@@ -397,9 +423,10 @@ def _evaluate(args, ctx: RunContext) -> int:
     _quiet_downloads()
     data_version = read_version(ctx.project)
     registry = _registry(ctx)
-    version = registry.version_of(args.model)  # a registered version gets the metrics recorded for the gate
-    model_ref = f"models:/{registry.name}/{version}" if version else args.model
-    model = load_model(model_ref, registry.cfg)
+    wanted = args.load or f"models:/{registry.name}@{registry.cfg.aliases.champion}"
+    version = registry.version_of(wanted)  # a registered version gets the metrics recorded for the gate
+    model_ref = f"models:/{registry.name}/{version}" if version else wanted
+    model = load_model(model_ref, registry.cfg, family=args.load_family)
     report, run_id = evaluate_and_log(model, data_dir, data_version, registry, run_name="evaluate",
                                       model_ref=model_ref, splits=splits, limit=args.limit, batch_size=args.batch_size,
                                       tags={"medplib.evaluated_version": version} if version else None)
@@ -468,10 +495,12 @@ def _predict(args, ctx: RunContext) -> int:
     parse_request(request)  # bad prompts and images fail here, before a model is fetched
     _quiet_downloads()
     t0 = time.perf_counter()
-    model = load_model(args.model, ctx.tracking)
+    t = ctx.tracking
+    wanted = args.load or f"models:/{t.registered_model}@{t.aliases.champion}"
+    model = load_model(wanted, t, family=args.load_family)
     t1 = time.perf_counter()
     out = predict(model, **request, max_new_tokens=args.max_new_tokens)
-    summary = {"model": args.model, "answer": out["answer"], "masks": len(out["masks"]), "mask_out": None,
+    summary = {"model": wanted, "answer": out["answer"], "masks": len(out["masks"]), "mask_out": None,
                "load_seconds": round(t1 - t0, 3), "predict_seconds": round(time.perf_counter() - t1, 3)}
     if args.mask_out is not None:
         if out["masks"]:
@@ -492,7 +521,9 @@ def run(args: argparse.Namespace) -> int:
     cmd = " ".join([args.command] + [getattr(args, f"{args.command}_command", None) or ""]).strip()
     if cmd == "config show":  # reads and prints: no state folder, nothing to log
         return _config_show(args, load_config(args.preset, args.config))
-    model = args.model if cmd in ("pipeline", "schedule", "train") else "medplib"
+    model = getattr(args, "model", None) or "medplib"
+    if cmd in ("evaluate", "predict", "reproduce"):  # --model names what to load, which selects the family
+        model, args.load, args.load_family = _model_to_load(args.model, profile)
     ctx = RunContext.resolve(args.preset, args.config, args.home, args.project, profile, model)  # once per command
     with run_log(ctx.home, cmd) as args.run_log:
         return _run_command(args, cmd, ctx)

@@ -95,3 +95,24 @@ def test_a_family_resolves_to_its_own_registered_model_and_gate_metric(echo_fami
     finally:
         unregister_family(bad.name)
 
+
+def test_evaluate_and_predict_model_selects_the_family_and_checks_the_folder(echo_family, tiny_model: MedPLIB,
+                                                                            tmp_path: Path):
+    from medplib.config.profile import load_profile
+    from medplib.serve import load_model
+    from medplib_cli.main import _model_to_load
+
+    local = load_profile("local")
+    echo_dir = _Echo(0.25).save_pretrained(tmp_path / "e")
+    medplib_dir = tiny_model.save_pretrained(tmp_path / "m")
+    assert _model_to_load("echo", local) == ("echo", None, "echo")  # a family: its champion
+    assert _model_to_load(str(echo_dir), local) == ("echo", str(echo_dir), None)  # a folder: its format's family
+    assert _model_to_load("models:/echo-model/3", local) == ("echo", "models:/echo-model/3", "echo")
+    assert _model_to_load("models:/medplib@champion", local) == ("medplib", "models:/medplib@champion", "medplib")
+    assert _model_to_load("runs:/abc/medplib", local) == ("medplib", "runs:/abc/medplib", None)
+    assert float(load_model(echo_dir, family="echo").w) == 0.25
+    with pytest.raises(ValueError, match=r"holds a model of family 'echo' \(format 'echo'\), not of 'medplib': "
+                                         r"pass --model echo"):
+        load_model(echo_dir, family="medplib")
+    with pytest.raises(ValueError, match="holds a model of family 'medplib'"):
+        load_pretrained(medplib_dir, family="echo")
