@@ -32,7 +32,7 @@ def test_report_metrics_are_per_modality_and_name_the_split():
                                      "all": {"dice": 0.4, "iou": 0.3, "n": 1}},
               "test/vqa_closed": {"ct": {"accuracy": 1.0, "n": 4}, "all": {"accuracy": 1.0, "n": 4}}}
     report = EvalReport(rows=[], tables=tables, summary={"grounding_mdice": 0.7333, "closed_vqa_accuracy": 1.0})
-    m = report_metrics(report, "abc.dir", eval_split(None))
+    m = report_metrics(report, "abc.dir", eval_split(None), "grounding_mdice")
     assert (m.data_version, m.split) == ("abc.dir", "test") and eval_split(50) == "test[:50]"
     assert m.metrics["all"] == {"grounding_mdice": 0.7333, "closed_vqa_accuracy": 1.0, "n": 3.0}
     assert m.metrics["ct"] == {"grounding_mdice": 0.8, "grounding_miou": 0.7, "closed_vqa_accuracy": 1.0, "n": 2.0}
@@ -91,7 +91,7 @@ def test_publish_promotes_better_rejects_less_trained_reevaluates_champion_and_c
     registry = Registry(tracking)
     client = MlflowClient(tracking.tracking_uri)
     parent = client.create_run(registry.experiment_id(), run_name="pipeline").info.run_id
-    common = dict(home=home, parent_run_id=parent, git_commit="c0ffee")
+    common = dict(tracking=tracking, parent_run_id=parent, git_commit="c0ffee")
 
     with one_thread():
         s1 = publish(models["less"], data_a, "aaa.dir", config_digest="cfg-less", **common)
