@@ -40,15 +40,17 @@ def run_plain(root: Path, config: Path, epochs: int, workers: int) -> dict:
     import ray
     import torch  # noqa: F401
 
-    from medplib.config import load_config, resolve_home
+    from medplib.config import RunContext
     from medplib.data.expectations import validate_dataset
     from medplib.data.ingest import ingest
     from medplib.data.versioning import read_version
     from medplib.eval.publish import config_digest, publish
     from medplib.train.runner import stage_dir, train_stage
 
-    cfg, home, project = load_config("tiny", config), resolve_home(home_dir).ensure(), root / "project"
+    project = root / "project"
     project.mkdir()
+    ctx = RunContext.resolve("tiny", config, home_dir, project)
+    cfg, home = ctx.cfg, ctx.home
     times = {}
 
     def timed(name, fn, *a, **kw):
@@ -62,11 +64,11 @@ def run_plain(root: Path, config: Path, epochs: int, workers: int) -> dict:
     if not report.success:
         raise SystemExit(report.summary())
     for s in (1, 2, 3, 4):
-        timed(f"stage {s}", train_stage, s, cfg, home, project, workers=workers,
+        timed(f"stage {s}", train_stage, s, ctx, workers=workers,
               overrides={"epochs": epochs} if epochs else None)
     timed("ray shutdown", ray.shutdown)
-    timed("evaluate+register+promote", publish, stage_dir(home, 4), project / "data", read_version(project), home,
-          config_digest=config_digest(cfg))
+    timed("evaluate+register+promote", publish, stage_dir(home, 4), project / "data", read_version(project),
+          ctx.tracking, config_digest=config_digest(cfg))
     return {"steps": times, "total": sum(times.values())}
 
 

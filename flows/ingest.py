@@ -17,9 +17,8 @@ from prefect.cache_policies import NONE
 from prefect.context import TaskRunContext
 from prefect.results import get_result_store
 
-from flows.settings import StepInputs, resolve
 from medplib import tasks
-from medplib.config import Config, to_dict
+from medplib.config import Config, RunContext, to_dict
 from medplib.data import readers
 from medplib.data.ingest import ingest, parse_source
 from medplib.data.versioning import data_status
@@ -66,44 +65,45 @@ def ingest_cache_key(fingerprint: str, project: Path, data_version: str | None) 
 
 
 def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return ingest_cache_key(parameters["fingerprint"], parameters["inputs"].project, parameters["data_version"])
+    return ingest_cache_key(parameters["fingerprint"], parameters["ctx"].project, parameters["data_version"])
 
 
 @task(name="fingerprint-source", cache_policy=NONE)
-def fingerprint_source(source: str, inputs: StepInputs, seed: int | None = None) -> str:
-    return source_fingerprint(source, inputs.cfg, seed)
+def fingerprint_source(source: str, ctx: RunContext, seed: int | None = None) -> str:
+    return source_fingerprint(source, ctx.cfg, seed)
 
 
 @task(name="current-data-version", cache_policy=NONE)
-def current_data_version(inputs: StepInputs) -> str | None:
+def current_data_version(ctx: RunContext) -> str | None:
     """The DVC version `data/` holds, with a `-modified` suffix when its files no longer match `data.dvc`."""
-    status = data_status(inputs.project, inputs.home)
+    status = data_status(ctx.project, ctx.home, ctx.profile.dvc)
     if status["version"] is None:
         return None
     return status["version"] if status["in_sync"] else f"{status['version']}-modified"
 
 
 @task(name="ingest", cache_key_fn=_cache_key, persist_result=True)
-def ingest_source(source: str, fingerprint: str, data_version: str | None, inputs: StepInputs,
+def ingest_source(source: str, fingerprint: str, data_version: str | None, ctx: RunContext,
                   seed: int | None = None) -> dict:
     """medplib's ingest; on success its result is also cached under the key of the dataset it wrote."""
-    result = ingest(source, inputs.project, inputs.home, inputs.cfg, seed=seed).to_dict()
+    result = ingest(source, ctx.project, ctx.home, ctx.cfg, seed=seed, remote=ctx.profile.dvc).to_dict()
     if result["version"] != data_version:
-        get_result_store().write(result, key=ingest_cache_key(fingerprint, inputs.project, result["version"]))
+        get_result_store().write(result, key=ingest_cache_key(fingerprint, ctx.project, result["version"]))
     return result
 
 
 @flow(name="ingest")
 def ingest_flow(source: str = "synth", preset: str = "tiny", config: Path | None = None, home: Path | None = None,
                 project: Path | None = None, seed: int | None = None, retries: int = 1,
-                retry_delay_seconds: float = 10.0) -> dict:
-    """Ingest `source` into `<project>/data` unless it already holds this source's result; adds `cached`."""
-    inputs = resolve(preset, config, home, project)
-    fingerprint = fingerprint_source(source, inputs, seed)
-    before = current_data_version(inputs)
+                retry_delay_seconds: float = 10.0, profile: str = "local", context: RunContext | None = None) -> dict:
+    """Ingest `source` into `<project>/data` unless it already holds this source's result; adds `cached`. A
+    `context` (the pipeline's) is used as given; without one, it is resolved here from the other parameters."""
+    ctx = context or RunContext.resolve(preset, config, home, project, profile)
+    fingerprint = fingerprint_source(source, ctx, seed)
+    before = current_data_version(ctx)
     state = ingest_source.with_options(
-        retries=retries, retry_delay_seconds=retry_delay_seconds, result_storage=inputs.home.prefect / "storage",
-    )(source, fingerprint, before, inputs, seed, return_state=True)
+        retries=retries, retry_delay_seconds=retry_delay_seconds, result_storage=ctx.home.prefect / "storage",
+    )(source, fingerprint, before, ctx, seed, return_state=True)
     result = {**state.result(), "cached": state.name == "Cached"}
     logger = get_run_logger()
     if result["cached"]:

@@ -18,10 +18,9 @@ from prefect.runtime import flow_run
 from flows import record
 from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
-from flows.settings import resolve
 from flows.train import STAGES, check_training, train_flow
 from flows.validate import validate_flow
-from medplib.config import load_tracking_config
+from medplib.config import RunContext
 from medplib.registry import TAG_DATA_VERSION, Registry
 
 ARTIFACT_KEY = "medplib-pipeline"
@@ -30,9 +29,8 @@ PREFECT_UI_PORT = 4200
 
 
 @task(name="champion-data-version", cache_policy=NONE)
-def champion_data_version(home: Path) -> tuple[str | None, str | None]:
+def champion_data_version(registry: Registry) -> tuple[str | None, str | None]:
     """(champion version, the DVC data version it was trained on), or (None, None) with no champion."""
-    registry = Registry.from_home(home)
     champion = registry.champion_version()
     if champion is None:
         return None, None
@@ -44,29 +42,32 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
              workers: int = 2, home: Path | None = None, project: Path | None = None,
              stages: list[int] = list(STAGES), stage_overrides: dict[int, dict[str, Any]] | None = None,
              seed: int | None = None, retries: int = 1, retry_delay_seconds: float = 10.0,
-             only_if_data_changed: bool = False, model: str = "medplib") -> dict:
+             only_if_data_changed: bool = False, model: str = "medplib", profile: str = "local",
+             context: RunContext | None = None) -> dict:
     """The whole pipeline on `source`. `stage_overrides` maps a stage to StageSpec keys (e.g. {1: {"epochs": 1}});
     `retries` applies to ingest and to each training stage, not to evaluate (a retry after registering would
     register twice). With `only_if_data_changed`, stop after ingest when the dataset version equals the one the
-    champion was trained on."""
+    champion was trained on. The parameters stay plain (a schedule's deployment stores them): the run context is
+    resolved once here from preset, config, home, project, profile and model, unless the caller resolved it
+    (`context`, what `medplib pipeline` passes; those parameters are then not read), and handed to every step."""
     t0 = time.perf_counter()
-    config = Path(config).resolve() if config else None
-    inputs = resolve(preset, config, home, project)
-    check_training(stages, inputs.cfg, stage_overrides, workers, model)  # a typo must not cost three stages of training
+    ctx = context or RunContext.resolve(preset, Path(config).resolve() if config else None, home, project, profile,
+                                        model)
+    check_training(stages, ctx.cfg, stage_overrides, workers, ctx.model)  # a typo must not cost three stages
     logger = get_run_logger()
-    common = dict(preset=preset, config=config, home=inputs.home.root, project=inputs.project)
     retry = dict(retries=retries, retry_delay_seconds=retry_delay_seconds)
-    tracking = load_tracking_config().resolved(inputs.home)
-    registry = Registry(tracking)
+    registry = Registry(ctx.tracking)
     registry.check_reachable()  # an unreachable MLflow server stops the run here, not after four stages
     summary: dict[str, Any] = {"flow_run": flow_run.get_name(), "flow_run_id": flow_run.get_id(),
-                               "tracking_uri": tracking.tracking_uri, "experiment_id": registry.experiment_id(),
-                               "home": str(inputs.home.root), "project": str(inputs.project)}
+                               "tracking_uri": ctx.tracking.tracking_uri, "experiment_id": registry.experiment_id(),
+                               "registered_model": registry.name,
+                               "home": str(ctx.home.root), "project": str(ctx.project)}
 
-    summary["ingest"] = ingest_flow(source=source, seed=seed, **common, **retry)
+    summary["ingest"] = ingest_flow(source=source, seed=seed, context=ctx, **retry)
     summary["data_version"] = summary["ingest"]["version"]
+    ctx = ctx.with_data_version(summary["data_version"])
     if only_if_data_changed:
-        champion, champion_data = champion_data_version(inputs.home.root)
+        champion, champion_data = champion_data_version(registry)
         if champion is not None and champion_data == summary["data_version"]:
             logger.info("Dataset %s is what champion version %s was trained on: nothing to retrain",
                         summary["data_version"], champion)
@@ -74,22 +75,21 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
             _publish_artifact(summary)
             return summary
 
-    request = record.PipelineRequest(source, preset, list(stages), dict(stage_overrides or {}), workers, seed, model)
-    parent = record.start_run(registry, f"pipeline-{summary['flow_run']}", "pipeline", request, inputs.cfg,
-                              summary["data_version"], inputs.project,
+    request = record.PipelineRequest(source, ctx.cfg.preset, list(stages), dict(stage_overrides or {}), workers, seed,
+                                     ctx.model)
+    parent = record.start_run(registry, f"pipeline-{summary['flow_run']}", "pipeline", request, ctx.cfg,
+                              summary["data_version"], ctx.project,
                               tags={"medplib.prefect_flow_run_id": str(summary["flow_run_id"])})
     summary["pipeline_run_id"] = parent
     status = "FAILED"
     try:
-        summary["validation"] = validate_flow(**common)
+        summary["validation"] = validate_flow(context=ctx)
         # Each run trains in its own folder under <home>/models/runs/: pipelines sharing a home never mix stages.
         summary["workspace"] = f"runs/{summary['flow_run']}-{str(summary['flow_run_id'])[:8]}"
         summary["stages"] = train_flow(stages=stages, workers=workers, stage_overrides=stage_overrides,
-                                       parent_run_id=parent, workspace=summary["workspace"], model=model, **common,
-                                       **retry)
-        summary["evaluation"] = evaluate_flow(model_dir=Path(summary["stages"][-1]["out_dir"]),
-                                              data_version=summary["data_version"], parent_run_id=parent,
-                                              stage_overrides=stage_overrides, **common)
+                                       parent_run_id=parent, workspace=summary["workspace"], context=ctx, **retry)
+        summary["evaluation"] = evaluate_flow(model_dir=Path(summary["stages"][-1]["out_dir"]), parent_run_id=parent,
+                                              stage_overrides=stage_overrides, context=ctx)
         summary["champion_version"] = summary["evaluation"]["champion_version"]
         summary["skipped"] = False
         status = "FINISHED"
@@ -144,7 +144,8 @@ def report_markdown(summary: dict) -> str:
                   for k, v in sorted(ev["metrics"].items())]
         verdict = "**promoted** to champion" if ev["promoted"] else "**not promoted**"
         lines += ["", "## Promotion", "", f"Version {ev['version']} {verdict}: {ev['reason']}.",
-                  f"Champion is now version {ev['champion_version']} (`models:/medplib@champion`)."]
+                  f"Champion is now version {ev['champion_version']} "
+                  f"(`models:/{summary.get('registered_model', 'medplib')}@champion`)."]
         if ev.get("champion_metric") is not None:  # a comparison was made: show every part of it
             lines += ["", "| comparison | challenger − champion | limit |", "|---|---|---|",
                       f"| {ev['primary_metric']} (primary) | {ev['delta']:+.4f} | > 0 |"]
@@ -180,7 +181,8 @@ def summary_text(summary: dict) -> str:
                                                    f"{s['last_loss']:.2f}" for s in summary["stages"]),
                   "  metrics        " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(ev["metrics"].items())),
                   f"  version {ev['version']}      {'promoted' if ev['promoted'] else 'not promoted'}: {ev['reason']}",
-                  f"  champion       models:/medplib@champion = version {ev['champion_version']}"]
+                  f"  champion       models:/{summary.get('registered_model', 'medplib')}@champion = version "
+                  f"{ev['champion_version']}"]
     home = summary["home"]
     lines += ["Where to look:",
               f"  medplib ui --home {home}        Prefect UI (runs, artifact '{ARTIFACT_KEY}') and MLflow UI on "

@@ -12,16 +12,14 @@ import math
 import time
 from pathlib import Path
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows import record
-from flows.settings import StepInputs, resolve
 from flows.train import train_flow
 from flows.validate import validate_flow
 from medplib import tasks
-from medplib.config import load_tracking_config, resolve_home
+from medplib.config import RunContext
 from medplib.data.versioning import checkout_version, data_status, read_version
 from medplib.eval.publish import current_git_commit, evaluate_and_log
 from medplib.registry import TAG_GIT_COMMIT, TAG_PARENT_RUN, Registry
@@ -70,11 +68,11 @@ def registered_eval_metrics(registry: Registry, version: str) -> dict:
 
 
 @task(name="restore-data", cache_policy=NONE)
-def restore_data(pointer: str, inputs: StepInputs) -> str:
+def restore_data(pointer: str, ctx: RunContext) -> str:
     """Write the recorded `data.dvc` and check `data/` out from the DVC remote; returns the version it holds."""
-    (inputs.project / "data.dvc").write_text(pointer, encoding="utf-8")
-    checkout_version(inputs.project, inputs.home)
-    status = data_status(inputs.project, inputs.home)
+    (ctx.project / "data.dvc").write_text(pointer, encoding="utf-8")
+    checkout_version(ctx.project, ctx.home, ctx.profile.dvc)
+    status = data_status(ctx.project, ctx.home, ctx.profile.dvc)
     if not status["in_sync"]:
         raise RuntimeError(f"data/ does not match the restored pointer {status['version']} after a DVC checkout")
     get_run_logger().info("data/ restored to version %s", status["version"])
@@ -82,12 +80,12 @@ def restore_data(pointer: str, inputs: StepInputs) -> str:
 
 
 @task(name="evaluate", cache_policy=NONE)
-def evaluate_model(model_dir: Path, inputs: StepInputs, parent_run_id: str) -> dict:
+def evaluate_model(model_dir: Path, ctx: RunContext, parent_run_id: str) -> dict:
     """Evaluate on the test and zero-shot splits into a child run of `parent_run_id`; no registration."""
     from medplib.model import load_pretrained
 
-    report, run_id = evaluate_and_log(load_pretrained(model_dir).eval(), inputs.data_dir,
-                                      read_version(inputs.project), Registry.from_home(inputs.home),
+    report, run_id = evaluate_and_log(load_pretrained(model_dir).eval(), ctx.data_dir,
+                                      ctx.data_version or read_version(ctx.project), Registry(ctx.tracking),
                                       run_name="evaluate-reproduction", model_ref=str(model_dir),
                                       parent_run_id=parent_run_id)
     return {"metrics": dict(report.summary), "eval_run_id": run_id}
@@ -95,13 +93,16 @@ def evaluate_model(model_dir: Path, inputs: StepInputs, parent_run_id: str) -> d
 
 @flow(name="reproduce")
 def reproduce(model_uri: str, home: Path | None = None, project: Path | None = None, workers: int | None = None,
-              tolerance: float = TOLERANCE) -> dict:
-    """Restore the data version and config recorded for `model_uri`, re-train, re-evaluate, and compare."""
+              tolerance: float = TOLERANCE, profile: str = "local", model: str = "medplib",
+              context: RunContext | None = None) -> dict:
+    """Restore the data version and config recorded for `model_uri` (a version of family `model`'s registered
+    model), re-train, re-evaluate, and compare. The run context is the caller's (`context`) or resolved here from
+    home, project, profile and model; the re-run swaps in the recorded config and family."""
     t0 = time.perf_counter()
     if tolerance < 0:
         raise ValueError(f"tolerance = {tolerance}: must be >= 0")
-    state = resolve_home(home).ensure()
-    tracking = load_tracking_config().resolved(state)
+    ctx = context or RunContext.resolve(home=home, project=project, profile=profile, model=model)
+    tracking = ctx.tracking
     registry = Registry(tracking)
     version = registry.version_of(model_uri)
     if version is None:
@@ -114,44 +115,40 @@ def reproduce(model_uri: str, home: Path | None = None, project: Path | None = N
         raise ValueError(f"Version {version} records no parent pipeline run: it was not registered by a pipeline")
     recorded = record.load_run(tracking, parent_id)
     request = recorded.request
-    folder = state.root / "reproduce" / f"v{version}"
-    folder.mkdir(parents=True, exist_ok=True)
-    config_path = folder / "config.yaml"
-    config_path.write_text(yaml.safe_dump(recorded.config, sort_keys=False), encoding="utf-8")
-    inputs = resolve(request.preset, config_path, home, project)
-    common = dict(preset=request.preset, config=config_path, home=inputs.home.root, project=inputs.project)
+    ctx = RunContext.resolve(request.preset, recorded.config, ctx.home, ctx.project, ctx.profile, request.model)
     logger = get_run_logger()
     commit_now, commit_then = current_git_commit()[0], tags.get(TAG_GIT_COMMIT)
     if commit_now != commit_then:
         logger.warning("Code differs from the recorded commit %s (now %s): a mismatch may be the code's",
                        commit_then, commit_now)
 
-    pointer_file = inputs.project / "data.dvc"
+    pointer_file = ctx.project / "data.dvc"
     previous = pointer_file.read_text(encoding="utf-8") if pointer_file.exists() else None
     out = {"model": model_uri, "version": version, "recorded_run_id": parent_id, "tolerance": tolerance,
            "data_version": recorded.data_version, "git_commit_recorded": commit_then, "git_commit_now": commit_now,
            "eval_run_id_recorded": recorded_metrics["run_id"]}
     try:
-        out["restored_data_version"] = restore_data(recorded.data_pointer, inputs)
-        run_id = record.start_run(registry, f"reproduce-v{version}", "reproduce", request, inputs.cfg,
-                                  out["restored_data_version"], inputs.project,
+        out["restored_data_version"] = restore_data(recorded.data_pointer, ctx)
+        ctx = ctx.with_data_version(out["restored_data_version"])
+        run_id = record.start_run(registry, f"reproduce-v{version}", "reproduce", request, ctx.cfg,
+                                  out["restored_data_version"], ctx.project,
                                   tags={"medplib.reproduces_version": version, "medplib.reproduces_run": parent_id})
         out["reproduce_run_id"] = run_id
         status = "FAILED"
         try:
-            validate_flow(**common)
+            validate_flow(context=ctx)
             stages = train_flow(stages=request.stages, workers=workers or request.workers,
-                                stage_overrides=request.stage_overrides, parent_run_id=run_id, model=request.model,
-                                workspace=f"runs/reproduce-v{version}-{run_id[:8]}", **common)
-            out |= evaluate_model(Path(stages[-1]["out_dir"]), inputs, run_id)
+                                stage_overrides=request.stage_overrides, parent_run_id=run_id,
+                                workspace=f"runs/reproduce-v{version}-{run_id[:8]}", context=ctx)
+            out |= evaluate_model(Path(stages[-1]["out_dir"]), ctx, run_id)
             status = "FINISHED"
         finally:
             record.finish_run(registry, run_id, status, metrics=out.get("metrics"))
     finally:
         if previous is not None and previous != recorded.data_pointer:
             pointer_file.write_text(previous, encoding="utf-8")
-            checkout_version(inputs.project, inputs.home)
-            logger.info("data/ put back to version %s", read_version(inputs.project))
+            checkout_version(ctx.project, ctx.home, ctx.profile.dvc)
+            logger.info("data/ put back to version %s", read_version(ctx.project))
     out["rows"] = (compare(recorded_metrics["metrics"], out["metrics"], atol=tolerance)
                    + compare(stage_final_losses(registry, parent_id), stage_final_losses(registry, run_id),
                              rtol=LOSS_RTOL))

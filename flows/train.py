@@ -13,9 +13,8 @@ from typing import Any, Iterator
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from flows.settings import StepInputs, resolve
 from medplib.train.runner import train_stage
-from medplib.config import Config
+from medplib.config import Config, RunContext
 from medplib.config.stages import STAGES, stage_spec
 from medplib.model.family import get_family
 
@@ -34,12 +33,12 @@ def _own_sigint() -> Iterator[None]:
 
 
 @task(name="train-stage", task_run_name="train-stage-{stage}", cache_policy=NONE)
-def train_stage_task(stage: int, inputs: StepInputs, workers: int, overrides: dict[str, Any] | None,
-                     parent_run_id: str | None, workspace: str | None = None, model: str = "medplib") -> dict:
+def train_stage_task(stage: int, ctx: RunContext, workers: int, overrides: dict[str, Any] | None,
+                     parent_run_id: str | None, workspace: str | None = None) -> dict:
     """One stage as a Ray Train job (medplib.train.runner.train_stage); its summary for the flow."""
     with _own_sigint():
-        result = train_stage(stage, inputs.cfg, inputs.home, inputs.project, workers=workers, overrides=overrides,
-                             parent_run_id=parent_run_id, workspace=workspace, model=model)
+        result = train_stage(stage, ctx, workers=workers, overrides=overrides, parent_run_id=parent_run_id,
+                             workspace=workspace)
     summary = result.to_dict()
     get_run_logger().info("Stage %d (%s): %d steps in %.0f s, loss %.3f → %.3f; model %s; MLflow run %s", stage,
                           summary["name"], summary["steps"], summary["seconds"], summary["first_loss"],
@@ -69,20 +68,20 @@ def train_flow(stages: list[int] = list(STAGES), preset: str = "tiny", config: P
                home: Path | None = None, project: Path | None = None, workers: int = 2,
                stage_overrides: dict[int, dict[str, Any]] | None = None, parent_run_id: str | None = None,
                retries: int = 0, retry_delay_seconds: float = 10.0, workspace: str | None = None,
-               model: str = "medplib") -> list[dict]:
+               model: str = "medplib", profile: str = "local", context: RunContext | None = None) -> list[dict]:
     """Train `stages` in order on `<project>/data`; outputs under `<home>/models/[<workspace>/]stage<N>`, one MLflow
-    run each (children of `parent_run_id`). Starts a local Ray if none is running and stops it at the end."""
+    run each (children of `parent_run_id`). Starts a local Ray if none is running and stops it at the end. A
+    `context` (the pipeline's) is used as given, its family included; without one, it is resolved here."""
     import ray
 
-    inputs = resolve(preset, config, home, project)
-    check_training(stages, inputs.cfg, stage_overrides, workers, model)
+    ctx = context or RunContext.resolve(preset, config, home, project, profile, model)
+    check_training(stages, ctx.cfg, stage_overrides, workers, ctx.model)
     started_ray = not ray.is_initialized()
     run = train_stage_task.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     results = []
     try:
         for stage in stages:
-            results.append(run(stage, inputs, workers, (stage_overrides or {}).get(stage), parent_run_id,
-                               workspace, model))
+            results.append(run(stage, ctx, workers, (stage_overrides or {}).get(stage), parent_run_id, workspace))
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()

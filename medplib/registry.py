@@ -342,6 +342,8 @@ class Registry:
     def __init__(self, cfg: TrackingConfig):
         if "{home}" in cfg.tracking_uri + cfg.registry_uri + cfg.artifact_location:
             raise ValueError("TrackingConfig still contains '{home}': call .resolved(home) first")
+        if cfg.registered_model is None or cfg.gate.primary_metric is None:
+            cfg = cfg.for_family("medplib")  # settings built by hand, not for a family (a RunContext's are)
         self.cfg = cfg
         self.name = cfg.registered_model
         if cfg.auth:
@@ -380,7 +382,8 @@ class Registry:
 
     @classmethod
     def from_home(cls, home: Home | str | Path | None = None, config_path: Path | None = None) -> "Registry":
-        """The registry of a state folder (`--home`, MEDPLIB_HOME or `.medplib/`), settings from `mlflow.yaml`."""
+        """The registry of a state folder (`--home`, MEDPLIB_HOME or `.medplib/`) in the local profile, settings from
+        `mlflow.yaml` for MedPLIB; a command passes its RunContext's `tracking` to `Registry(...)` instead."""
         h = home if isinstance(home, Home) else resolve_home(home)
         h.ensure()
         return cls(load_tracking_config(config_path).resolved(h))

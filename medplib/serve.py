@@ -236,13 +236,13 @@ def model_folder(model: str | Path, tracking: "TrackingConfig | None" = None) ->
         yield found
 
 
-def load_model(model: str | Path, tracking: "TrackingConfig | None" = None) -> "MedPLIB":
+def load_model(model: str | Path, tracking: "TrackingConfig | None" = None, family: str | None = None) -> "MedPLIB":
     """The model in eval mode from a folder or an MLflow URI (see `model_folder`), of whatever family the saved
-    folder declares."""
+    folder declares; with `family`, the folder must be that family's (a clear error otherwise)."""
     from medplib.model import load_pretrained
 
     with model_folder(model, tracking) as folder:
-        return load_pretrained(folder).eval()
+        return load_pretrained(folder, family).eval()
 
 
 def predict(model: "MedPLIB", image: str, question: str, *, point: str | None = None, box: str | None = None,

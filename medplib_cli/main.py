@@ -1,4 +1,7 @@
-"""`medplib …`: the command line. Every command accepts --home DIR and prints a JSON summary with --json."""
+"""`medplib …`: the command line. Every command accepts --home DIR and prints a JSON summary with --json.
+
+This is the entry: the one place that reads $MEDPLIB_PROFILE, and where each command's RunContext (config, state
+and project folders, profile, tracking settings for the model family) is resolved once and passed down."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from medplib.config import ConfigError, load_config, resolve_home
+from medplib.config import ConfigError, RunContext, load_config
+from medplib.config.profile import PROFILE_ENV, Profile, load_profile
 from medplib.run_log import console_logging, run_log
 
 log = logging.getLogger("medplib")
@@ -28,16 +32,19 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "(default: $MEDPLIB_PROFILE or local)")
 
 
-def apply_profile(name: str | None) -> None:
-    """Make the profile the process's: its MLflow URIs, DVC remote and Ray address are read through
-    MEDPLIB_PROFILE; Prefect reads its API URL from PREFECT_API_URL (before Prefect is imported)."""
-    from medplib.config.profile import PROFILE_ENV, load_profile
+def profile_name(flag: str | None) -> str:
+    """--profile, else $MEDPLIB_PROFILE, else `local`: read here, at the entry, and nowhere below."""
+    return flag or os.environ.get(PROFILE_ENV) or "local"
 
-    if name:
-        os.environ[PROFILE_ENV] = name
-    profile = load_profile()  # a missing profile or environment variable fails here, naming it
+
+def apply_profile(name: str | None) -> Profile:
+    """Load the command's profile (a missing profile or environment variable fails here, naming it). Its MLflow
+    URIs, DVC remote and Ray address travel in the RunContext; Prefect reads its API URL from PREFECT_API_URL
+    (before Prefect is imported), the one setting handed over through the environment."""
+    profile = load_profile(profile_name(name))
     if profile.prefect_api_url:
         os.environ["PREFECT_API_URL"] = profile.prefect_api_url
+    return profile
 
 
 def _pipeline_options(p: argparse.ArgumentParser) -> None:
@@ -52,6 +59,11 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
                    help="comma-separated stages to train, in order (default: the family's plan, MedPLIB's 1,2,3,4); "
                         "the last one is evaluated")
     p.add_argument("--retries", type=int, default=1, help="retries of ingest and of each stage (default: 1)")
+
+
+MODEL_TO_LOAD_HELP = ("a model family NAME (its champion: models:/<its registered model>@champion), "
+                      "models:/medplib@champion, models:/medplib/N (a registered model selects its family), "
+                      "runs:/RUN_ID/medplib or a saved model folder (loaded as its format says)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,8 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a model on the test and zero-shot splits of data/ (logged to MLflow)")
     _common(p)
-    p.add_argument("--model", required=True,
-                   help="models:/medplib@champion, models:/medplib/N, runs:/RUN_ID/medplib or a saved model folder")
+    p.add_argument("--model", required=True, help=MODEL_TO_LOAD_HELP)
     p.add_argument("--split", default="test,zeroshot", help="comma-separated splits (default: test,zeroshot)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     p.add_argument("--batch-size", type=int, default=16, help="records per generate call (default: 16)")
@@ -114,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="answer one question about an image (+ optional pixel prompt) with a model")
     _common(p)
-    p.add_argument("--model", required=True,
-                   help="models:/medplib@champion, models:/medplib/N, runs:/RUN_ID/medplib or a saved model folder")
+    p.add_argument("--model", required=True, help=MODEL_TO_LOAD_HELP)
     p.add_argument("--image", required=True, help="PNG image")
     p.add_argument("--question", required=True, help="question text; a pixel prompt adds <region> if absent")
     prompt = p.add_mutually_exclusive_group()
@@ -165,20 +175,19 @@ def _emit(args: argparse.Namespace, summary: dict, text: str) -> None:
         print(text if named else f"{text}\n{logs.text()}")
 
 
-def _ingest(args, cfg, home, project) -> dict:
+def _ingest(args, ctx: RunContext) -> dict:
     from medplib.data.ingest import ingest
 
-    r = ingest(args.source, project, home, cfg, seed=getattr(args, "seed", None))
+    r = ingest(args.source, ctx.project, ctx.home, ctx.cfg, seed=getattr(args, "seed", None), remote=ctx.profile.dvc)
     return r.to_dict()
 
 
-def _validate(cfg, home, project):
+def _validate(ctx: RunContext):
     from medplib.data.expectations import validate_dataset
 
-    data_dir = project / "data"
-    if not (data_dir / "records.jsonl").exists():
-        raise FileNotFoundError(f"No dataset at {data_dir}: run `medplib data ingest` first")
-    return validate_dataset(data_dir, home.reports / "data_docs")
+    if not (ctx.data_dir / "records.jsonl").exists():
+        raise FileNotFoundError(f"No dataset at {ctx.data_dir}: run `medplib data ingest` first")
+    return validate_dataset(ctx.data_dir, ctx.home.reports / "data_docs")
 
 
 # ---- orchestration: pipeline, schedule, ui, reproduce (the Prefect flows live in flows/, imported lazily) -----
@@ -234,14 +243,12 @@ def _stages(args) -> list[int]:
     return stages
 
 
-def _pipeline(args, home, project) -> int:
-    _prefect_setup(home)
+def _pipeline(args, ctx: RunContext) -> int:
+    _prefect_setup(ctx.home)
     pipeline, validate = _flows("pipeline"), _flows("validate")
     try:
-        summary = pipeline.pipeline(source=args.source, preset=args.preset, config=args.config, workers=args.workers,
-                                    home=home.root, project=project, stages=_stages(args),
-                                    stage_overrides=_stage_overrides(args),
-                                    retries=args.retries, model=args.model)
+        summary = pipeline.pipeline(source=args.source, workers=args.workers, stages=_stages(args),
+                                    stage_overrides=_stage_overrides(args), retries=args.retries, context=ctx)
     except validate.DataValidationError as e:
         print(f"medplib: the dataset failed the validation gate; nothing was trained.\n{e}", file=sys.stderr)
         return 1
@@ -261,10 +268,10 @@ def _healthy(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def _schedule(args, home, project) -> int:
+def _schedule(args, ctx: RunContext) -> int:
     import os
 
-    _prefect_setup(home)
+    _prefect_setup(ctx.home)
     api = os.environ.get("PREFECT_API_URL") or PREFECT_API_DEFAULT
     if not _healthy(f"{api.rstrip('/')}/health"):
         raise ValueError(f"No Prefect server answers at {api}. Start one on loopback with `medplib ui` (another "
@@ -272,10 +279,11 @@ def _schedule(args, home, project) -> int:
                          "PREFECT_API_URL to its /api URL if it is not " + PREFECT_API_DEFAULT)
     os.environ["PREFECT_API_URL"] = api
     schedule = _flows("schedule")
+    # plain values only: the deployment stores them, and each scheduled run resolves its context from them
     params = dict(source=args.source, preset=args.preset, config=args.config.resolve() if args.config else None,
-                  workers=args.workers, home=home.root, project=project, stages=_stages(args),
-                  stage_overrides=_stage_overrides(args),
-                  retries=args.retries, only_if_data_changed=args.on_data_change, model=args.model)
+                  workers=args.workers, home=ctx.home.root, project=ctx.project, stages=_stages(args),
+                  stage_overrides=_stage_overrides(args), retries=args.retries,
+                  only_if_data_changed=args.on_data_change, model=ctx.model, profile=ctx.profile.name)
     deployment = schedule.retraining_deployment(args.name, args.cron, params)
     info = {"deployment": f"{deployment.flow_name}/{deployment.name}", "cron": args.cron, "api": api,
             "on_data_change": args.on_data_change, "parameters": params}
@@ -286,15 +294,13 @@ def _schedule(args, home, project) -> int:
     return 0
 
 
-def _ui(args, home) -> int:
+def _ui(args, ctx: RunContext) -> int:
     import os
     import subprocess
     import time
 
-    from medplib.config import load_tracking_config
-
+    home, t = ctx.home, ctx.tracking
     _prefect_setup(home)
-    t = load_tracking_config().resolved(home)
     bin_dir = Path(sys.executable).parent
     servers = {
         "Prefect": ([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
@@ -352,10 +358,10 @@ def _ui(args, home) -> int:
                 p.kill()
 
 
-def _reproduce(args, home, project) -> int:
-    _prefect_setup(home)
+def _reproduce(args, ctx: RunContext) -> int:
+    _prefect_setup(ctx.home)
     reproduce = _flows("reproduce")
-    out = reproduce.reproduce(model_uri=args.model, home=home.root, project=project, workers=args.workers,
+    out = reproduce.reproduce(model_uri=args.model, workers=args.workers, context=ctx,
                               tolerance=reproduce.TOLERANCE if args.tolerance is None else args.tolerance)
     out["logs"] = args.run_log.to_dict()
     _emit(args, out, f"{reproduce.comparison_text(out)}\n{args.run_log.text()}")
@@ -364,11 +370,10 @@ def _reproduce(args, home, project) -> int:
 
 # ---- models: evaluate, promote, rollback, predict (medplib.eval.publish, medplib.registry, medplib.serve) ---------
 
-def _registry(home):
-    from medplib.config import load_tracking_config
+def _registry(ctx: RunContext):
     from medplib.registry import Registry
 
-    return Registry(load_tracking_config().resolved(home))
+    return Registry(ctx.tracking)
 
 
 def _quiet_downloads() -> None:
@@ -377,7 +382,30 @@ def _quiet_downloads() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar line per file otherwise
 
 
-def _evaluate(args, home, project) -> int:
+def _model_to_load(value: str, profile: Profile) -> tuple[str, str | None, str | None]:
+    """`--model` of evaluate, predict and reproduce: (the model family of the run context, what to load, the family
+    the loaded folder must belong to). A family NAME loads its champion (None here: the context knows its registered
+    model); `models:/NAME…` selects the family whose registered model NAME is; a folder is its format's family; a
+    `runs:/` URI (or a registered model no family claims) loads as its folder says, with MedPLIB's registry settings."""
+    import re
+
+    from medplib.config import load_tracking_config
+    from medplib.model.family import family_names, family_of
+
+    if value in family_names():
+        return value, None, value
+    path = Path(value).expanduser()
+    if (path / "config.json").is_file():  # a saved model folder (a logged pyfunc folder is read as MLflow's)
+        return family_of(path).name, str(path), None
+    named = re.match(r"models:/([^/@]+)", value)
+    if named:
+        for family in family_names():
+            if load_tracking_config(profile=profile, family=family).registered_model == named.group(1):
+                return family, value, family
+    return "medplib", value, None
+
+
+def _evaluate(args, ctx: RunContext) -> int:
     from medplib.data.versioning import read_version
     from medplib.eval.publish import eval_split, evaluate_and_log, report_metrics
     from medplib.eval.runner import report_markdown
@@ -389,15 +417,16 @@ def _evaluate(args, home, project) -> int:
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: need at least 1")
-    data_dir = project / "data"
+    data_dir = ctx.data_dir
     if not (data_dir / "records.jsonl").exists():
         raise FileNotFoundError(f"No dataset at {data_dir}: run `medplib data ingest` first")
     _quiet_downloads()
-    data_version = read_version(project)
-    registry = _registry(home)
-    version = registry.version_of(args.model)  # a registered version gets the metrics recorded for the gate
-    model_ref = f"models:/{registry.name}/{version}" if version else args.model
-    model = load_model(model_ref, registry.cfg)
+    data_version = read_version(ctx.project)
+    registry = _registry(ctx)
+    wanted = args.load or f"models:/{registry.name}@{registry.cfg.aliases.champion}"
+    version = registry.version_of(wanted)  # a registered version gets the metrics recorded for the gate
+    model_ref = f"models:/{registry.name}/{version}" if version else wanted
+    model = load_model(model_ref, registry.cfg, family=args.load_family)
     report, run_id = evaluate_and_log(model, data_dir, data_version, registry, run_name="evaluate",
                                       model_ref=model_ref, splits=splits, limit=args.limit, batch_size=args.batch_size,
                                       tags={"medplib.evaluated_version": version} if version else None)
@@ -419,10 +448,10 @@ def _evaluate(args, home, project) -> int:
     return 0
 
 
-def _promote(args, home) -> int:
+def _promote(args, ctx: RunContext) -> int:
     from medplib.registry import TAG_DECISION_RUN
 
-    registry = _registry(home)
+    registry = _registry(ctx)
     challenger = registry.cfg.aliases.challenger
     version = str(args.version) if args.version is not None else registry.aliases().get(challenger)
     if version is None:
@@ -441,8 +470,8 @@ def _promote(args, home) -> int:
     return 0
 
 
-def _rollback(args, home) -> int:
-    registry = _registry(home)
+def _rollback(args, ctx: RunContext) -> int:
+    registry = _registry(ctx)
     before = registry.champion_version()
     restored = registry.rollback(args.reason)
     summary = {"champion_version": restored, "rolled_back_version": before,
@@ -451,11 +480,10 @@ def _rollback(args, home) -> int:
     return 0
 
 
-def _predict(args, home) -> int:
+def _predict(args, ctx: RunContext) -> int:
     import base64
     import time
 
-    from medplib.config import load_tracking_config
     from medplib.serve import load_model, parse_request, predict
 
     if args.max_new_tokens < 1:
@@ -468,10 +496,12 @@ def _predict(args, home) -> int:
     parse_request(request)  # bad prompts and images fail here, before a model is fetched
     _quiet_downloads()
     t0 = time.perf_counter()
-    model = load_model(args.model, load_tracking_config().resolved(home))
+    t = ctx.tracking
+    wanted = args.load or f"models:/{t.registered_model}@{t.aliases.champion}"
+    model = load_model(wanted, t, family=args.load_family)
     t1 = time.perf_counter()
     out = predict(model, **request, max_new_tokens=args.max_new_tokens)
-    summary = {"model": args.model, "answer": out["answer"], "masks": len(out["masks"]), "mask_out": None,
+    summary = {"model": wanted, "answer": out["answer"], "masks": len(out["masks"]), "mask_out": None,
                "load_seconds": round(t1 - t0, 3), "predict_seconds": round(time.perf_counter() - t1, 3)}
     if args.mask_out is not None:
         if out["masks"]:
@@ -488,15 +518,16 @@ def _predict(args, home) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    apply_profile(getattr(args, "profile", None))
-    cfg = load_config(args.preset, args.config)
+    profile = apply_profile(getattr(args, "profile", None))
     cmd = " ".join([args.command] + [getattr(args, f"{args.command}_command", None) or ""]).strip()
     if cmd == "config show":  # reads and prints: no state folder, nothing to log
-        return _config_show(args, cfg)
-    home = resolve_home(args.home).ensure()
-    project = (args.project or Path.cwd()).resolve()
-    with run_log(home, cmd) as args.run_log:
-        return _run_command(args, cmd, cfg, home, project)
+        return _config_show(args, load_config(args.preset, args.config))
+    model = getattr(args, "model", None) or "medplib"
+    if cmd in ("evaluate", "predict", "reproduce"):  # --model names what to load, which selects the family
+        model, args.load, args.load_family = _model_to_load(args.model, profile)
+    ctx = RunContext.resolve(args.preset, args.config, args.home, args.project, profile, model)  # once per command
+    with run_log(ctx.home, cmd) as args.run_log:
+        return _run_command(args, cmd, ctx)
 
 
 def _config_show(args: argparse.Namespace, cfg) -> int:
@@ -513,7 +544,8 @@ def _config_show(args: argparse.Namespace, cfg) -> int:
     return 0
 
 
-def _run_command(args: argparse.Namespace, cmd: str, cfg, home, project: Path) -> int:
+def _run_command(args: argparse.Namespace, cmd: str, ctx: RunContext) -> int:
+    cfg = ctx.cfg
     if cmd == "data synth":
         from medplib.data.synth import generate
 
@@ -524,18 +556,18 @@ def _run_command(args: argparse.Namespace, cmd: str, cfg, home, project: Path) -
         _emit(args, summary, f"Wrote {s.images} images and {s.records} records in the MeCoVQA layout to {s.out}")
         return 0
     if cmd == "data ingest":
-        r = _ingest(args, cfg, home, project)
+        r = _ingest(args, ctx)
         _emit(args, r, f"Ingested {r['source']}: {r['total']} records = {r['valid']} valid + {r['quarantined']} "
                        f"quarantined (see {r['data_dir']}/quarantine.jsonl); dataset version {r['version']}")
         return 0
     if cmd == "data validate":
-        report = _validate(cfg, home, project)
+        report = _validate(ctx)
         _emit(args, report.to_dict(), report.summary())
         return 0 if report.success else 1
     if cmd == "data status":
         from medplib.data.versioning import data_status
 
-        st = data_status(project, home)
+        st = data_status(ctx.project, ctx.home, ctx.profile.dvc)
         _emit(args, st, f"dataset version {st['version']} (data/ in sync: {st['in_sync']}, "
                         f"pushed to remote: {st['pushed']})")
         return 0
@@ -544,32 +576,32 @@ def _run_command(args: argparse.Namespace, cmd: str, cfg, home, project: Path) -
 
         if args.workers < 1:
             raise ValueError(f"--workers {args.workers}: need at least 1 worker")
-        if not (project / "data" / "records.jsonl").exists():
-            raise FileNotFoundError(f"No dataset at {project / 'data'}: run `medplib data ingest` first")
+        if not (ctx.data_dir / "records.jsonl").exists():
+            raise FileNotFoundError(f"No dataset at {ctx.data_dir}: run `medplib data ingest` first")
         overrides = {"epochs": args.epochs} if args.epochs else None
-        r = train_stage(args.stage, cfg, home, project, workers=args.workers, overrides=overrides,
-                        base=resolve_start(args.from_, home), address=args.ray_address, model=args.model)
+        r = train_stage(args.stage, ctx, workers=args.workers, overrides=overrides,
+                        base=resolve_start(args.from_, ctx), address=args.ray_address)
         d = r.to_dict() | {"logs": args.run_log.to_dict()}
         _emit(args, d, f"Stage {d['stage']} ({d['name']}): {d['steps']} steps in {d['seconds']} s, loss "
                        f"{d['first_loss']:.3f} → {d['last_loss']:.3f}; saved to {d['out_dir']} "
                        f"(MLflow run {d['mlflow_run_id']})\n{args.run_log.text()}")
         return 0
     if cmd == "pipeline":
-        return _pipeline(args, home, project)
+        return _pipeline(args, ctx)
     if cmd == "schedule":
-        return _schedule(args, home, project)
+        return _schedule(args, ctx)
     if cmd == "ui":
-        return _ui(args, home)
+        return _ui(args, ctx)
     if cmd == "reproduce":
-        return _reproduce(args, home, project)
+        return _reproduce(args, ctx)
     if cmd == "evaluate":
-        return _evaluate(args, home, project)
+        return _evaluate(args, ctx)
     if cmd == "promote":
-        return _promote(args, home)
+        return _promote(args, ctx)
     if cmd == "rollback":
-        return _rollback(args, home)
+        return _rollback(args, ctx)
     if cmd == "predict":
-        return _predict(args, home)
+        return _predict(args, ctx)
     raise AssertionError(f"unhandled command {cmd}")  # argparse only lets known commands through
 
 

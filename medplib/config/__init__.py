@@ -4,9 +4,11 @@ from medplib.config.presets import Config, DataConfig, ModelConfig, PRESETS, loa
 from medplib.config.stages import StageSpec, TrainConfig, stage_spec
 from medplib.config.tracking import TrackingConfig, load_tracking_config
 from medplib.config.home import Home, resolve_home
+from medplib.config.profile import Profile, load_profile
+from medplib.config.context import RunContext
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "Home", "ModelConfig", "PRESETS", "StageSpec", "TrackingConfig",
-    "TrainConfig", "from_dict", "load_config", "load_tracking_config", "resolve_home", "stage_spec", "to_dict",
-    "with_stage_overrides",
+    "Config", "ConfigError", "DataConfig", "Home", "ModelConfig", "PRESETS", "Profile", "RunContext", "StageSpec",
+    "TrackingConfig", "TrainConfig", "from_dict", "load_config", "load_profile", "load_tracking_config",
+    "resolve_home", "stage_spec", "to_dict", "with_stage_overrides",
 ]

@@ -16,7 +16,7 @@ import yaml
 from medplib.config.base import ConfigError, from_dict
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
-PROFILE_ENV = "MEDPLIB_PROFILE"
+PROFILE_ENV = "MEDPLIB_PROFILE"  # read by the command line only (medplib_cli.main.profile_name)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -66,9 +66,9 @@ def _expand(value, where: str):
     return _VAR.sub(sub, value)
 
 
-def load_profile(name: str | None = None, directory: Path | None = None) -> Profile:
-    """The named profile (default: $MEDPLIB_PROFILE or `local`) with `${VAR}` references expanded."""
-    name = name or os.environ.get(PROFILE_ENV) or "local"
+def load_profile(name: str = "local", directory: Path | None = None) -> Profile:
+    """The named profile with `${VAR}` references expanded. Which profile a command runs with is decided once, at
+    its entry (the command line: --profile, else $MEDPLIB_PROFILE, else `local`), and passed down in the RunContext."""
     directory = Path(directory) if directory else PROFILES_DIR
     path = directory / f"{name}.yaml"
     if not path.is_file():

@@ -1,14 +1,22 @@
-"""`mlflow.yaml`: tracking and registry URIs, names, aliases and promotion-gate thresholds."""
+"""`mlflow.yaml`: tracking and registry URIs, names, aliases and promotion-gate thresholds.
+
+The registered-model name and the gate's primary metric are the model family's (medplib.model.family) unless
+`mlflow.yaml` sets them: `for_family` fills in what the file leaves unset.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import yaml
 
 from medplib.config.base import ConfigError, from_dict
 from medplib.config.home import Home
+
+if TYPE_CHECKING:
+    from medplib.config.profile import Profile
+    from medplib.model.family import ModelFamily
 
 DEFAULT_FILE = Path(__file__).resolve().parents[2] / "mlflow.yaml"
 
@@ -28,7 +36,7 @@ class GateConfig:
     by more than its tolerance; no modality's primary metric drops by more than `max_modality_regression`. The first
     champion must reach every `floor`."""
 
-    primary_metric: str = "grounding_mdice"
+    primary_metric: Optional[str] = None  # None: the model family's gate metric
     min_delta: float = 0.0
     max_modality_regression: float = 0.05
     guard_tolerance: float = 0.02  # how far each guard metric may drop
@@ -51,7 +59,7 @@ class GateConfig:
         from medplib import tasks  # the headline metrics are the registered tasks' summary keys
 
         known = tasks.summary_keys()
-        if self.primary_metric not in known:
+        if self.primary_metric is not None and self.primary_metric not in known:
             raise ConfigError(f"Config key '{prefix}primary_metric' = {self.primary_metric!r} is no task's headline "
                               f"metric; choose one of {sorted(known)}")
         if self.min_delta < 0:
@@ -80,7 +88,7 @@ class TrackingConfig:
     registry_uri: str = "sqlite:///{home}/mlflow.db"
     artifact_location: str = "{home}/mlartifacts"
     experiment: str = "medplib"
-    registered_model: str = "medplib"
+    registered_model: Optional[str] = None  # None: the model family's registered-model name
     aliases: Aliases = field(default_factory=Aliases)
     gate: GateConfig = field(default_factory=GateConfig)
     auth: bool = False  # the server runs MLflow's basic-auth app (set by the profile)
@@ -95,10 +103,29 @@ class TrackingConfig:
             registered_model=self.registered_model, aliases=self.aliases, gate=self.gate, auth=self.auth,
         )
 
+    def for_family(self, family: "str | ModelFamily" = "medplib") -> "TrackingConfig":
+        """These settings with what `mlflow.yaml` leaves unset taken from the model family: its registered-model
+        name and its gate metric (which must be a registered task's headline metric)."""
+        from medplib.model.family import get_family
 
-def load_tracking_config(path: Path | None = None) -> TrackingConfig:
-    """Read `mlflow.yaml` (the repository's by default; unknown keys are errors naming the key), then apply the
-    active profile's MLflow URIs and auth (medplib.config.profile)."""
+        f = get_family(family) if isinstance(family, str) else family
+        gate = self.gate
+        if gate.primary_metric is None:
+            gate = replace(gate, primary_metric=f.gate_metric)
+            try:
+                gate.validate("gate.")
+            except ConfigError as e:
+                raise ConfigError(f"Model family {f.name!r}: gate_metric {f.gate_metric!r} cannot be the gate's "
+                                  f"primary metric ({e})") from None
+        return replace(self, registered_model=self.registered_model or f.registered_model, gate=gate)
+
+
+def load_tracking_config(path: Path | None = None, *, profile: "Profile | None" = None,
+                         family: "str | ModelFamily | None" = "medplib") -> TrackingConfig:
+    """Read `mlflow.yaml` (the repository's by default; unknown keys are errors naming the key), apply the
+    profile's MLflow URIs and auth (default: the `local` profile), and fill in the model family's registered-model
+    name and gate metric where the file sets none (`family=None`: leave them unset). A command gets this once, in
+    its RunContext."""
     from medplib.config.profile import load_profile
 
     path = Path(path) if path else DEFAULT_FILE
@@ -107,9 +134,9 @@ def load_tracking_config(path: Path | None = None) -> TrackingConfig:
         cfg = from_dict(TrackingConfig, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    m = load_profile().mlflow
+    m = (profile or load_profile("local")).mlflow
     for key in ("tracking_uri", "registry_uri", "artifact_location"):
         if getattr(m, key) is not None:
             setattr(cfg, key, getattr(m, key))
     cfg.auth = m.auth
-    return cfg
+    return cfg if family is None else cfg.for_family(family)

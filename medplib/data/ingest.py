@@ -19,6 +19,7 @@ import numpy as np
 
 from medplib import tasks
 from medplib.config import Config, Home
+from medplib.config.profile import DvcProfile
 from medplib.data import readers
 from medplib.data.images import ImageReadError, read_image, read_mask, write_png
 from medplib.data.readers.mecovqa import RawItem, read_mecovqa
@@ -301,12 +302,14 @@ def verify_data(data_dir: Path) -> int:
     return len(files)
 
 
-def ingest(spec: str, project: Path, home: Home, cfg: Config, seed: int | None = None) -> IngestResult:
-    """Stage the source, normalise it into `<project>/data`, track it with DVC and push to the home's remote."""
+def ingest(spec: str, project: Path, home: Home, cfg: Config, seed: int | None = None,
+           remote: DvcProfile | None = None) -> IngestResult:
+    """Stage the source, normalise it into `<project>/data`, track it with DVC and push to the profile's remote
+    (`remote`, a RunContext's `profile.dvc`; None: the local folder in the state folder)."""
     home.ensure()
     root, pre_errors, name = stage_source(spec, home, cfg, seed)
     result = build_dataset(root, Path(project) / "data", name, pre_errors, cfg.data.max_image_pixels)
-    result.version = track_data(Path(project), home)
+    result.version = track_data(Path(project), home, remote)
     log.info("ingested %s: %d total = %d valid + %d quarantined; version %s", name, result.total, result.valid,
              result.quarantined, result.version)
     return result

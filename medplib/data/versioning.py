@@ -14,6 +14,7 @@ from typing import Iterator
 import yaml
 
 from medplib.config import Home
+from medplib.config.profile import DvcProfile
 
 REMOTE_NAME = "local"
 
@@ -25,8 +26,9 @@ def _dvc_env(home: Home) -> None:
 
 
 @contextmanager
-def open_repo(project: Path, home: Home) -> Iterator["object"]:
-    """The DVC repo at `project`, created if absent, with its default remote pointing into the state folder."""
+def open_repo(project: Path, home: Home, remote: DvcProfile | None = None) -> Iterator["object"]:
+    """The DVC repo at `project`, created if absent, with its default remote set to the profile's `remote` (None:
+    the local profile's folder in the state folder)."""
     from dvc.repo import Repo
 
     _dvc_env(home)
@@ -44,7 +46,7 @@ def open_repo(project: Path, home: Home) -> Iterator["object"]:
         # config.local (not committed) points the default remote at this home's folder; the committed
         # .dvc/config holds the default for the repository's own `.medplib/`.
         with repo.config.edit(level="local") as conf:
-            conf["remote"][REMOTE_NAME] = remote_config(home)
+            conf["remote"][REMOTE_NAME] = remote_config(home, remote)
             conf["core"]["remote"] = REMOTE_NAME
         yield repo
     finally:
@@ -52,12 +54,11 @@ def open_repo(project: Path, home: Home) -> Iterator["object"]:
         dvc_log.setLevel(level)
 
 
-def remote_config(home: Home) -> dict:
-    """The default remote of the active profile: a folder in the state folder (local) or an S3-compatible bucket
-    (cluster; credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment)."""
-    from medplib.config.profile import load_profile
-
-    d = load_profile().dvc
+def remote_config(home: Home, remote: DvcProfile | None = None) -> dict:
+    """The profile's default remote (`RunContext.profile.dvc`; None: the local profile's): a folder in the state
+    folder (local) or an S3-compatible bucket (cluster; credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in
+    the environment)."""
+    d = remote or DvcProfile()
     url = d.url.replace("{home}", str(home.root))
     conf = {"url": url if "://" in url else str(Path(url))}
     if d.endpoint_url:
@@ -73,10 +74,10 @@ def read_version(project: Path) -> str | None:
     return yaml.safe_load(pointer.read_text(encoding="utf-8"))["outs"][0]["md5"]
 
 
-def track_data(project: Path, home: Home) -> str:
+def track_data(project: Path, home: Home, remote: DvcProfile | None = None) -> str:
     """`dvc add data` + `dvc push` to the default remote; returns the new version."""
     project = Path(project).resolve()
-    with open_repo(project, home) as repo:
+    with open_repo(project, home, remote) as repo:
         repo.add(str(project / "data"))
         repo.push()
     version = read_version(project)
@@ -85,20 +86,20 @@ def track_data(project: Path, home: Home) -> str:
     return version
 
 
-def data_status(project: Path, home: Home) -> dict:
+def data_status(project: Path, home: Home, remote: DvcProfile | None = None) -> dict:
     """Version, whether `data/` matches `data.dvc`, and whether the remote holds that version."""
     project = Path(project).resolve()
     version = read_version(project)
     if version is None:
         return {"version": None, "in_sync": False, "pushed": False, "data_dir": str(project / "data")}
-    with open_repo(project, home) as repo:
+    with open_repo(project, home, remote) as repo:
         local = repo.status(targets=[str(project / "data.dvc")])
         remote = repo.status(targets=[str(project / "data.dvc")], cloud=True)
     return {"version": version, "in_sync": not local, "pushed": not remote, "data_dir": str(project / "data")}
 
 
-def checkout_version(project: Path, home: Home) -> None:
+def checkout_version(project: Path, home: Home, remote: DvcProfile | None = None) -> None:
     """Restore `data/` to what `data.dvc` records, pulling from the remote if the cache lacks it."""
     project = Path(project).resolve()
-    with open_repo(project, home) as repo:
+    with open_repo(project, home, remote) as repo:
         repo.pull(targets=[str(project / "data.dvc")], force=True)

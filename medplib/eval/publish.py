@@ -16,8 +16,7 @@ from typing import Iterator, Sequence
 import yaml
 
 from medplib import tasks
-from medplib.config import Config, Home, TrackingConfig, load_tracking_config, resolve_home, to_dict
-from medplib.config.tracking import GateConfig
+from medplib.config import Config, TrackingConfig, to_dict
 from medplib.config.home import REPO_ROOT
 from medplib.eval.runner import EvalReport, evaluate, log_report
 from medplib.registry import TAG_DECISION_RUN, TAG_EVAL_RUN, EvalMetrics, Registry, use_tracking
@@ -42,8 +41,7 @@ def gate_table(primary: str) -> str:
     return keys[primary][0]
 
 
-def report_metrics(report: EvalReport, data_version: str, split: str = "test",
-                   primary: str = GateConfig.primary_metric) -> EvalMetrics:
+def report_metrics(report: EvalReport, data_version: str, split: str, primary: str) -> EvalMetrics:
     """The registry's view of a report: headline metrics over all modalities (`all`) and per modality, named as
     `EvalReport.summary` names them (`grounding_mdice` = table "test/grounding", metric "dice"); `n` counts the
     samples the primary metric averages."""
@@ -136,25 +134,25 @@ def reevaluate_champion(registry: Registry, data_dir: Path, data_version: str, *
                                       run_name=f"evaluate-champion-v{champion}", model_ref=ref,
                                       parent_run_id=parent_run_id, limit=limit, batch_size=batch_size,
                                       tags={"medplib.evaluated_version": champion})
-    registry.record_eval(champion, report_metrics(report, data_version, split), eval_run_id=run_id)
+    registry.record_eval(champion, report_metrics(report, data_version, split, registry.cfg.gate.primary_metric),
+                         eval_run_id=run_id)
     return run_id
 
 
-def publish(model_dir: Path, data_dir: Path, data_version: str, home: Home | Path | str | None = None, *,
+def publish(model_dir: Path, data_dir: Path, data_version: str, tracking: TrackingConfig, *,
             config_digest: str, git_commit: str | None = None, parent_run_id: str | None = None,
-            limit: int | None = None, batch_size: int = 16, tracking: TrackingConfig | None = None,
-            tags: dict[str, str] | None = None) -> dict:
+            limit: int | None = None, batch_size: int = 16, tags: dict[str, str] | None = None) -> dict:
     """Evaluate the saved model in `model_dir` on the test and zero-shot splits of `data_dir` (DVC version
     `data_version`), log the report and the pyfunc in one run (child of `parent_run_id`), register the version with
-    its lineage as `challenger`, record its metrics, re-evaluate the champion if it was measured on other data, and
-    run the promotion gate. Returns a JSON-able summary of what happened."""
+    its lineage as `challenger` of `tracking`'s registered model (a RunContext's: the family's), record its metrics,
+    re-evaluate the champion if it was measured on other data, and run the promotion gate. Returns a JSON-able
+    summary of what happened."""
     from medplib.model import load_pretrained
 
     if not data_version:
         raise ValueError("data_version is empty: publish needs the DVC version of the evaluation data "
                          "(medplib.data.versioning.read_version)")
-    h = home if isinstance(home, Home) else resolve_home(home)
-    registry = Registry(tracking or load_tracking_config().resolved(h.ensure()))
+    registry = Registry(tracking)
     registry.check_reachable()  # a dead server fails here, before a run or a version is half made
     model_dir = Path(model_dir)
     primary, split = registry.cfg.gate.primary_metric, eval_split(limit)

@@ -77,6 +77,11 @@ def family_of(folder: Path | str) -> ModelFamily:
                      f"{', '.join(get_family(n).format for n in family_names())})")
 
 
-def load_pretrained(folder: Path | str):
-    """Load whatever model a saved folder says it is."""
-    return family_of(folder).model_class.from_pretrained(folder)
+def load_pretrained(folder: Path | str, family: str | None = None):
+    """Load whatever model a saved folder says it is; with `family` (--model NAME), the folder must be that
+    family's, or a ValueError says whose it is."""
+    found = family_of(folder)
+    if family is not None and found.name != family:
+        raise ValueError(f"{folder} holds a model of family {found.name!r} (format {found.format!r}), not of "
+                         f"{get_family(family).name!r}: pass --model {found.name}, or a model of family {family!r}")
+    return found.model_class.from_pretrained(folder)

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def ensure_ray(home: Home, address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to `address` or start a local Ray with its temp files under the state folder. Either way the
+    """Connect to `address` (the profile's `ray_address`, passed down by the caller) or, with None, start a local
+    Ray with its temp files under the state folder. Either way the
     workers' output stays in Ray's session logs (`log_to_driver=False`), which the command's run log names."""
     import ray
 
@@ -33,10 +34,6 @@ def ensure_ray(home: Home, address: str | None = None, num_cpus: int | None = No
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Each ray.train.report blocks for this poll interval (2 s by default): keep reports cheap on small jobs.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    if address is None:
-        from medplib.config.profile import load_profile
-
-        address = load_profile().ray_address  # None in the local profile: start a local Ray below
     if address:
         ctx = ray.init(address=address, log_to_driver=False, configure_logging=False)
     else:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from medplib.config import Config, Home, load_tracking_config, to_dict
+from medplib.config import Config, Home, RunContext, TrackingConfig, to_dict
 from medplib.data.ingest import verify_data
 from medplib.data.torch_dataset import read_records, strip_paths
 from medplib.data.versioning import read_version
@@ -70,7 +70,7 @@ def build_init_model(cfg: Config, data_dir: Path, out: Path, seed: int = 42) -> 
     return out
 
 
-def resolve_start(value: str | None, home: Home) -> Path | None:
+def resolve_start(value: str | None, ctx: RunContext) -> Path | None:
     """`--from`: a model folder, or an MLflow run id whose `model/` artifact is downloaded into the state folder."""
     if not value:
         return None
@@ -80,9 +80,9 @@ def resolve_start(value: str | None, home: Home) -> Path | None:
     if len(value) == 32 and all(c in "0123456789abcdef" for c in value):
         from mlflow.artifacts import download_artifacts
 
-        t = load_tracking_config().resolved(home)
-        dst = home.root / "downloads" / value
-        download_artifacts(run_id=value, artifact_path="model", dst_path=str(dst), tracking_uri=t.tracking_uri)
+        dst = ctx.home.root / "downloads" / value
+        download_artifacts(run_id=value, artifact_path="model", dst_path=str(dst),
+                           tracking_uri=ctx.tracking.tracking_uri)
         return dst / "model"
     raise FileNotFoundError(f"--from {value!r} is neither a model folder nor an MLflow run id")
 
@@ -101,11 +101,10 @@ def stage_inputs(stage: int, home: Home, base: Path | None,
     return start, grounding
 
 
-def _start_mlflow_run(home: Home, spec: StageSpec, cfg: Config, data_version: str | None,
+def _start_mlflow_run(t: TrackingConfig, spec: StageSpec, cfg: Config, data_version: str | None,
                       parent_run_id: str | None, inputs: dict) -> tuple[str, str]:
     from medplib.registry import Registry
 
-    t = load_tracking_config().resolved(home)
     registry = Registry(t)  # one get-or-create of the experiment, safe when another process creates it first
     client, exp_id = registry.client, registry.experiment_id()
     tags = {"medplib.stage": str(spec.stage), "medplib.stage_name": spec.name, "medplib.preset": cfg.preset,
@@ -132,29 +131,28 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def train_stage(stage: int, cfg: Config, home: Home, project: Path, *, workers: int = 2, base: Path | None = None,
+def train_stage(stage: int, ctx: RunContext, *, workers: int = 2, base: Path | None = None,
                 overrides: dict | None = None, parent_run_id: str | None = None, track: bool = True,
                 max_failures: int = 1, extra: dict | None = None, address: str | None = None,
-                max_steps: int = 0, workspace: str | None = None, placement: str = "PACK",
-                model: str = "medplib") -> StageResult:
-    """Train one stage of model family `model` as a Ray Train job (the family's recipe); rank 0 logs steps to an
-    MLflow child run; returns where it saved."""
-    from medplib.model.family import get_family
-
-    family = get_family(model)
+                max_steps: int = 0, workspace: str | None = None, placement: str = "PACK") -> StageResult:
+    """Train one stage of the context's model family as a Ray Train job (the family's recipe) on the profile's Ray
+    (`address` overrides it); rank 0 logs steps to an MLflow child run of the context's tracking settings, which
+    reach the workers through the loop config; returns where it saved."""
+    family = ctx.family
     if stage not in family.stages:
         raise ValueError(f"Stage {stage} is not in model family {family.name!r}'s plan {list(family.stages)}")
+    cfg, home, project = ctx.cfg, ctx.home, ctx.project
     spec = stage_spec(cfg, stage, overrides)
-    data_dir = Path(project) / "data"
+    data_dir = ctx.data_dir
     verify_data(data_dir)  # a corrupted or swapped file stops the stage before any worker reads it
     if stage == 1:
         build_init_model(cfg, data_dir, stage_dir(home, "init", workspace), seed=spec.seed)
     start, grounding = stage_inputs(stage, home, base, workspace)
     out = stage_dir(home, stage, workspace)
-    data_version = read_version(project)
+    data_version = ctx.data_version or read_version(project)
     run_id = tracking_uri = None
     if track:
-        run_id, tracking_uri = _start_mlflow_run(home, spec, cfg, data_version, parent_run_id,
+        run_id, tracking_uri = _start_mlflow_run(ctx.tracking, spec, cfg, data_version, parent_run_id,
                                                  {"base": str(start), "grounding": str(grounding)})
     loop = LoopConfig(
         recipe=family.recipe,
@@ -170,7 +168,8 @@ def train_stage(stage: int, cfg: Config, home: Home, project: Path, *, workers: 
     t0 = time.perf_counter()
     status = "FAILED"
     try:
-        run_stage(loop, home, f"stage{stage}", workers=workers, max_failures=max_failures, address=address,
+        run_stage(loop, home, f"stage{stage}", workers=workers, max_failures=max_failures,
+                  address=address or ctx.profile.ray_address,
                   placement=placement)
         status = "FINISHED"
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from medplib.config import load_config
-from medplib.config.profile import PROFILE_ENV
+from medplib.config.profile import load_profile
 from medplib.data.ingest import ingest, verify_data
 from medplib.data.versioning import checkout_version, data_status, read_version
 
@@ -34,7 +34,6 @@ def s3(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "medplib-test-key")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="medplib-data")
-    monkeypatch.setenv(PROFILE_ENV, "cluster")
     monkeypatch.setenv("MEDPLIB_S3_ENDPOINT", endpoint)
     monkeypatch.setenv("MEDPLIB_DVC_REMOTE", "s3://medplib-data/dvc")
     yield boto3.client("s3", endpoint_url=endpoint)
@@ -44,18 +43,19 @@ def s3(monkeypatch):
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_push_then_pull_a_data_version_through_s3(s3, home, project, tmp_path: Path):
-    v1 = ingest("synth", project, home, load_config("tiny", {"data": {"synth_n": 8}}), seed=1).version
+    remote = load_profile("cluster").dvc  # what a RunContext of `--profile cluster` hands down
+    v1 = ingest("synth", project, home, load_config("tiny", {"data": {"synth_n": 8}}), seed=1, remote=remote).version
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="medplib-data", Prefix="dvc/").get("Contents", [])]
     assert keys and all(k.startswith("dvc/files/md5/") for k in keys)  # pushed to the bucket
-    assert data_status(project, home)["pushed"] is True
+    assert data_status(project, home, remote)["pushed"] is True
     pointer_v1 = (project / "data.dvc").read_text()
-    ingest("synth", project, home, load_config("tiny", {"data": {"synth_n": 8}}), seed=2)  # data moves on
+    ingest("synth", project, home, load_config("tiny", {"data": {"synth_n": 8}}), seed=2, remote=remote)  # moves on
 
     # a fresh clone elsewhere: only data.dvc, no local cache, pulls version 1 from S3
     clone = tmp_path / "clone"
     clone.mkdir()
     (clone / "data.dvc").write_text(pointer_v1)
     shutil.rmtree(home.root / "dvc-site-cache", ignore_errors=True)
-    checkout_version(clone, home)
+    checkout_version(clone, home, remote)
     assert read_version(clone) == v1
     assert verify_data(clone / "data") > 0  # every file as ingest recorded it

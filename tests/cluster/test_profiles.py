@@ -6,58 +6,65 @@ from pathlib import Path
 
 import pytest
 
-from medplib.config import ConfigError, load_tracking_config
+from medplib.config import ConfigError, RunContext, load_tracking_config
 from medplib.config.profile import PROFILE_ENV, load_profile
 
 
 @pytest.fixture
 def cluster_env(monkeypatch):
-    monkeypatch.setenv(PROFILE_ENV, "cluster")
+    monkeypatch.delenv(PROFILE_ENV, raising=False)  # the profile is passed down, never read from here
     for var in ("MEDPLIB_MLFLOW_URI", "MEDPLIB_DVC_REMOTE", "MEDPLIB_S3_ENDPOINT", "MEDPLIB_RAY_ADDRESS",
                 "PREFECT_API_URL", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.delenv(var, raising=False)
     return monkeypatch
 
 
-def test_local_profile_is_mlflow_yaml_and_the_state_folder(monkeypatch, home):
+def test_local_profile_is_mlflow_yaml_and_the_state_folder(home):
     from medplib.data.versioning import remote_config
 
-    monkeypatch.delenv(PROFILE_ENV, raising=False)
-    t = load_tracking_config().resolved(home)
-    assert t.tracking_uri == f"sqlite:///{home.root.resolve()}/mlflow.db" and t.auth is False
-    assert remote_config(home) == {"url": str(home.dvc_remote)}
+    ctx = RunContext.resolve(home=home)
+    assert ctx.profile.name == "local" and ctx.tracking == load_tracking_config().resolved(home)
+    assert ctx.tracking.tracking_uri == f"sqlite:///{home.root.resolve()}/mlflow.db" and ctx.tracking.auth is False
+    assert remote_config(home, ctx.profile.dvc) == remote_config(home) == {"url": str(home.dvc_remote)}
+    assert ctx.profile.ray_address is None
 
 
 def test_cluster_profile_switches_every_service(cluster_env, home):
     from medplib.data.versioning import remote_config
 
     cluster_env.setenv("MEDPLIB_MLFLOW_URI", "http://mlflow.internal:5000")
-    t = load_tracking_config().resolved(home)
+    ctx = RunContext.resolve(home=home, profile="cluster")
+    t = ctx.tracking
     assert t.tracking_uri == t.registry_uri == "http://mlflow.internal:5000" and t.auth is True
     assert t.artifact_location == "mlflow-artifacts:/medplib"
-    assert remote_config(home) == {"url": "s3://medplib-data/dvc", "endpointurl": "http://127.0.0.1:9000"}
-    p = load_profile()
+    assert remote_config(home, ctx.profile.dvc) == {"url": "s3://medplib-data/dvc",
+                                                    "endpointurl": "http://127.0.0.1:9000"}
+    p = ctx.profile
     assert p.ray_address == "ray://127.0.0.1:10001" and p.prefect_api_url == "http://127.0.0.1:4200/api"
 
 
 def test_auth_needs_credentials_from_the_environment(cluster_env, home):
     from medplib.registry import Registry, RegistryError
 
+    cluster = load_profile("cluster")
     with pytest.raises(RegistryError, match="MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD are not set"):
-        Registry(load_tracking_config().resolved(home))
+        Registry(load_tracking_config(profile=cluster).resolved(home))
     cluster_env.setenv("MLFLOW_TRACKING_USERNAME", "medplib")
     with pytest.raises(RegistryError, match="MLFLOW_TRACKING_PASSWORD is not set"):
-        Registry(load_tracking_config().resolved(home))
+        Registry(load_tracking_config(profile=cluster).resolved(home))
 
 
 def test_cli_profile_option_sets_prefect_and_names_bad_profiles(cluster_env, capsys):
     import os
 
-    from medplib_cli.main import apply_profile, main
+    from medplib_cli.main import apply_profile, main, profile_name
 
-    cluster_env.delenv(PROFILE_ENV)
-    apply_profile("cluster")
-    assert os.environ[PROFILE_ENV] == "cluster" and os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
+    assert apply_profile("cluster").name == "cluster"
+    assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
+    assert PROFILE_ENV not in os.environ  # the profile travels in the RunContext, not through the environment
+    assert profile_name(None) == "local" and profile_name("cluster") == "cluster"
+    cluster_env.setenv(PROFILE_ENV, "cluster")
+    assert profile_name(None) == "cluster" and profile_name("local") == "local"
     assert main(["data", "status", "--profile", "staging"]) == 2
     assert "Profile 'staging' does not exist" in capsys.readouterr().err
 

@@ -33,7 +33,7 @@ def test_report_metrics_are_per_modality_and_name_the_split():
                                      "all": {"dice": 0.4, "iou": 0.3, "n": 1}},
               "test/vqa_closed": {"ct": {"accuracy": 1.0, "n": 4}, "all": {"accuracy": 1.0, "n": 4}}}
     report = EvalReport(rows=[], tables=tables, summary={"grounding_mdice": 0.7333, "closed_vqa_accuracy": 1.0})
-    m = report_metrics(report, "abc.dir", eval_split(None))
+    m = report_metrics(report, "abc.dir", eval_split(None), "grounding_mdice")
     assert (m.data_version, m.split) == ("abc.dir", "test") and eval_split(50) == "test[:50]"
     assert m.metrics["all"] == {"grounding_mdice": 0.7333, "closed_vqa_accuracy": 1.0, "n": 3.0}
     assert m.metrics["ct"] == {"grounding_mdice": 0.8, "grounding_miou": 0.7, "closed_vqa_accuracy": 1.0, "n": 2.0}
@@ -92,7 +92,7 @@ def test_publish_promotes_better_rejects_less_trained_reevaluates_champion_and_c
     registry = Registry(tracking)
     client = MlflowClient(tracking.tracking_uri)
     parent = client.create_run(registry.experiment_id(), run_name="pipeline").info.run_id
-    common = dict(home=home, parent_run_id=parent, git_commit="c0ffee")
+    common = dict(parent_run_id=parent, git_commit="c0ffee")
     # mlflow.yaml's floor keeps a Dice-0 model from becoming the first champion; this test wants one to roll back to
     no_floor = replace(tracking, gate=replace(tracking.gate, floor={}))
 
@@ -101,7 +101,7 @@ def test_publish_promotes_better_rejects_less_trained_reevaluates_champion_and_c
         assert s1["promoted"] and s1["version"] == "1" and "no champion yet" in s1["reason"]
         assert s1["metrics"]["grounding_mdice"] == 0.0
 
-        s2 = publish(models["more"], data_a, "aaa.dir", config_digest="cfg-more", **common)
+        s2 = publish(models["more"], data_a, "aaa.dir", config_digest="cfg-more", tracking=tracking, **common)
         assert s2["promoted"] and s2["champion_version"] == "2" and s2["previous_champion_version"] == "1"
         # judged by a paired bootstrap over the 4 test discs both were scored on
         assert s2["paired_samples"] == 4 and s2["interval"][0] > 0.5 and "90% interval" in s2["reason"]
@@ -127,7 +127,7 @@ def test_publish_promotes_better_rejects_less_trained_reevaluates_champion_and_c
             assert (folder / "model.safetensors").read_bytes() == (models["more"] / "model.safetensors").read_bytes()
 
         # new data: the champion is re-evaluated on it first, then the less-trained challenger loses
-        s3 = publish(models["less"], data_b, "bbb.dir", config_digest="cfg-less", **common)
+        s3 = publish(models["less"], data_b, "bbb.dir", config_digest="cfg-less", tracking=tracking, **common)
     assert not s3["promoted"] and s3["champion_version"] == "2"
     assert "0.0000 does not beat the champion's" in s3["reason"] and "modality 'x'" in s3["reason"]
     assert s3["champion_eval_run_id"] is not None

@@ -186,7 +186,7 @@ def test_gate_config_rejects_unknown_guard_and_floor_metrics():
     with pytest.raises(ConfigError, match="'gate.confidence' = 1.0"):
         from_dict(GateConfig, {"confidence": 1.0}, prefix="gate.")
     # by default every task's headline metric but the primary is guarded
-    assert set(GateConfig().guard_metrics()) == {"closed_vqa_accuracy", "open_vqa_f1", "region_vqa_recall",
+    assert set(GateConfig(primary_metric=P).guard_metrics()) == {"closed_vqa_accuracy", "open_vqa_f1", "region_vqa_recall",
                                                  "caption_bleu1"}
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from medplib.config import load_config
+from medplib.config import RunContext, load_config
 from medplib.data.ingest import DataIntegrityError, ingest, verify_data
 
 
@@ -37,7 +37,7 @@ def test_a_corrupted_data_file_stops_training_before_it_starts(ingested, target)
     path = sorted((data / "images").glob("*.png"))[0] if target == "image" else data / "records.jsonl"
     _flip_one_byte(path)
     with pytest.raises(DataIntegrityError, match=rf"{path.name} is corrupted: its SHA-256 is .* recorded"):
-        train_stage(1, load_config("tiny"), home, project, workers=1, max_steps=1, track=False)
+        train_stage(1, RunContext.resolve("tiny", home=home, project=project), workers=1, max_steps=1, track=False)
 
 
 def test_a_missing_data_file_and_a_missing_manifest_are_named(ingested):

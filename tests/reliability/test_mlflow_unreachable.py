@@ -39,8 +39,7 @@ def test_publish_stops_before_evaluating_or_registering(tmp_path: Path, home):
     registry = _unreachable(tmp_path)
     with pytest.raises(RegistryError, match="unreachable"):
         # the model folder does not even exist: the check comes before anything reads or writes
-        publish(tmp_path / "no-model", tmp_path / "no-data", "0" * 32 + ".dir", home, config_digest="x",
-                tracking=registry.cfg)
+        publish(tmp_path / "no-model", tmp_path / "no-data", "0" * 32 + ".dir", registry.cfg, config_digest="x")
     assert not (tmp_path / "artifacts").exists()
 
 
