@@ -138,10 +138,12 @@ def report_markdown(summary: dict) -> str:
         lines += ["", f"**Validation** passed: {v['n_records']} records, {v['n_images']} images, "
                       f"{v['n_expectations']} expectations ([Data Docs]({Path(v['data_docs']).as_uri()}))."]
     if ev:
-        lines += ["", f"## Metrics of version {ev['version']} (test and zero-shot splits)", "",
-                  "| metric | value |", "|---|---|"]
-        lines += [f"| {k}{' (gate)' if k == ev['primary_metric'] else ''} | {v:.4f} |"
-                  for k, v in sorted(ev["metrics"].items())]
+        val = ev.get("val_metrics") or {}
+        lines += ["", f"## Metrics of version {ev['version']}", "",
+                  "The gate reads validation; test (and zero-shot) is reported, never used to choose.", "",
+                  "| metric | validation | test |", "|---|---|---|"]
+        lines += [f"| {k}{' (gate)' if k == ev['primary_metric'] else ''} | "
+                  f"{'-' if val.get(k) is None else f'{val[k]:.4f}'} | {v:.4f} |" for k, v in sorted(ev["metrics"].items())]
         verdict = "**promoted** to champion" if ev["promoted"] else "**not promoted**"
         lines += ["", "## Promotion", "", f"Version {ev['version']} {verdict}: {ev['reason']}.",
                   f"Champion is now version {ev['champion_version']} "
@@ -179,7 +181,8 @@ def summary_text(summary: dict) -> str:
         ev = summary["evaluation"]
         lines += [f"  stages         " + ", ".join(f"{s['stage']} {s['name']} loss {s['first_loss']:.2f}→"
                                                    f"{s['last_loss']:.2f}" for s in summary["stages"]),
-                  "  metrics        " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(ev["metrics"].items())),
+                  "  val metrics    " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(ev.get("val_metrics", {}).items())),
+                  "  test metrics   " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(ev["metrics"].items())),
                   f"  version {ev['version']}      {'promoted' if ev['promoted'] else 'not promoted'}: {ev['reason']}",
                   f"  champion       models:/{summary.get('registered_model', 'medplib')}@champion = version "
                   f"{ev['champion_version']}"]

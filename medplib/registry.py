@@ -154,7 +154,7 @@ class Interval:
 
 
 def paired_bootstrap(challenger_rows: list[dict], champion_rows: list[dict], metric: str, *, resamples: int = 1000,
-                     confidence: float = 0.9, seed: int = 0) -> Interval:
+                     confidence: float = 0.9, seed: int = 0, split: str = "test") -> Interval:
     """Resample the samples both models were scored on (with replacement, the same draw for both) and return the
     central `confidence` interval of the headline `metric`'s delta. A per-sample-mean metric is resampled as the
     mean of paired differences; a corpus metric (BLEU, CIDEr) is re-aggregated by its task on every resample.
@@ -167,7 +167,9 @@ def paired_bootstrap(challenger_rows: list[dict], champion_rows: list[dict], met
     if metric not in tasks.summary_keys():
         raise ValueError(f"'{metric}' is no task's headline metric; known: {sorted(tasks.summary_keys())}")
     table, column = tasks.summary_keys()[metric]
-    split, task_name = table.split("/", 1)
+    on, task_name = table.split("/", 1)
+    split = split if on == "test" else on  # a test headline measured on `split` (the gate's: validation)
+    table = f"{split}/{task_name}"
 
     task = tasks.get(task_name)
     per_sample = type(task.metric()) is Cumulative  # a per-sample mean; otherwise a corpus metric
@@ -247,7 +249,8 @@ def gate(challenger: EvalMetrics, champion: EvalMetrics | None, cfg: GateConfig)
     elif cfg.bootstrap_samples > 0 and challenger.samples is not None and champion.samples is not None:
         try:
             interval = paired_bootstrap(challenger.samples, champion.samples, p, resamples=cfg.bootstrap_samples,
-                                        confidence=cfg.confidence, seed=cfg.seed)
+                                        confidence=cfg.confidence, seed=cfg.seed,
+                                        split=challenger.split.split("[", 1)[0])
         except ValueError as e:
             failures.append(str(e))
         if interval is not None:

@@ -107,10 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="override the stage's epochs")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
 
-    p = sub.add_parser("evaluate", help="evaluate a model on the test and zero-shot splits of data/ (logged to MLflow)")
+    p = sub.add_parser("evaluate", help="evaluate a model on the validation, test and zero-shot splits of data/ "
+                                        "(logged to MLflow)")
     _common(p)
     p.add_argument("--model", required=True, help=MODEL_TO_LOAD_HELP)
-    p.add_argument("--split", default="test,zeroshot", help="comma-separated splits (default: test,zeroshot)")
+    p.add_argument("--split", default="val,test,zeroshot",
+                   help="comma-separated splits (default: val,test,zeroshot; the gate's metrics are validation's)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     p.add_argument("--batch-size", type=int, default=16, help="records per generate call (default: 16)")
 
@@ -412,8 +414,8 @@ def _evaluate(args, ctx: RunContext) -> int:
     from medplib.serve import load_model
 
     splits = tuple(s.strip() for s in args.split.split(",") if s.strip())
-    if not splits or any(s not in ("test", "zeroshot") for s in splits):
-        raise ValueError(f"--split {args.split!r}: use test, zeroshot or test,zeroshot")
+    if not splits or any(s not in ("val", "test", "zeroshot") for s in splits):
+        raise ValueError(f"--split {args.split!r}: use one or more of val, test, zeroshot (comma-separated)")
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: need at least 1")
@@ -431,18 +433,19 @@ def _evaluate(args, ctx: RunContext) -> int:
                                       model_ref=model_ref, splits=splits, limit=args.limit, batch_size=args.batch_size,
                                       tags={"medplib.evaluated_version": version} if version else None)
     recorded = None
-    if version and data_version and "test" in splits:
+    if version and data_version and "val" in splits:  # the gate reads validation
         metrics = report_metrics(report, data_version, eval_split(args.limit),
                                  primary=registry.cfg.gate.primary_metric)
         if metrics.primary(registry.cfg.gate.primary_metric) is not None:
             registry.record_eval(version, metrics, eval_run_id=run_id)
             recorded = version
     summary = {"model": model_ref, "version": version, "data_version": data_version, "splits": list(splits),
-               "limit": args.limit, "samples": len(report.rows), "metrics": report.summary, "tables": report.tables,
+               "limit": args.limit, "samples": len(report.rows), "metrics": report.summary,
+               "val_metrics": report.val_summary, "tables": report.tables,
                "mlflow_run_id": run_id, "recorded_on_version": recorded}
     note = (f"Recorded on version {recorded} for the promotion gate (data {data_version}, split "
             f"'{eval_split(args.limit)}')." if recorded else "Not recorded for the gate (only a registered version "
-            "evaluated on the test split of DVC-versioned data is).")
+            "evaluated on the validation split of DVC-versioned data is).")
     _emit(args, summary, f"{report_markdown(report)}\n{len(report.rows)} samples of {model_ref} on data "
                          f"{data_version or 'unversioned'}; MLflow run {run_id}. {note}")
     return 0

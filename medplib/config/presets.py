@@ -20,12 +20,16 @@ class DataConfig:
     # Held out of grounding training: their grounding questions form the zero-shot split.
     zeroshot_modalities: tuple[str, ...] = ("pet", "fundus")
     test_fraction: float = 0.2
+    # Carved from train at ingest, by image (a hash of its pixels): what the promotion gate and any selection read.
+    val_fraction: float = 0.1
     max_image_pixels: int = 8192 * 8192
 
     def validate(self, prefix: str = "") -> None:
         for m in self.zeroshot_modalities:
             if m not in MODALITIES:
                 raise ConfigError(f"Config key '{prefix}zeroshot_modalities' has {m!r}, not one of {list(MODALITIES)}")
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise ConfigError(f"Config key '{prefix}val_fraction' = {self.val_fraction} must be in [0, 0.5)")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"Config key '{prefix}test_fraction' = {self.test_fraction} must be in (0, 1)")
         if self.image_size < 16 or self.image_size > 1024:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 MIN_SIDE, MAX_SIDE = 16, 8192  # pixels per image side; smaller is not an image, larger is refused at read
 N_EXAMPLES = 5
-HELD_OUT = ("test", "zeroshot")  # splits whose query images training must never see
+HELD_OUT = ("val", "test", "zeroshot")  # splits whose query images training must never see
 SITE_NAME = "medplib"
 # The key columns that name a row of each table in examples.
 KEYS = {"records": ["line"], "images": ["path"], "masks": ["path", "image"]}

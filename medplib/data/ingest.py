@@ -44,11 +44,13 @@ class IngestResult:
     by_task: dict[str, int] = field(default_factory=dict)
     by_modality: dict[str, int] = field(default_factory=dict)
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    by_split: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"total": self.total, "valid": self.valid, "quarantined": self.quarantined, "version": self.version,
-                "data_dir": str(self.data_dir), "source": self.source, "by_task": self.by_task,
-                "by_modality": self.by_modality, "quarantine_reasons": self.quarantine_reasons}
+                "data_dir": str(self.data_dir), "source": self.source, "by_split": self.by_split,
+                "by_task": self.by_task, "by_modality": self.by_modality,
+                "quarantine_reasons": self.quarantine_reasons}
 
 
 def parse_source(spec: str) -> tuple[str, Path | None]:
@@ -146,7 +148,16 @@ def _load_context(raw: dict, files: _Files, where: str, out_files: dict[str, np.
     return context, digests
 
 
-def normalise(item: RawItem, files: _Files) -> tuple[Record, dict[str, np.ndarray]]:
+def in_val(image_digest: str, val_fraction: float) -> bool:
+    """Whether a training image goes to the validation split: a fixed hash of its pixels' digest, so the same image
+    lands in the same split on any machine, for any source and record order, and all its records go together."""
+    if val_fraction <= 0:
+        return False
+    draw = int(hashlib.sha256(f"medplib-val:{image_digest}".encode()).hexdigest()[:12], 16) / 16 ** 12
+    return draw < val_fraction
+
+
+def normalise(item: RawItem, files: _Files, val_fraction: float = 0.0) -> tuple[Record, dict[str, np.ndarray]]:
     """Check one raw MeCoVQA record and return the normalised record and the files it needs."""
     where, raw = item.where, item.raw
     if not isinstance(raw, dict):
@@ -202,9 +213,11 @@ def normalise(item: RawItem, files: _Files) -> tuple[Record, dict[str, np.ndarra
     problem = task.check_context(context)
     if problem is not None:
         raise RecordError(where, "context", *problem)
-    rid = stable_id(_digest(image), turns, item.split, task.name, context_digests)
+    digest = _digest(image)
+    split = "val" if item.split == "train" and in_val(digest, val_fraction) else item.split
+    rid = stable_id(digest, turns, split, task.name, context_digests)
     source_id = raw.get("id") if isinstance(raw.get("id"), str) else where
-    record = Record(id=rid, image=image_rel, modality=modality, split=item.split, task=task.name, conversations=turns,
+    record = Record(id=rid, image=image_rel, modality=modality, split=split, task=task.name, conversations=turns,
                     masks=masks, regions=regions, answer_type=answer_type, source=item.file, source_id=source_id,
                     context=context)
     return record, out_files
@@ -215,8 +228,9 @@ def _quarantine_entry(err: RecordError, raw: object = None) -> dict:
 
 
 def build_dataset(root: Path, data_dir: Path, source_name: str, pre_errors: list[RecordError],
-                  max_pixels: int) -> IngestResult:
-    """Normalise a MeCoVQA-layout folder into `data_dir` (replaced atomically); no DVC here."""
+                  max_pixels: int, val_fraction: float = 0.0) -> IngestResult:
+    """Normalise a MeCoVQA-layout folder into `data_dir` (replaced atomically); no DVC here. With `val_fraction`,
+    that share of the training images (by a hash of their pixels, `in_val`) becomes the validation split."""
     files = _Files(Path(root).resolve(), max_pixels)
     records: dict[str, Record] = {}
     quarantine = [_quarantine_entry(e) for e in pre_errors]
@@ -227,7 +241,7 @@ def build_dataset(root: Path, data_dir: Path, source_name: str, pre_errors: list
             quarantine.append(_quarantine_entry(item))
             continue
         try:
-            rec, needed = normalise(item, files)
+            rec, needed = normalise(item, files, val_fraction)
             if rec.id in records:
                 first = records[rec.id]
                 raise RecordError(item.where, "id", rec.id,
@@ -259,9 +273,11 @@ def build_dataset(root: Path, data_dir: Path, source_name: str, pre_errors: list
         total=total, valid=len(records), quarantined=len(quarantine), version="", data_dir=data_dir,
         source=source_name, by_task=dict(sorted(Counter(r.task for r in ordered).items())),
         by_modality=dict(sorted(Counter(r.modality for r in ordered).items())),
+        by_split=dict(sorted(Counter(r.split for r in ordered).items())),
         quarantine_reasons=dict(sorted(Counter(q["reason"].split(":")[0] for q in quarantine).items())),
     )
     manifest = {"source": source_name, "total": total, "valid": result.valid, "quarantined": result.quarantined,
+                **({"val_fraction": val_fraction, "by_split": result.by_split} if val_fraction > 0 else {}),
                 "by_task": result.by_task, "by_modality": result.by_modality,
                 "files": {rel: file_sha256(tmp / rel) for rel in [*sorted(to_write), "records.jsonl"]}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
@@ -308,7 +324,8 @@ def ingest(spec: str, project: Path, home: Home, cfg: Config, seed: int | None =
     (`remote`, a RunContext's `profile.dvc`; None: the local folder in the state folder)."""
     home.ensure()
     root, pre_errors, name = stage_source(spec, home, cfg, seed)
-    result = build_dataset(root, Path(project) / "data", name, pre_errors, cfg.data.max_image_pixels)
+    result = build_dataset(root, Path(project) / "data", name, pre_errors, cfg.data.max_image_pixels,
+                           cfg.data.val_fraction)
     result.version = track_data(Path(project), home, remote)
     log.info("ingested %s: %d total = %d valid + %d quarantined; version %s", name, result.total, result.valid,
              result.quarantined, result.version)

@@ -18,7 +18,7 @@ import yaml
 from medplib import tasks
 from medplib.config import Config, TrackingConfig, to_dict
 from medplib.config.home import REPO_ROOT
-from medplib.eval.runner import EvalReport, evaluate, log_report
+from medplib.eval.runner import EvalReport, evaluate, log_report, summarise, summary_table
 from medplib.registry import TAG_DECISION_RUN, TAG_EVAL_RUN, EvalMetrics, Registry, use_tracking
 
 log = logging.getLogger(__name__)
@@ -27,30 +27,42 @@ ARTIFACT_PATH = "medplib"  # the pyfunc's name in its run; `models:/<model id>` 
 TAG_GIT_DIRTY = "medplib.git_dirty"
 
 
+GATE_SPLIT = "val"  # the promotion gate reads validation; test is reported, never used to choose
+
+
 def eval_split(limit: int | None = None) -> str:
-    """The split label recorded with eval metrics: "test", or "test[:N]" for a run cut to its first N records,
-    so that the gate never compares a partial evaluation with a full one."""
-    return f"test[:{limit}]" if limit else "test"
+    """The split label recorded with the gate's metrics: "val", or "val[:N]" for a run cut to the first N records of
+    each split, so that the gate never compares a partial evaluation with a full one."""
+    return f"{GATE_SPLIT}[:{limit}]" if limit else GATE_SPLIT
 
 
-def gate_table(primary: str) -> str:
-    """The evaluation table the gate's primary metric comes from ("test/<task>"), as the tasks' summaries say."""
+def split_of(label: str) -> str:
+    """The split of an eval-split label ("val[:50]" → "val")."""
+    return label.split("[", 1)[0]
+
+
+def gate_table(primary: str, split: str = GATE_SPLIT) -> str:
+    """The evaluation table the gate's primary metric comes from on `split` ("val/<task>"), as the tasks' summaries
+    say."""
     keys = tasks.summary_keys()
     if primary not in keys:
         raise ValueError(f"Primary metric {primary!r} is no task's summary metric; known: {sorted(keys)}")
-    return keys[primary][0]
+    return summary_table(keys[primary][0], split)
 
 
 def report_metrics(report: EvalReport, data_version: str, split: str, primary: str) -> EvalMetrics:
-    """The registry's view of a report: headline metrics over all modalities (`all`) and per modality, named as
-    `EvalReport.summary` names them (`grounding_mdice` = table "test/grounding", metric "dice"); `n` counts the
-    samples the primary metric averages."""
-    rows: dict[str, dict[str, float]] = {"all": dict(report.summary)}
+    """The registry's view of a report on one split (the label's: "val" for the gate): headline metrics over all
+    modalities (`all`) and per modality, named as the tasks' summaries name them (`grounding_mdice` = metric "dice"
+    of table "<split>/grounding"); `n` counts the samples the primary metric averages."""
+    on = split_of(split)
+    rows: dict[str, dict[str, float]] = {"all": summarise(report.tables, on)}
     for name, (table, metric) in tasks.summary_keys().items():
-        for modality, values in report.tables.get(table, {}).items():
+        if on != "test" and not table.startswith("test/"):
+            continue  # zero-shot headlines have no counterpart on other splits
+        for modality, values in report.tables.get(summary_table(table, on), {}).items():
             if modality != "all" and metric in values:
                 rows.setdefault(modality, {})[name] = float(values[metric])
-    for modality, values in report.tables.get(gate_table(primary), {}).items():
+    for modality, values in report.tables.get(gate_table(primary, on), {}).items():
         rows.setdefault(modality, {})["n"] = float(values["n"])
     return EvalMetrics(data_version=data_version, metrics=rows, split=split)
 
@@ -81,7 +93,7 @@ def _resumed_run(tracking: TrackingConfig, run_id: str) -> Iterator[None]:
 
 
 def evaluate_and_log(model, data_dir: Path, data_version: str | None, registry: Registry, *, run_name: str,
-                     model_ref: str, parent_run_id: str | None = None, splits: Sequence[str] = ("test", "zeroshot"),
+                     model_ref: str, parent_run_id: str | None = None, splits: Sequence[str] = ("val", "test", "zeroshot"),
                      limit: int | None = None, batch_size: int = 16, tags: dict[str, str] | None = None,
                      log_model_dir: Path | None = None) -> tuple[EvalReport, str]:
     """Evaluate a loaded model into a new MLflow run (child of `parent_run_id`); with `log_model_dir`, also log
@@ -142,7 +154,7 @@ def reevaluate_champion(registry: Registry, data_dir: Path, data_version: str, *
 def publish(model_dir: Path, data_dir: Path, data_version: str, tracking: TrackingConfig, *,
             config_digest: str, git_commit: str | None = None, parent_run_id: str | None = None,
             limit: int | None = None, batch_size: int = 16, tags: dict[str, str] | None = None) -> dict:
-    """Evaluate the saved model in `model_dir` on the test and zero-shot splits of `data_dir` (DVC version
+    """Evaluate the saved model in `model_dir` on the validation, test and zero-shot splits of `data_dir` (DVC version
     `data_version`), log the report and the pyfunc in one run (child of `parent_run_id`), register the version with
     its lineage as `challenger` of `tracking`'s registered model (a RunContext's: the family's), record its metrics,
     re-evaluate the champion if it was measured on other data, and run the promotion gate. Returns a JSON-able
@@ -167,9 +179,10 @@ def publish(model_dir: Path, data_dir: Path, data_version: str, tracking: Tracki
     metrics = report_metrics(report, data_version, split, primary)
     table = gate_table(primary)
     if metrics.primary(primary) is None:
-        raise ValueError(f"The evaluation of {model_dir} gave no '{primary}' (no {table} samples among the "
-                         f"{len(report.rows)} evaluated{f' with limit {limit}' if limit else ''}): the gate cannot "
-                         f"judge it. Evaluate on data with {table} records (MLflow run {run_id}).")
+        raise ValueError(f"The evaluation of {model_dir} gave no '{primary}' on the validation split (no {table} "
+                         f"samples among the {len(report.rows)} evaluated{f' with limit {limit}' if limit else ''}): "
+                         f"the gate reads validation, never test. Ingest with data.val_fraction > 0 so that data "
+                         f"has {table} records (MLflow run {run_id}).")
     version_tags = {TAG_EVAL_RUN: run_id, **(tags or {})}
     if dirty is not None:
         version_tags[TAG_GIT_DIRTY] = str(dirty).lower()
@@ -192,7 +205,8 @@ def publish(model_dir: Path, data_dir: Path, data_version: str, tracking: Tracki
         "delta": decision.delta, "modality_deltas": decision.modality_deltas, "interval": decision.interval,
         "confidence": decision.confidence, "paired_samples": decision.paired_samples,
         "guard_deltas": decision.guard_deltas,
-        "metrics": dict(report.summary), "per_modality": report.per_modality(table, tasks.summary_keys()[primary][1]),
+        "metrics": dict(report.summary), "val_metrics": dict(report.val_summary),
+        "per_modality": report.per_modality(table, tasks.summary_keys()[primary][1]),
         "data_version": data_version, "eval_split": split,
         "previous_champion_version": previous, "champion_version": registry.champion_version(),
         "eval_run_id": run_id, "champion_eval_run_id": champion_run,

@@ -1,7 +1,10 @@
-"""Evaluate a model on the test and zero-shot splits as MedPLIB does (REFERENCE §5), per task and modality."""
+"""Evaluate a model as MedPLIB does (REFERENCE §5), per task and modality, on the validation, test and zero-shot
+splits. The headline metrics are the tasks' summaries on test (reported) and the same metrics on validation (what
+the promotion gate and any selection read: test is never used to choose)."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +25,8 @@ log = logging.getLogger(__name__)
 class EvalReport:
     rows: list[dict]  # one per sample: id, split, task, modality, question, prediction, reference, metric values
     tables: dict[str, dict[str, dict[str, float]]]  # "<split>/<task>" -> {modality: {metric: mean, n}}
-    summary: dict[str, float] = field(default_factory=dict)  # flat metrics for MLflow and the promotion gate
+    summary: dict[str, float] = field(default_factory=dict)  # headline metrics on test (and zero-shot): reported
+    val_summary: dict[str, float] = field(default_factory=dict)  # the same on validation: what the gate reads
     masks: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)  # id -> image, pred, gt
 
     def per_modality(self, table: str, metric: str) -> dict[str, float]:
@@ -55,7 +59,7 @@ def aggregate(rows: Sequence[dict], splits: Sequence[str]) -> dict[str, dict]:
     return tables
 
 
-def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("test", "zeroshot"),
+def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("val", "test", "zeroshot"),
              tasks: Sequence[str] | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
              limit: int | None = None) -> EvalReport:
     """Generate an answer (and masks) for every record of `splits`, score it, and aggregate per modality.
@@ -66,8 +70,14 @@ def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("test", "z
     chosen = None if tasks is None else registry.resolve(tasks)
     records = [r for r in read_records(data_dir) if r.split in splits and (chosen is None or r.task in chosen)]
     records.sort(key=lambda r: (r.split, r.task, r.id))
-    if limit:
-        records = records[:limit]
+    if limit:  # the first `limit` records of each split
+        taken: Counter[str] = Counter()
+        cut = []
+        for r in records:
+            if taken[r.split] < limit:
+                taken[r.split] += 1
+                cut.append(r)
+        records = cut
     if not records:
         raise ValueError(f"No records of splits {list(splits)} in {data_dir}")
     model.eval()
@@ -99,16 +109,27 @@ def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("test", "z
     bar.close()
 
     tables = aggregate(rows, splits)
-    summary = summarise(tables)
-    log.info("evaluated %d samples: %s", len(rows), {k: round(v, 3) for k, v in summary.items()})
-    return EvalReport(rows=rows, tables=tables, summary=summary, masks=kept)
+    summary, val_summary = summarise(tables), summarise(tables, "val")
+    log.info("evaluated %d samples: test %s, val %s", len(rows), {k: round(v, 3) for k, v in summary.items()},
+             {k: round(v, 3) for k, v in val_summary.items()})
+    return EvalReport(rows=rows, tables=tables, summary=summary, val_summary=val_summary, masks=kept)
 
 
-def summarise(tables: dict[str, dict]) -> dict[str, float]:
-    """Headline metrics (over all modalities) of the evaluation tables that exist."""
+def summary_table(table: str, split: str = "test") -> str:
+    """A headline metric's table on `split`: "test/<task>" re-pointed to "val/<task>" for split "val" (zero-shot
+    tables are zero-shot's own and have no validation counterpart)."""
+    on, task = table.split("/", 1)
+    return f"{split}/{task}" if on == "test" else table
+
+
+def summarise(tables: dict[str, dict], split: str = "test") -> dict[str, float]:
+    """Headline metrics (over all modalities) of the evaluation tables that exist; with split "val", the test
+    headlines measured on validation (zero-shot ones left out)."""
     out = {}
     for name, (table, metric) in registry.summary_keys().items():
-        value = tables.get(table, {}).get("all", {}).get(metric)
+        if split != "test" and not table.startswith("test/"):
+            continue
+        value = tables.get(summary_table(table, split), {}).get("all", {}).get(metric)
         if value is not None:
             out[name] = float(value)
     return out
@@ -163,6 +184,7 @@ def log_report(report: EvalReport, client, run_id: str, data_version: str | None
 
     ts = int(__import__("time").time() * 1000)
     metrics = [Metric(k, v, ts, 0) for k, v in report.summary.items()]
+    metrics += [Metric(f"val.{k}", v, ts, 0) for k, v in report.val_summary.items()]
     for table, by_mod in report.tables.items():
         key = table.replace("/", "_")
         for modality, values in by_mod.items():
@@ -175,4 +197,5 @@ def log_report(report: EvalReport, client, run_id: str, data_version: str | None
     client.log_table(run_id, pd.DataFrame(report.rows), "eval/samples.json")
     for modality, grid in overlay_grid(report).items():
         client.log_image(run_id, grid, f"eval/overlays/{modality}_best_worst.png")
-    client.log_text(run_id, json.dumps(report.summary, indent=1), "eval/summary.json")
+    client.log_text(run_id, json.dumps({**report.summary, **{f"val.{k}": v for k, v in report.val_summary.items()}},
+                                       indent=1), "eval/summary.json")

@@ -152,3 +152,36 @@ def test_synth_is_deterministic_and_in_mecovqa_layout(tmp_path: Path):
     assert "train/MeCoVQA-Complex.json" in names and "train/MeCoVQA-Grounding.json" in names
     assert any(n.startswith("zeroshot4grounding/") for n in names)
     assert {Path(n).name.split("_")[0] for n in names if n.startswith("images/")} == set(MODALITIES)
+
+
+def test_validation_is_carved_from_train_by_image_and_recorded(tmp_path: Path):
+    """MeCoVQA has no validation files: ingest moves a fixed share of the training images (all their records) to
+    `val`, by a hash of the pixels; test and zero-shot stay as they are; the manifest records it."""
+    from collections import defaultdict
+
+    from medplib.data.expectations import validate_dataset
+
+    generate(tmp_path / "src", n=80, seed=5)
+    plain = build_dataset(tmp_path / "src", tmp_path / "plain", "synth", [], 10**7)
+    carved = build_dataset(tmp_path / "src", tmp_path / "data", "synth", [], 10**7, val_fraction=0.25)
+    again = build_dataset(tmp_path / "src", tmp_path / "again", "synth", [], 10**7, val_fraction=0.25)
+    read = lambda d: [json.loads(line) for line in (d / "records.jsonl").read_text().splitlines()]  # noqa: E731
+    before, after = read(tmp_path / "plain"), read(tmp_path / "data")
+    assert len(before) == len(after) == plain.valid == carved.valid
+    assert (tmp_path / "data/records.jsonl").read_bytes() == (tmp_path / "again/records.jsonl").read_bytes()
+
+    splits_of = defaultdict(set)
+    for r in after:
+        splits_of[r["image"]].add(r["split"])
+    assert all(len(s) == 1 for s in splits_of.values())  # an image's records go together
+    train_before = {r["image"] for r in before if r["split"] == "train"}
+    val = {i for i, s in splits_of.items() if s == {"val"}}
+    assert val and val < train_before and 0.1 < len(val) / len(train_before) < 0.45
+    for split in ("test", "zeroshot"):  # held-out splits are untouched
+        assert {r["image"] for r in before if r["split"] == split} == {i for i, s in splits_of.items() if s == {split}}
+    manifest = json.loads((tmp_path / "data/manifest.json").read_text())
+    assert manifest["val_fraction"] == 0.25 and manifest["by_split"] == carved.by_split
+    assert carved.by_split["val"] == sum(r["split"] == "val" for r in after)
+    assert validate_dataset(tmp_path / "data", tmp_path / "docs").success
+    # the default config carves 10%
+    assert load_config("tiny").data.val_fraction == 0.1

@@ -21,21 +21,32 @@ from medplib.registry import (
 from medplib.serve import model_folder
 from tests.serve.tiny_grounder import one_thread, train_tiny_grounder, write_phantom_dataset
 
-DATA_A = {"test": [("ct", 30, 30), ("ct", 22, 38), ("mr", 36, 28), ("mr", 42, 44)], "zeroshot": [("pet", 28, 20)]}
-DATA_B = {"test": [("ct", 26, 26), ("ct", 38, 36), ("mr", 30, 40), ("mr", 22, 30), ("x", 34, 24)],
+# validation (what the gate reads), test (reported) and zero-shot discs
+DATA_A = {"val": [("ct", 28, 34), ("ct", 40, 24), ("mr", 24, 26), ("mr", 38, 40)],
+          "test": [("ct", 30, 30), ("ct", 22, 38), ("mr", 36, 28), ("mr", 42, 44)], "zeroshot": [("pet", 28, 20)]}
+DATA_B = {"val": [("ct", 32, 22), ("ct", 24, 40), ("mr", 40, 32), ("mr", 26, 24), ("x", 30, 36)],
+          "test": [("ct", 26, 26), ("ct", 38, 36), ("mr", 30, 40), ("mr", 22, 30), ("x", 34, 24)],
           "zeroshot": [("pet", 24, 36)]}
 
 
 def test_report_metrics_are_per_modality_and_name_the_split():
     tables = {"test/grounding": {"ct": {"dice": 0.8, "iou": 0.7, "n": 2}, "mr": {"dice": 0.6, "iou": 0.5, "n": 1},
                                  "all": {"dice": 0.7333, "iou": 0.6333, "n": 3}},
+              "val/grounding": {"ct": {"dice": 0.9, "iou": 0.8, "n": 1}, "all": {"dice": 0.9, "iou": 0.8, "n": 1}},
               "zeroshot/grounding": {"pet": {"dice": 0.4, "iou": 0.3, "n": 1},
                                      "all": {"dice": 0.4, "iou": 0.3, "n": 1}},
               "test/vqa_closed": {"ct": {"accuracy": 1.0, "n": 4}, "all": {"accuracy": 1.0, "n": 4}}}
     report = EvalReport(rows=[], tables=tables, summary={"grounding_mdice": 0.7333, "closed_vqa_accuracy": 1.0})
+    assert eval_split(None) == "val" and eval_split(50) == "val[:50]"
+    # the gate's view: validation (zero-shot and test tables play no part)
     m = report_metrics(report, "abc.dir", eval_split(None), "grounding_mdice")
-    assert (m.data_version, m.split) == ("abc.dir", "test") and eval_split(50) == "test[:50]"
-    assert m.metrics["all"] == {"grounding_mdice": 0.7333, "closed_vqa_accuracy": 1.0, "n": 3.0}
+    assert (m.data_version, m.split) == ("abc.dir", "val")
+    assert m.metrics == {"all": {"grounding_mdice": 0.9, "grounding_miou": 0.8, "n": 1.0},
+                         "ct": {"grounding_mdice": 0.9, "grounding_miou": 0.8, "n": 1.0}}
+    # the same report on test, as reported
+    m = report_metrics(report, "abc.dir", "test", "grounding_mdice")
+    assert m.metrics["all"] == {"grounding_mdice": 0.7333, "grounding_miou": 0.6333, "zeroshot_grounding_mdice": 0.4,
+                                "zeroshot_grounding_miou": 0.3, "closed_vqa_accuracy": 1.0, "n": 3.0}
     assert m.metrics["ct"] == {"grounding_mdice": 0.8, "grounding_miou": 0.7, "closed_vqa_accuracy": 1.0, "n": 2.0}
     assert m.metrics["mr"] == {"grounding_mdice": 0.6, "grounding_miou": 0.5, "n": 1.0}
     assert m.metrics["pet"] == {"zeroshot_grounding_mdice": 0.4, "zeroshot_grounding_miou": 0.3}
@@ -103,7 +114,8 @@ def test_publish_promotes_better_rejects_less_trained_reevaluates_champion_and_c
 
         s2 = publish(models["more"], data_a, "aaa.dir", config_digest="cfg-more", tracking=tracking, **common)
         assert s2["promoted"] and s2["champion_version"] == "2" and s2["previous_champion_version"] == "1"
-        # judged by a paired bootstrap over the 4 test discs both were scored on
+        # judged on validation by a paired bootstrap over the 4 discs both were scored on; test is reported beside it
+        assert s2["eval_split"] == "val" and s2["val_metrics"]["grounding_mdice"] > 0.7
         assert s2["paired_samples"] == 4 and s2["interval"][0] > 0.5 and "90% interval" in s2["reason"]
         assert s2["champion_eval_run_id"] is None  # champion 1 was measured on the same data: nothing to redo
         assert s2["metrics"]["grounding_mdice"] > 0.7 and set(s2["per_modality"]) == {"ct", "mr"}
@@ -115,7 +127,7 @@ def test_publish_promotes_better_rejects_less_trained_reevaluates_champion_and_c
             "c0ffee", "aaa.dir", "cfg-more", parent)
         assert tags[TAG_EVAL_RUN] == s2["eval_run_id"] and tags[TAG_DECISION] == "promoted"
         recorded = registry.eval_metrics("2")
-        assert recorded.data_version == "aaa.dir" and recorded.split == "test"
+        assert recorded.data_version == "aaa.dir" and recorded.split == "val"
         assert recorded.primary("grounding_mdice", "mr") == pytest.approx(s2["per_modality"]["mr"])
         assert recorded.metrics["ct"]["n"] == 2
         eval_run = client.get_run(s2["eval_run_id"])
@@ -132,7 +144,7 @@ def test_publish_promotes_better_rejects_less_trained_reevaluates_champion_and_c
     assert "0.0000 does not beat the champion's" in s3["reason"] and "modality 'x'" in s3["reason"]
     assert s3["champion_eval_run_id"] is not None
     champion_now = registry.eval_metrics("2")
-    assert champion_now.data_version == "bbb.dir" and set(champion_now.metrics) == {"all", "ct", "mr", "x", "pet"}
+    assert champion_now.data_version == "bbb.dir" and set(champion_now.metrics) == {"all", "ct", "mr", "x"}
     assert client.get_run(s3["champion_eval_run_id"]).data.tags["medplib.evaluated_version"] == "2"
     assert registry.aliases() == {"champion": "2", "previous-champion": "1", "challenger": "3"}
 
@@ -150,8 +162,8 @@ def test_publish_promotes_better_rejects_less_trained_reevaluates_champion_and_c
         assert not out["promoted"] and "not comparable" in out["reason"] and "aaa.dir" in out["reason"]
         out = _cli(["evaluate", "--model", "models:/medplib@champion"], home, capsys)
         assert out["version"] == "1" and out["recorded_on_version"] == "1" and out["data_version"] == "bbb.dir"
-        assert out["metrics"]["grounding_mdice"] == 0.0 and set(out["tables"]) == {"test/grounding",
-                                                                                    "zeroshot/grounding"}
+        assert out["metrics"]["grounding_mdice"] == 0.0 and set(out["tables"]) == {
+            "val/grounding", "test/grounding", "zeroshot/grounding"}
         out = _cli(["promote", "--version", "2"], home, capsys)
         assert out["promoted"] and out["champion_version"] == "2" and out["previous_champion_version"] == "1"
         assert out["paired_samples"] == 5 and out["interval"][0] > 0.5  # both eval runs on data B: paired

@@ -94,9 +94,11 @@ SUMMARY = {
     "validation": {"n_records": 406, "n_images": 48, "n_expectations": 30, "data_docs": "/h/reports/index.html"},
     "stages": [{"stage": 1, "name": "align", "first_loss": 6.3, "last_loss": 6.2, "mlflow_run_id": "s" * 32}],
     "evaluation": {"version": "2", "metrics": {"grounding_mdice": 0.25, "closed_vqa_accuracy": 0.5},
+                   "val_metrics": {"grounding_mdice": 0.27, "closed_vqa_accuracy": 0.55},
                    "primary_metric": "grounding_mdice", "promoted": False, "champion_version": "1",
-                   "reason": "grounding_mdice 0.2500 does not beat the champion's 0.3000", "eval_run_id": "e" * 32,
-                   "decision_run_id": "d" * 32},
+                   "reason": "grounding_mdice 0.2700 does not beat the champion's 0.3000", "eval_run_id": "e" * 32,
+                   "champion_metric": 0.30, "delta": -0.03, "interval": None, "guard_deltas":
+                   {"closed_vqa_accuracy": 0.01}, "modality_deltas": {"ct": -0.04}, "decision_run_id": "d" * 32},
     "champion_version": "1", "skipped": False,
 }
 
@@ -104,8 +106,11 @@ SUMMARY = {
 def test_report_has_data_version_metrics_decision_and_run_links():
     md = report_markdown(SUMMARY)
     assert "`abc.dir`" in md and "ingest skipped: cached" in md
-    assert "| grounding_mdice (gate) | 0.2500 |" in md and "| closed_vqa_accuracy | 0.5000 |" in md
-    assert "Version 2 **not promoted**: grounding_mdice 0.2500 does not beat" in md and "version 1" in md
+    # validation (what the gate read) beside test (reported), and every comparison the gate made
+    assert "| grounding_mdice (gate) | 0.2700 | 0.2500 |" in md and "| closed_vqa_accuracy | 0.5500 | 0.5000 |" in md
+    assert "Version 2 **not promoted**: grounding_mdice 0.2700 does not beat" in md and "version 1" in md
+    assert "| grounding_mdice (primary) | -0.0300 | > 0 |" in md and "| guard closed_vqa_accuracy | +0.0100 |" in md
+    assert "| grounding_mdice on ct | -0.0400 |" in md
     assert "sqlite:////h/mlflow.db" in md
     for run_id in ("p" * 32, "s" * 32, "e" * 32, "d" * 32):
         assert f"http://127.0.0.1:5000/#/experiments/1/runs/{run_id}" in md

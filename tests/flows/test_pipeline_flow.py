@@ -96,7 +96,8 @@ def test_each_run_left_a_markdown_report(two_runs):
         assert report.type == "markdown"
         ev = summary["evaluation"]
         assert f"`{summary['data_version']}`" in report.data
-        assert f"| {ev['primary_metric']} (gate) | {ev['metrics'][ev['primary_metric']]:.4f} |" in report.data
+        p = ev["primary_metric"]
+        assert f"| {p} (gate) | {ev['val_metrics'][p]:.4f} | {ev['metrics'][p]:.4f} |" in report.data
         assert f"Version {ev['version']} **{'promoted' if ev['promoted'] else 'not promoted'}" in report.data
         assert summary["pipeline_run_id"] in report.data and ev["eval_run_id"] in report.data
         assert summary["tracking_uri"] in report.data

@@ -155,4 +155,5 @@ def test_stage_mixes_and_the_gate_are_checked_against_the_registry(count_task):
         tasks.register(CountStructures())
     from medplib.eval.publish import gate_table
 
-    assert gate_table("count_accuracy") == "test/count_structures" and gate_table("grounding_mdice") == "test/grounding"
+    assert gate_table("count_accuracy") == "val/count_structures" and gate_table("grounding_mdice") == "val/grounding"
+    assert gate_table("count_accuracy", "test") == "test/count_structures"
