@@ -49,7 +49,7 @@ def test_a_stage_trains_with_one_worker_on_each_of_two_nodes(home, project, tmp_
         cfg = load_config("tiny", {"data": {"synth_n": 12}})
         ingest("synth", project, home, cfg)
         ctx = RunContext.resolve(config=cfg, home=home, project=project)
-        result = train_stage(1, ctx, workers=2, overrides={"epochs": 1}, max_steps=3, track=False, address=address,
+        result = train_stage(1, ctx, workers=2, overrides={"epochs": 2}, max_steps=3, track=False, address=address,
                              placement="SPREAD")
         assert result.history and result.history[-1]["step"] == 3
         topology = json.loads((Path(result.out_dir) / "topology.json").read_text())
