@@ -6,7 +6,7 @@ from medplib.tasks import Task, register
 
 class Caption(Task):
     name = "caption"
-    groups = ("caption",)
+    groups = ("alignment",)  # stage I's data (MedPLIB's alignment)
     family = "caption"
     file_words = ("alignment", "caption")
     files = {"train": "train/alignment.json", "test": "test/alignment_test.json"}

@@ -9,7 +9,7 @@ from medplib.tasks import Task, register
 
 class Grounding(Task):
     name = "grounding"
-    groups = ("grounding",)
+    groups = ("pixel",)  # the pixel-grounding expert's data
     family = "grounding"
     files = {"train": "train/MeCoVQA-Grounding.json", "test": "test/MeCoVQA_Grounding_test.json"}
     zeroshot = True
