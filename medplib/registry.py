@@ -164,12 +164,11 @@ def paired_bootstrap(challenger_rows: list[dict], champion_rows: list[dict], met
     from medplib import tasks
     from medplib.tasks import Cumulative
 
-    if metric not in tasks.summary_keys():
-        raise ValueError(f"'{metric}' is no task's headline metric; known: {sorted(tasks.summary_keys())}")
-    table, column = tasks.summary_keys()[metric]
-    on, task_name = table.split("/", 1)
-    split = split if on == "test" else on  # a test headline measured on `split` (the gate's: validation)
-    table = f"{split}/{task_name}"
+    keys = tasks.headline_tables(split)  # a test headline measured on `split` (the gate's: validation)
+    if metric not in keys:
+        raise ValueError(f"'{metric}' is no task's headline metric on split {split!r}; known: {sorted(keys)}")
+    table, column = keys[metric]
+    split, task_name = table.split("/", 1)
 
     task = tasks.get(task_name)
     per_sample = type(task.metric()) is Cumulative  # a per-sample mean; otherwise a corpus metric

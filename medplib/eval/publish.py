@@ -18,7 +18,7 @@ import yaml
 from medplib import tasks
 from medplib.config import Config, TrackingConfig, to_dict
 from medplib.config.home import REPO_ROOT
-from medplib.eval.runner import EvalReport, evaluate, log_report, summarise, summary_table
+from medplib.eval.runner import EvalReport, evaluate, log_report, summarise
 from medplib.registry import TAG_DECISION_RUN, TAG_EVAL_RUN, EvalMetrics, Registry, use_tracking
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,11 @@ def split_of(label: str) -> str:
 def gate_table(primary: str, split: str = GATE_SPLIT) -> str:
     """The evaluation table the gate's primary metric comes from on `split` ("val/<task>"), as the tasks' summaries
     say."""
-    keys = tasks.summary_keys()
+    keys = tasks.headline_tables(split)
     if primary not in keys:
-        raise ValueError(f"Primary metric {primary!r} is no task's summary metric; known: {sorted(keys)}")
-    return summary_table(keys[primary][0], split)
+        raise ValueError(f"Primary metric {primary!r} is no task's summary metric on split {split!r}; known: "
+                         f"{sorted(keys)}")
+    return keys[primary][0]
 
 
 def report_metrics(report: EvalReport, data_version: str, split: str, primary: str) -> EvalMetrics:
@@ -56,10 +57,8 @@ def report_metrics(report: EvalReport, data_version: str, split: str, primary: s
     of table "<split>/grounding"); `n` counts the samples the primary metric averages."""
     on = split_of(split)
     rows: dict[str, dict[str, float]] = {"all": summarise(report.tables, on)}
-    for name, (table, metric) in tasks.summary_keys().items():
-        if on != "test" and not table.startswith("test/"):
-            continue  # zero-shot headlines have no counterpart on other splits
-        for modality, values in report.tables.get(summary_table(table, on), {}).items():
+    for name, (table, metric) in tasks.headline_tables(on).items():
+        for modality, values in report.tables.get(table, {}).items():
             if modality != "all" and metric in values:
                 rows.setdefault(modality, {})[name] = float(values[metric])
     for modality, values in report.tables.get(gate_table(primary, on), {}).items():

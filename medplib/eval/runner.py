@@ -115,21 +115,12 @@ def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("val", "te
     return EvalReport(rows=rows, tables=tables, summary=summary, val_summary=val_summary, masks=kept)
 
 
-def summary_table(table: str, split: str = "test") -> str:
-    """A headline metric's table on `split`: "test/<task>" re-pointed to "val/<task>" for split "val" (zero-shot
-    tables are zero-shot's own and have no validation counterpart)."""
-    on, task = table.split("/", 1)
-    return f"{split}/{task}" if on == "test" else table
-
-
 def summarise(tables: dict[str, dict], split: str = "test") -> dict[str, float]:
     """Headline metrics (over all modalities) of the evaluation tables that exist; with split "val", the test
     headlines measured on validation (zero-shot ones left out)."""
     out = {}
-    for name, (table, metric) in registry.summary_keys().items():
-        if split != "test" and not table.startswith("test/"):
-            continue
-        value = tables.get(summary_table(table, split), {}).get("all", {}).get(metric)
+    for name, (table, metric) in registry.headline_tables(split).items():
+        value = tables.get(table, {}).get("all", {}).get(metric)
         if value is not None:
             out[name] = float(value)
     return out

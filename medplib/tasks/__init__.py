@@ -199,6 +199,16 @@ def summary_keys() -> dict[str, tuple[str, str]]:
             for key, (split, metric) in task.summary.items()}
 
 
+def headline_tables(split: str = "test") -> dict[str, tuple[str, str]]:
+    """`summary_keys` measured on `split`: each test headline re-pointed to "<split>/<task>" (for "val", the
+    validation counterpart); zero-shot headlines belong to the zero-shot split and are kept for "test" only."""
+    keys = summary_keys()
+    if split == "test":
+        return keys
+    return {key: (f"{split}/{table.split('/', 1)[1]}", metric) for key, (table, metric) in keys.items()
+            if table.startswith("test/")}
+
+
 def headline_metrics() -> list[str]:
     """Each registered task's guarded headline metric, in registration order."""
     return [m for m in (t.headline_metric() for t in _TASKS.values()) if m is not None]
