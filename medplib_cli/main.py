@@ -401,8 +401,9 @@ def _model_to_load(value: str, profile: Profile) -> tuple[str, str | None, str |
         return family_of(path).name, str(path), None
     named = re.match(r"models:/([^/@]+)", value)
     if named:
+        settings = load_tracking_config(profile=profile, family=None)  # mlflow.yaml read once, each family applied
         for family in family_names():
-            if load_tracking_config(profile=profile, family=family).registered_model == named.group(1):
+            if settings.for_family(family).registered_model == named.group(1):
                 return family, value, family
     return "medplib", value, None
 
