@@ -16,6 +16,7 @@ from medplib.data.ingest import build_dataset
 from medplib.data.schema import Record
 from medplib.data.synth import generate
 from medplib.data.torch_dataset import MedDataset, read_records
+from tests.stub_tokenizer import LengthTokenizer
 
 SIZE = 16
 IN_SET = "expect_column_values_to_be_in_set"
@@ -67,14 +68,6 @@ def _write(root: Path, rel: str, records: list) -> None:
 
 def _lines(data: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (data / name).read_text(encoding="utf-8").splitlines()]
-
-
-class _LengthTokenizer:
-    pad_token_id = 0
-
-    def encode_conversation(self, turns):
-        ids = [ord(c) % 250 + 1 for t in turns for c in t["value"]]
-        return ids, ids
 
 
 def test_context_pairs_round_trip_bad_ones_are_quarantined(tmp_path: Path, icl_task):
@@ -142,7 +135,7 @@ def test_context_pairs_round_trip_bad_ones_are_quarantined(tmp_path: Path, icl_t
     assert (report.n_records, report.n_images, report.n_masks) == (4, 6, 6)
 
     # the torch dataset: context as extra tensors, none for a single-image record
-    ds = MedDataset(data, _LengthTokenizer(), 32, 32)
+    ds = MedDataset(data, LengthTokenizer(), 32, 32)
     sample = ds[ds.records.index(by_n[3])]
     assert sample.context_pixel_values.shape == (3, 3, 32, 32) and sample.context_masks.shape == (3, 32, 32)
     assert all(m.any() for m in sample.context_masks)

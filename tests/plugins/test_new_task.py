@@ -18,6 +18,7 @@ from medplib.data.synth import generate
 from medplib.data.torch_dataset import MedDataset, read_records
 from medplib.eval.runner import aggregate, score_sample, summarise
 from medplib.eval.metrics import tokenize
+from tests.stub_tokenizer import LengthTokenizer
 
 
 class CountMetric(tasks.Cumulative):
@@ -75,16 +76,6 @@ def _by_id(data: Path) -> dict[str, dict]:
     return {r.id: r for r in read_records(data)}
 
 
-class _LengthTokenizer:
-    """Just enough of a tokenizer for the dataset: one id per character."""
-
-    pad_token_id = 0
-
-    def encode_conversation(self, turns):
-        ids = [ord(c) % 250 + 1 for t in turns for c in t["value"]]
-        return ids, ids
-
-
 def test_a_sixth_task_runs_through_synth_ingest_gate_mix_and_eval(tmp_path: Path, count_task):
     # synth + ingest: the new task's file appears and its records are normalised; the other tasks are untouched
     summary = generate(tmp_path / "src", n=24, seed=3, image_size=32)
@@ -115,12 +106,12 @@ def test_a_sixth_task_runs_through_synth_ingest_gate_mix_and_eval(tmp_path: Path
     assert [r["column"] for r in failed] == ["task_target"]
 
     # a stage's data mix: stage 2 selects group `vl`, so it now reads count records too; stage 3 does not
-    mix = MedDataset(tmp_path / "data", _LengthTokenizer(), 32, 32, split="train",
+    mix = MedDataset(tmp_path / "data", LengthTokenizer(), 32, 32, split="train",
                      tasks=stage_spec("tiny", 2).tasks, records=[*records.values()])
     assert "count_structures" in {r.task for r in mix.records}
     sample = mix[next(i for i, r in enumerate(mix.records) if r.task == "count_structures")]
     assert sample.region_masks.shape[0] == 0 and sample.seg_masks.shape[0] == 0
-    grounding_mix = MedDataset(tmp_path / "data", _LengthTokenizer(), 32, 32, split="train",
+    grounding_mix = MedDataset(tmp_path / "data", LengthTokenizer(), 32, 32, split="train",
                                tasks=stage_spec("tiny", 3).tasks, records=[*records.values()])
     assert "count_structures" not in {r.task for r in grounding_mix.records}
 
