@@ -37,8 +37,12 @@ postgres:
 	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null; \
 	fi
 
+# The suite runs in TEST_WORKERS pytest-xdist processes (tests/conftest.py keeps the tests sharing a trained session
+# fixture in one process); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+
 test: setup postgres
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_WORKERS) tests
 
 test-fast: setup
 	$(PY) -m pytest tests -m unit

@@ -32,16 +32,45 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return h
 
 
-@pytest.fixture
-def ray_home(home, monkeypatch: pytest.MonkeyPatch):
-    """A state folder for tests that start a local Ray cluster; Ray's workers can import tests.* recipes."""
+@pytest.fixture(scope="session")
+def _ray_state(tmp_path_factory):
+    """Where the session's local Ray keeps its temp files; Ray is stopped at the end of the session."""
+    import ray
+
+    from medplib.config import resolve_home
+
+    yield resolve_home(tmp_path_factory.mktemp("ray-session") / "home").ensure()
+    ray.shutdown()
+
+
+def _session_ray(state) -> None:
+    """The session's local Ray, started on first use (4-8 s each time, so tests share it): tests that train on Ray
+    use it instead of starting and stopping their own. Ray's workers inherit the environment Ray starts with:
+    PYTHONPATH names the repository, so they import tests.* recipes. A test that needs its own cluster (the
+    two-node test) stops it; the next test that needs Ray starts it again."""
     import ray
 
     from medplib.config.home import REPO_ROOT
+    from medplib.train.launcher import ensure_ray
 
-    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
-    yield home
-    ray.shutdown()
+    if ray.is_initialized():
+        return
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(REPO_ROOT)
+    try:
+        ensure_ray(state)
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+@pytest.fixture
+def ray_home(home, _ray_state):
+    """A state folder for tests that train on the session's local Ray."""
+    _session_ray(_ray_state)
+    return home
 
 
 @pytest.fixture
@@ -85,14 +114,44 @@ def _no_leaks_between_tests():
 TIERS = ("unit", "integration", "e2e")
 
 
+# Session fixtures that train, and the test files that use them. `make test` runs the suite in 2 pytest-xdist
+# processes; each of these groups runs in one process (SharedFixtureScheduling), so each fixture is built once, not
+# once per process. (xdist's own `--dist loadgroup` does not group under pytest 9: it renames `Item._nodeid`, which
+# pytest 9 no longer reads.) Collection fails when a test elsewhere asks for one of these fixtures.
+SHARED = {
+    "pipeline_runs": ("tests/flows/test_pipeline_flow.py", "tests/train/test_stage_recipe.py"),
+    "toy_clean_run": ("tests/reliability/test_worker_death.py", "tests/train/test_ray_deepspeed.py",
+                      "tests/train/test_zero3.py"),
+}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Every test belongs to exactly one tier; an unmarked test is a unit test."""
+    """Every test belongs to exactly one tier; an unmarked test is a unit test. A test that uses a shared trained
+    fixture lives in one of that fixture's files."""
     for item in items:
         tiers = [t for t in TIERS if item.get_closest_marker(t)]
         if len(tiers) > 1:
             raise pytest.UsageError(f"{item.nodeid} is marked {tiers}: a test belongs to one tier")
         if not tiers:
             item.add_marker("unit")
+        path = item.nodeid.split("::", 1)[0]
+        for fixture, files in SHARED.items():
+            if fixture in getattr(item, "fixturenames", ()) and path not in files:
+                raise pytest.UsageError(f"{item.nodeid} uses the session fixture {fixture!r}: add {path} to "
+                                        f"SHARED[{fixture!r}] in tests/conftest.py so its tests share one process")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under xdist: each SHARED group is one unit of work (largest first), every other test its own unit."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    group = {path: fixture for fixture, files in SHARED.items() for path in files}
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group.get(nodeid.split("::", 1)[0], nodeid)
+
+    return SharedFixtureScheduling(config, log)
 
 
 def pytest_sessionstart(session):
@@ -119,7 +178,7 @@ ONE_EPOCH = {stage: {"epochs": 1} for stage in (1, 2, 3, 4)}
 
 
 @pytest.fixture(scope="session")
-def pipeline_runs(prefect_harness, tmp_path_factory):
+def pipeline_runs(prefect_harness, _ray_state, tmp_path_factory):
     """The session's tiny pipeline, run twice on one home and project (48 synthetic images, one epoch a stage):
     the first trains stages I-IV and registers version 1; the second finds ingest cached, trains stage I only and
     registers version 2 (a one-stage pipeline keeps `reproduce` of it cheap). Returns (home, project, first,
@@ -134,6 +193,7 @@ def pipeline_runs(prefect_harness, tmp_path_factory):
     small = root / "small.yaml"
     # a stage key from the config file (train.stage4.lr) reaches the stage's MLflow run (tests/train)
     small.write_text("data:\n  synth_n: 48\ntrain:\n  stage4:\n    lr: 0.0005\n")
+    _session_ray(_ray_state)
     saved = dict(os.environ)
     os.environ["MEDPLIB_HOME"] = str(home.root)
     os.environ["DVC_SITE_CACHE_DIR"] = str(home.root / "dvc-site-cache")
@@ -148,27 +208,16 @@ def pipeline_runs(prefect_harness, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def toy_clean_run(tmp_path_factory):
+def toy_clean_run(_ray_state, tmp_path_factory):
     """The undisturbed toy stage on 2 Ray workers (ZeRO-2): the reference the fault-resume and ZeRO-3 tests
-    compare with. Returns (out_dir, Ray Train result). Ray is stopped again afterwards."""
-    import ray
-
+    compare with. Returns (out_dir, Ray Train result)."""
     from medplib.config import resolve_home
-    from medplib.config.home import REPO_ROOT
     from medplib.train.launcher import run_stage
     from medplib.train.worker import LoopConfig
     from tests.train.toy_recipe import TOY_BASE
 
     root = tmp_path_factory.mktemp("toy")
     home = resolve_home(root / "home").ensure()
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(REPO_ROOT)  # Ray's workers import tests.train.toy_recipe
-    try:
-        result = run_stage(LoopConfig(**TOY_BASE, out_dir=str(root / "clean")), home, "toy-clean", workers=2)
-    finally:
-        ray.shutdown()
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
+    _session_ray(_ray_state)
+    result = run_stage(LoopConfig(**TOY_BASE, out_dir=str(root / "clean")), home, "toy-clean", workers=2)
     return root / "clean", result

@@ -108,6 +108,8 @@ def train_loop_per_worker(config: dict) -> None:
                               warmup_steps=round(cfg.warmup_ratio * total_steps), total_steps=total_steps,
                               grad_clip=cfg.grad_clip, zero_stage=cfg.zero_stage, use_gpu=cfg.use_gpu)
     params = [p for p in model.parameters() if p.requires_grad]
+    if not cfg.use_gpu:
+        _no_shm_comm(deepspeed)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
 
     start_epoch, skip_batches = 0, 0
@@ -183,6 +185,15 @@ def train_loop_per_worker(config: dict) -> None:
         (out / "history.json").write_text(json.dumps(history, indent=1))
         (out / "topology.json").write_text(json.dumps({"world_size": world, "workers": topology}, indent=1))
     checkpoint(cfg.epochs, 0, {"step": engine.global_steps, "done": 1})
+
+
+def _no_shm_comm(deepspeed) -> None:
+    """On CPU, DeepSpeed's communication backend JIT-compiles its shared-memory all-reduce op (about 45 s with 2
+    cores, again whenever the environment's path changes: every fresh clone) after probing every op builder with
+    compiler subprocesses, in each new worker process. gloo's all-reduce does the same job for CPU training, so the
+    op list is set to "none compatible" before `deepspeed.initialize` reads it (deepspeed.ops caches it in the module
+    the first time it is read). GPU workers keep DeepSpeed's ops."""
+    vars(deepspeed.ops).setdefault("__compatible_ops__", {})
 
 
 class _ShowOnce:

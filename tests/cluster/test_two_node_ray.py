@@ -30,6 +30,7 @@ def test_a_stage_trains_with_one_worker_on_each_of_two_nodes(home, project, tmp_
 
     from medplib.train.runner import train_stage
 
+    ray.shutdown()  # the session's local Ray, if an earlier test started it: this test connects to its own cluster
     port = _free_port()
     address = f"127.0.0.1:{port}"
     temp = Path("/tmp") / f"mp-ray2-{port}"  # short: Ray's socket paths must stay under 107 bytes

@@ -66,28 +66,29 @@ class _EchoModel(mlflow.pyfunc.PythonModel):
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_cron_deployment_runs_on_schedule(home, project, tmp_path: Path):
-    small = tmp_path / "small.yaml"
-    small.write_text("data:\n  synth_n: 12\n")
-    version = ingest("synth", project, home, load_config("tiny", small)).version
-    # A champion trained on exactly this data version (a stand-in model: the trigger reads only its lineage).
-    registry = Registry(load_tracking_config().resolved(home))
-    previous_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(registry.cfg.tracking_uri)
-    try:
-        with mlflow.start_run(experiment_id=registry.experiment_id()) as run:
-            mlflow.pyfunc.log_model(name="model", python_model=_EchoModel(), pip_requirements=[])
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
-    v = registry.register(run.info.run_id, "model", git_commit="test", data_version=version, config_digest="test")
-    assert registry.promote_if_better(v, EvalMetrics(version, {"all": {"grounding_mdice": 0.5}})).promote
-
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    server = schedule = None
+    # the server starts (10-20 s) while the test prepares its data and champion
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=_env(home.root, PREFECT_HOME=str(tmp_path / "prefect-server")),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    schedule = None
     try:
-        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=_env(home.root, PREFECT_HOME=str(tmp_path / "prefect-server")),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        small = tmp_path / "small.yaml"
+        small.write_text("data:\n  synth_n: 12\n")
+        version = ingest("synth", project, home, load_config("tiny", small)).version
+        # A champion trained on exactly this data version (a stand-in model: the trigger reads only its lineage).
+        registry = Registry(load_tracking_config().resolved(home))
+        previous_uri = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(registry.cfg.tracking_uri)
+        try:
+            with mlflow.start_run(experiment_id=registry.experiment_id()) as run:
+                mlflow.pyfunc.log_model(name="model", python_model=_EchoModel(), pip_requirements=[])
+        finally:
+            mlflow.set_tracking_uri(previous_uri)
+        v = registry.register(run.info.run_id, "model", git_commit="test", data_version=version, config_digest="test")
+        assert registry.promote_if_better(v, EvalMetrics(version, {"all": {"grounding_mdice": 0.5}})).promote
+
         deadline = time.monotonic() + 180
         while True:
             try:
@@ -113,8 +114,12 @@ def test_cron_deployment_runs_on_schedule(home, project, tmp_path: Path):
             deployment_id = found[0]["id"] if found else None
             time.sleep(1)
         now = datetime.now(timezone.utc)
-        r = httpx.post(f"{api}/deployments/{deployment_id}/schedule", timeout=30, json={
-            "start_time": (now - timedelta(seconds=61)).isoformat(), "end_time": now.isoformat(), "max_runs": 1})
+        for _ in range(10):  # the server answers 503 while its sqlite database is locked by its own services
+            r = httpx.post(f"{api}/deployments/{deployment_id}/schedule", timeout=30, json={
+                "start_time": (now - timedelta(seconds=61)).isoformat(), "end_time": now.isoformat(), "max_runs": 1})
+            if r.status_code != 503:
+                break
+            time.sleep(2)
         assert r.status_code < 300, r.text
         done = None
         while done is None:

@@ -30,20 +30,17 @@ def test_deepspeed_config_cpu_and_gpu():
 
 
 @pytest.mark.integration
-def test_two_workers_learn_and_resume_after_a_failure(ray_home, tmp_path: Path):
-    base = dict(recipe="tests.train.toy_recipe:LinearRegressionRecipe", recipe_config={"n": 512}, epochs=6,
-                micro_batch=16, grad_accum=2, lr=0.05, zero_stage=2, checkpoint_every=10, log_every=1)
-    loop = LoopConfig(**base, out_dir=str(tmp_path / "clean"))
-    result = run_stage(loop, ray_home, "toy", workers=2)
-    hist = json.loads((tmp_path / "clean/history.json").read_text())
+def test_two_workers_learn_and_resume_after_a_failure(toy_clean_run, ray_home, tmp_path: Path):
+    clean_dir, result = toy_clean_run  # the session's undisturbed toy stage (TOY_BASE) on 2 workers
+    hist = json.loads((clean_dir / "history.json").read_text())
     steps = 6 * 512 // (16 * 2 * 2)
     assert hist[-1]["step"] == steps
     first, last = hist[0]["loss"], hist[-1]["loss"]
     assert last < 0.1 * first, (first, last)
-    assert (tmp_path / "clean/model.safetensors").is_file() and result.checkpoint is not None
+    assert (clean_dir / "model.safetensors").is_file() and result.checkpoint is not None
 
     marker = tmp_path / "failed-once"
-    loop = LoopConfig(**base, out_dir=str(tmp_path / "faulty"),
+    loop = LoopConfig(**TOY_BASE, out_dir=str(tmp_path / "faulty"),
                       extra={"fail_once_at_step": 25, "fail_marker": str(marker)})
     run_stage(loop, ray_home, "toy-fault", workers=2, max_failures=1)
     assert marker.read_text() == "25"
