@@ -59,6 +59,7 @@ class Task:
     summary: dict[str, tuple[str, str]] = {}  # headline metric name → (split, metric of this task's table)
     headline: str | None = None  # the summary key the promotion gate guards (default: its first on the test split)
     max_context: int = 0  # context images (with optional masks) a record may carry besides its query image
+    source_codes: dict[str, str] = {}  # source kind → what that source calls this task (Med-GRIT: "VG", …)
 
     def check(self, turns: Sequence[dict], masks: Sequence[str], regions: Sequence[str]) -> tuple[Any, str] | None:
         """Why a record of this task cannot be used, as (the value at fault, reason); None when it can."""
@@ -175,6 +176,11 @@ def resolve(selection: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def for_source(kind: str) -> dict[str, Task]:
+    """What source `kind` calls each task that it carries → the task (the tasks' `source_codes`)."""
+    return {t.source_codes[kind]: t for t in _TASKS.values() if kind in t.source_codes}
+
+
 def for_family(family: str, answer_type: str) -> Task | None:
     """The task a MeCoVQA record of `family` with `answer_type` belongs to."""
     candidates = [t for t in _TASKS.values() if t.family == family]
@@ -223,3 +229,5 @@ def code_files() -> list[Path]:
 # The built-in tasks. Their order is the order of the headline metrics, and the order in which the synthetic
 # generator asks them (closed before open before region VQA: the random draws, hence the data, depend on it).
 from medplib.tasks import grounding, vqa_closed, vqa_open, region_vqa, caption  # noqa: E402,F401
+# BiRD's refer-and-ground tasks (group "refer", in no stage mix yet): after the built-ins, so their order is unchanged.
+from medplib.tasks import refer_vg, refer_ro, refer_gc, refer_mii  # noqa: E402,F401

@@ -1,0 +1,81 @@
+"""What the refer-and-ground tasks (BiRD's Med-GRIT-270k, REFERENCE §6–7) share: the box checks of a record and
+BiRD's aggregation, each modality's score then the unweighted mean over the modalities.
+
+Their task group is "refer"; no stage data mix selects it yet, so the default pipeline's data do not change.
+A record is one question/answer pair, the question starting with the `<image>` placeholder; every box in it must
+parse (medplib.data.boxes), and each task says where boxes must be and whether they must be named by `<ref>`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from medplib.data import boxes
+from medplib.data.schema import SEG_TOKEN
+from medplib.tasks import Cumulative, Task
+
+
+class ModalityMacro(Cumulative):
+    """Each modality's values from its rows (`table`), then "all" = their unweighted mean over the modalities
+    present: BiRD's final score, where every modality weighs the same however many samples it has. (BiRD's scripts
+    divide by all 8 modalities, so a modality with no samples counts as 0 there; on its full test set all 8 are
+    present and the two agree.)"""
+
+    def table(self, rows: list[dict]) -> dict[str, float]:
+        """One modality's values; the default is the per-sample mean of every metric."""
+        from medplib.eval.metrics import aggregate_by_modality
+
+        out = aggregate_by_modality(rows)["all"]
+        out.pop("n")
+        return out
+
+    def aggregate(self) -> dict[str, dict[str, float]]:
+        by_modality: dict[str, list[dict]] = {}
+        for row in self.rows:
+            by_modality.setdefault(str(row["modality"]), []).append(row)
+        out: dict[str, dict[str, float]] = {
+            m: {**self.table(rows), "n": len(rows)} for m, rows in sorted(by_modality.items())}
+        metrics = sorted({k for values in out.values() for k in values if k != "n"})
+        out["all"] = {k: float(np.mean([v[k] for v in out.values() if k in v])) for k in metrics}
+        out["all"]["n"] = len(self.rows)
+        return out
+
+
+class CorpusBleu(ModalityMacro):
+    """BLEU-1..4 over each modality's corpus (the platform's `corpus_bleu_scores`; BiRD: pycocoevalcap's Bleu,
+    also corpus-level per modality), plus the per-sample means of the token recall / precision / F1."""
+
+    def table(self, rows: list[dict]) -> dict[str, float]:
+        from medplib.eval.metrics import corpus_bleu_scores
+
+        means = {k: float(np.mean([r[k] for r in rows])) for k in ("recall", "precision", "f1")}
+        predictions = [str(r["prediction"]).replace(SEG_TOKEN, "").strip() for r in rows]
+        return {**means, **corpus_bleu_scores(predictions, [str(r["reference"]) for r in rows])}
+
+
+class ReferTask(Task):
+    """A Med-GRIT task: group "refer", open answers; its `source_codes` say what Med-GRIT calls it."""
+
+    groups = ("refer",)
+    answer_box: str = "any"  # "required": the answer needs a box; "none": it may carry none
+    question_box: str = "any"  # "required": the question needs a box
+    paired: bool = False  # every box of the answer must be named by the <ref> just before it
+
+    def check(self, turns: Sequence[dict], masks: Sequence[str], regions: Sequence[str]):
+        question = next((t.get("value") for t in turns if t.get("from") == "human"), "")
+        answer = next((t.get("value") for t in turns if t.get("from") == "gpt"), "")
+        try:
+            in_question = boxes.parse(question)
+            in_answer = boxes.parse(answer, paired=self.paired)
+        except boxes.BoxTextError as e:
+            return e.value, e.reason
+        if self.question_box == "required" and not in_question:
+            return question, f"a {self.name} question needs a <box> to ask about"
+        if self.answer_box == "required" and not in_answer:
+            return answer, f"a {self.name} answer needs a <box>"
+        if self.answer_box == "none" and in_answer:
+            return answer, f"a {self.name} answer names the object, without a <box>"
+        if not boxes.strip(answer).strip() and self.answer_box != "required":
+            return answer, f"a {self.name} answer needs text"
+        return None

@@ -1,0 +1,31 @@
+"""Grounded captioning (BiRD's GC): a caption whose objects carry `<ref>name</ref><box>…</box>`; BLEU per modality.
+
+Scored on the text with its box markup, as BiRD feeds it to pycocoevalcap (our tokens drop the brackets and keep the
+names and coordinates). METEOR, ROUGE-L, CIDEr and SPICE through pycocoevalcap are not computed yet.
+"""
+from __future__ import annotations
+
+from medplib.tasks import register
+from medplib.tasks.refer import CorpusBleu, ReferTask
+
+
+class GroundedCaption(ReferTask):
+    name = "refer_gc"
+    family = "medgrit_gc"
+    files = {"train": "train/MedGRIT_GC.json", "test": "test/MedGRIT_GC_test.json"}
+    source_codes = {"medgrit": "GC"}
+    answer_box = "required"
+    paired = True
+    max_new_tokens = 96
+    summary = {"refer_gc_bleu1": ("test", "bleu1"), "refer_gc_bleu4": ("test", "bleu4")}
+
+    def score(self, prediction, reference, pred_masks, target):
+        from medplib.eval.metrics import vqa_open_scores  # nltk takes seconds to import: only when scoring
+
+        return vqa_open_scores(prediction, reference)
+
+    def metric(self):
+        return CorpusBleu()
+
+
+register(GroundedCaption())

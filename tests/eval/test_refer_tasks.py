@@ -1,0 +1,84 @@
+"""BiRD's scoring of the refer-and-ground tasks on hand-made predictions: per modality, then the unweighted mean."""
+from __future__ import annotations
+
+import pytest
+
+from medplib import tasks
+from medplib.eval.runner import aggregate, summarise
+
+LIVER = "<ref>liver</ref><box>(100,100),(300,300)</box>"
+TWO = LIVER + "<ref>spleen</ref><box>(600,100),(800,300)</box>"
+
+
+def _rows(task: str, cases: list[tuple[str, str, str]]) -> list[dict]:
+    """Rows as the evaluator writes them: (modality, prediction, reference) scored by the task."""
+    return [{"id": f"{task}{i}", "split": "test", "task": task, "modality": m, "prediction": p, "reference": r,
+             **tasks.get(task).score(p, r, [], None)} for i, (m, p, r) in enumerate(cases)]
+
+
+def test_vg_recall_counts_boxes_found_at_iou_above_one_half():
+    vg = tasks.get("refer_vg")
+    assert vg.score(LIVER, LIVER, [], None) == {"recall": 1.0, "hits": 1, "boxes": 1}
+    # IoU exactly 0.5 is not a hit (strict); just above is
+    assert vg.score("<box>(100,100),(300,200)</box>", LIVER, [], None)["hits"] == 0
+    assert vg.score("<box>(100,100),(300,201)</box>", LIVER, [], None)["hits"] == 1
+    assert vg.score("The liver is at (100,100),(300,300).", LIVER, [], None)["hits"] == 1  # bare corners
+    assert vg.score("I cannot tell.", TWO, [], None) == {"recall": 0.0, "hits": 0, "boxes": 2}
+    # one predicted box may find several ground-truth boxes (BiRD matches each truth box on its own)
+    assert vg.score("<box>(100,100),(300,300)</box>", LIVER + LIVER, [], None)["hits"] == 2
+
+
+def test_vg_headline_is_the_mean_over_modalities_of_the_per_modality_box_recall():
+    rows = _rows("refer_vg", [("ct", TWO, TWO), ("ct", LIVER, TWO), ("ct", "nothing", LIVER),  # ct: 3 of 5 boxes
+                              ("mr", LIVER, LIVER)])  # mr: 1 of 1
+    table = aggregate(rows, ["test"])["test/refer_vg"]
+    assert table["ct"] == {"recall": 0.6, "n": 3} and table["mr"] == {"recall": 1.0, "n": 1}
+    assert table["all"]["recall"] == pytest.approx(0.8) and table["all"]["n"] == 4  # not 4 / 6 boxes pooled
+    assert summarise({"test/refer_vg": table})["refer_vg_recall"] == pytest.approx(0.8)
+
+
+def test_ro_accuracy_is_word_containment_averaged_over_modalities():
+    ro = tasks.get("refer_ro")
+    assert ro.score("This is the Left Kidney.", "left kidney", [], None) == {"accuracy": 1.0}
+    assert ro.score("the kidney", "left kidney", [], None) == {"accuracy": 0.0}
+    assert ro.score("kidneys", "kidney", [], None) == {"accuracy": 1.0}  # substring, as BiRD checks
+    rows = _rows("refer_ro", [("ct", "liver", "liver"), ("ct", "spleen", "liver"), ("ct", "liver", "liver"),
+                              ("ct", "aorta", "liver"), ("x", "left lung", "left lung")])
+    table = aggregate(rows, ["test"])["test/refer_ro"]
+    assert table["ct"]["accuracy"] == 0.5 and table["x"]["accuracy"] == 1.0
+    assert summarise({"test/refer_ro": table})["refer_ro_accuracy"] == pytest.approx(0.75)  # not 3 / 5
+
+
+def test_a_constant_answer_scores_chance_on_ro():
+    names = ["liver", "spleen", "kidney", "aorta"] * 3
+    rows = _rows("refer_ro", [("ct", "liver", n) for n in names])
+    assert aggregate(rows, ["test"])["test/refer_ro"]["all"]["accuracy"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("task", ["refer_gc", "refer_mii"])
+def test_captions_get_corpus_bleu_per_modality(task: str):
+    ref_ct = "An abdominal CT slice showing the " + LIVER + " and a small cyst."
+    ref_mr = "A brain MRI slice with a large tumour in the left hemisphere."
+    perfect = aggregate(_rows(task, [("ct", ref_ct, ref_ct), ("mr", ref_mr, ref_mr)]), ["test"])[f"test/{task}"]
+    assert perfect["all"]["bleu1"] == pytest.approx(1.0) and perfect["all"]["bleu4"] == pytest.approx(1.0)
+    wrong = aggregate(_rows(task, [("ct", "Nothing here.", ref_ct), ("mr", ref_ct, ref_mr)]), ["test"])[f"test/{task}"]
+    assert wrong["mr"]["bleu4"] < 0.2 and wrong["all"]["bleu1"] < perfect["all"]["bleu1"]
+    half = aggregate(_rows(task, [("ct", ref_ct, ref_ct), ("mr", "Nothing here.", ref_mr)]), ["test"])[f"test/{task}"]
+    assert half["all"]["bleu1"] == pytest.approx((half["ct"]["bleu1"] + half["mr"]["bleu1"]) / 2)
+    assert half["ct"]["bleu1"] == pytest.approx(1.0) and half["mr"]["bleu1"] < 0.1
+    assert set(summarise({f"test/{task}": half})) == {f"{task}_bleu1", f"{task}_bleu4"}
+
+
+def test_record_checks_of_the_refer_tasks():
+    def turns(q: str, a: str) -> list[dict]:
+        return [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]
+
+    gc, vg, mii = tasks.get("refer_gc"), tasks.get("refer_vg"), tasks.get("refer_mii")
+    assert gc.check(turns("Describe.", "A slice with the " + TWO + "."), [], []) is None
+    assert gc.check(turns("Describe.", "A slice with the <box>(1,2),(3,4)</box>."), [], [])[1].startswith(
+        "<ref>/<box> counts disagree: 0 <ref> but 1 <box>")
+    assert vg.check(turns("Find the tumour.", "<box>(1,2),(3,4)</box>"), [], []) is None  # bare box allowed
+    assert vg.check(turns("Find the tumour.", "<box>(1,2),(3,4)</box>"), [], []) is None
+    assert mii.check(turns("What is shown?", "<box>(1,2),(3,4)</box>"), [], [])[1] == "a refer_mii answer needs text"
+    assert mii.check(turns("What is in <box>(9,9),(1,1)</box>?", "A cyst."), [], [])[1].startswith(
+        "box corners reversed")
