@@ -98,4 +98,4 @@ def code_files() -> list[Path]:
 
 
 # The built-in readers.
-from medplib.data.readers import synthetic, mecovqa, dicom, nifti  # noqa: E402,F401
+from medplib.data.readers import synthetic, mecovqa, dicom, nifti, medgrit  # noqa: E402,F401
