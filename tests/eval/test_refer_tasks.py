@@ -78,7 +78,7 @@ def test_record_checks_of_the_refer_tasks():
     assert gc.check(turns("Describe.", "A slice with the <box>(1,2),(3,4)</box>."), [], [])[1].startswith(
         "<ref>/<box> counts disagree: 0 <ref> but 1 <box>")
     assert vg.check(turns("Find the tumour.", "<box>(1,2),(3,4)</box>"), [], []) is None  # bare box allowed
-    assert vg.check(turns("Find the tumour.", "<box>(1,2),(3,4)</box>"), [], []) is None
+    assert vg.check(turns("Find the tumour.", "It is not visible."), [], [])[1] == "a refer_vg answer needs a <box>"
     assert mii.check(turns("What is shown?", "<box>(1,2),(3,4)</box>"), [], [])[1] == "a refer_mii answer needs text"
     assert mii.check(turns("What is in <box>(9,9),(1,1)</box>?", "A cyst."), [], [])[1].startswith(
         "box corners reversed")

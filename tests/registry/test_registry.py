@@ -185,9 +185,11 @@ def test_gate_config_rejects_unknown_guard_and_floor_metrics():
         from_dict(GateConfig, {"floor": {"grounding_mdice": 2}}, prefix="gate.")
     with pytest.raises(ConfigError, match="'gate.confidence' = 1.0"):
         from_dict(GateConfig, {"confidence": 1.0}, prefix="gate.")
-    # by default every task's headline metric but the primary is guarded
+    # by default every task's headline metric but the primary is guarded (a guard the champion was not measured on,
+    # such as the refer tasks' before any stage trains them, is skipped by the gate)
     assert set(GateConfig(primary_metric=P).guard_metrics()) == {"closed_vqa_accuracy", "open_vqa_f1", "region_vqa_recall",
-                                                 "caption_bleu1"}
+                                                 "caption_bleu1", "refer_vg_recall", "refer_ro_accuracy",
+                                                 "refer_gc_bleu1", "refer_mii_bleu1"}
 
 
 # ---- the registry on a real sqlite MLflow ---------------------------------------------------------------------
