@@ -79,3 +79,15 @@ class ReferTask(Task):
         if not boxes.strip(answer).strip() and self.answer_box != "required":
             return answer, f"a {self.name} answer needs text"
         return None
+
+
+class ReferTextTask(ReferTask):
+    """A refer task answered in free text (GC, MII): BLEU per modality on the text as written, then their mean."""
+
+    def score(self, prediction, reference, pred_masks, target):
+        from medplib.eval.metrics import vqa_open_scores  # nltk takes seconds to import: only when scoring
+
+        return vqa_open_scores(prediction, reference)
+
+    def metric(self):
+        return CorpusBleu()

@@ -6,10 +6,10 @@ names and coordinates). METEOR, ROUGE-L, CIDEr and SPICE through pycocoevalcap a
 from __future__ import annotations
 
 from medplib.tasks import register
-from medplib.tasks.refer import CorpusBleu, ReferTask
+from medplib.tasks.refer import ReferTextTask
 
 
-class GroundedCaption(ReferTask):
+class GroundedCaption(ReferTextTask):
     name = "refer_gc"
     family = "medgrit_gc"
     files = {"train": "train/MedGRIT_GC.json", "test": "test/MedGRIT_GC_test.json"}
@@ -18,14 +18,6 @@ class GroundedCaption(ReferTask):
     paired = True
     max_new_tokens = 96
     summary = {"refer_gc_bleu1": ("test", "bleu1"), "refer_gc_bleu4": ("test", "bleu4")}
-
-    def score(self, prediction, reference, pred_masks, target):
-        from medplib.eval.metrics import vqa_open_scores  # nltk takes seconds to import: only when scoring
-
-        return vqa_open_scores(prediction, reference)
-
-    def metric(self):
-        return CorpusBleu()
 
 
 register(GroundedCaption())

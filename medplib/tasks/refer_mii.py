@@ -5,24 +5,16 @@ METEOR, ROUGE-L and CIDEr through pycocoevalcap, which BiRD also reports, are no
 from __future__ import annotations
 
 from medplib.tasks import register
-from medplib.tasks.refer import CorpusBleu, ReferTask
+from medplib.tasks.refer import ReferTextTask
 
 
-class ImageInterpretation(ReferTask):
+class ImageInterpretation(ReferTextTask):
     name = "refer_mii"
     family = "medgrit_mii"
     files = {"train": "train/MedGRIT_MII.json", "test": "test/MedGRIT_MII_test.json"}
     source_codes = {"medgrit": "MII"}
     max_new_tokens = 96
     summary = {"refer_mii_bleu1": ("test", "bleu1"), "refer_mii_bleu4": ("test", "bleu4")}
-
-    def score(self, prediction, reference, pred_masks, target):
-        from medplib.eval.metrics import vqa_open_scores
-
-        return vqa_open_scores(prediction, reference)
-
-    def metric(self):
-        return CorpusBleu()
 
 
 register(ImageInterpretation())
