@@ -19,6 +19,7 @@ import pytest
 
 from medplib.config import TrackingConfig
 from medplib.registry import EvalMetrics, Registry, use_tracking
+from tests.stand_in_model import register_stand_in
 
 BIN = Path(sys.executable).parent
 DATA = "e" * 32 + ".dir"
@@ -92,15 +93,8 @@ def mlflow_server(postgres, tmp_path: Path):
             server.kill()
 
 
-class _EchoModel(mlflow.pyfunc.PythonModel):
-    def predict(self, context, model_input: list[str], params=None) -> list[str]:
-        return list(model_input)
-
-
 def _register(registry: Registry, dice: float) -> str:
-    with use_tracking(registry.cfg), mlflow.start_run(experiment_id=registry.experiment_id()) as run:
-        mlflow.pyfunc.log_model(name="model", python_model=_EchoModel(), pip_requirements=[])
-    v = registry.register(run.info.run_id, "model", git_commit="test", data_version=DATA, config_digest="test")
+    v = register_stand_in(registry, DATA)
     registry.record_eval(v, EvalMetrics(DATA, {"all": {"grounding_mdice": dice}, "ct": {"grounding_mdice": dice}}))
     return v
 

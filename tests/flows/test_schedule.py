@@ -14,13 +14,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
-import mlflow
 import pytest
 
 from medplib.config import load_config, load_tracking_config
 from medplib.config.home import REPO_ROOT
 from medplib.data.ingest import ingest
 from medplib.registry import EvalMetrics, Registry
+from tests.stand_in_model import register_stand_in
 
 BIN = Path(sys.executable).parent
 
@@ -58,11 +58,6 @@ def test_schedule_needs_a_reachable_server(tmp_path: Path):
     assert "Traceback" not in p.stderr
 
 
-class _EchoModel(mlflow.pyfunc.PythonModel):
-    def predict(self, context, model_input: list[str], params=None) -> list[str]:
-        return list(model_input)
-
-
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_cron_deployment_runs_on_schedule(home, project, tmp_path: Path):
@@ -79,14 +74,7 @@ def test_cron_deployment_runs_on_schedule(home, project, tmp_path: Path):
         version = ingest("synth", project, home, load_config("tiny", small)).version
         # A champion trained on exactly this data version (a stand-in model: the trigger reads only its lineage).
         registry = Registry(load_tracking_config().resolved(home))
-        previous_uri = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(registry.cfg.tracking_uri)
-        try:
-            with mlflow.start_run(experiment_id=registry.experiment_id()) as run:
-                mlflow.pyfunc.log_model(name="model", python_model=_EchoModel(), pip_requirements=[])
-        finally:
-            mlflow.set_tracking_uri(previous_uri)
-        v = registry.register(run.info.run_id, "model", git_commit="test", data_version=version, config_digest="test")
+        v = register_stand_in(registry, version)
         assert registry.promote_if_better(v, EvalMetrics(version, {"all": {"grounding_mdice": 0.5}})).promote
 
         deadline = time.monotonic() + 180

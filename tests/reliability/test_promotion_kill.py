@@ -9,29 +9,17 @@ import sys
 import textwrap
 from pathlib import Path
 
-import mlflow
 import pytest
 
 from medplib.config import load_tracking_config
 from medplib.registry import TAG_DECISION, EvalMetrics, Registry
+from tests.stand_in_model import register_stand_in
 
 DATA = "d" * 32 + ".dir"
 
 
-class _EchoModel(mlflow.pyfunc.PythonModel):
-    def predict(self, context, model_input: list[str], params=None) -> list[str]:
-        return list(model_input)
-
-
 def _register(registry: Registry, dice: float) -> str:
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(registry.cfg.tracking_uri)
-    try:
-        with mlflow.start_run(experiment_id=registry.experiment_id()) as run:
-            mlflow.pyfunc.log_model(name="model", python_model=_EchoModel(), pip_requirements=[])
-    finally:
-        mlflow.set_tracking_uri(previous)
-    v = registry.register(run.info.run_id, "model", git_commit="test", data_version=DATA, config_digest="test")
+    v = register_stand_in(registry, DATA)
     registry.record_eval(v, EvalMetrics(DATA, {"all": {"grounding_mdice": dice}}))
     return v
 
