@@ -55,15 +55,9 @@ def _session_ray(state) -> None:
 
     if ray.is_initialized():
         return
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(REPO_ROOT)
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PYTHONPATH", str(REPO_ROOT))
         ensure_ray(state)
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
 
 
 @pytest.fixture
