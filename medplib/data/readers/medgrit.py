@@ -43,11 +43,13 @@ _IMG_RE = re.compile(r"(?:Picture \d+:\s*)?<img>(.*?)</img>\s*", re.S)
 _WORD_RE = re.compile(r"[_\-. ]+")
 
 
-def split_and_code(name: str) -> tuple[str | None, str | None]:
-    """(split, task code) that a Med-GRIT file name says; None for what it does not say."""
+def split_and_code(name: str, by_code: dict[str, tasks.Task] | None = None) -> tuple[str | None, str | None]:
+    """(split, task code) that a Med-GRIT file name says; None for what it does not say. Codes are the registry's
+    (`by_code`, looked up when not given)."""
+    by_code = tasks.for_source(KIND) if by_code is None else by_code
     words = _WORD_RE.split(name)
     splits = {m.group(1) for m in (_SPLIT_WORD_RE.fullmatch(w.lower()) for w in words) if m}
-    codes = [w for w in words if w in tasks.for_source(KIND)]
+    codes = [w for w in words if w in by_code]
     return (splits.pop() if len(splits) == 1 else None), (codes[0] if len(set(codes)) == 1 else None)
 
 
@@ -85,7 +87,8 @@ def _record_image(raw: dict, root: Path, where: str) -> str:
     return image
 
 
-def _pair(pair: object, image: str, code: str | None, raw: dict, where: str, field: str) -> tuple[tasks.Task, list]:
+def _pair(pair: object, image: str, code: str | None, by_code: dict[str, tasks.Task], raw: dict, where: str,
+          field: str) -> tuple[tasks.Task, list]:
     """The task and the MeCoVQA turns of one [user, assistant] pair, or a RecordError saying why not."""
     if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
         raise RecordError(where, field, pair, "expected a [user, assistant] pair of strings")
@@ -97,7 +100,6 @@ def _pair(pair: object, image: str, code: str | None, raw: dict, where: str, fie
     text = _IMG_RE.sub("", question).strip()
     turns = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{text}"}, {"from": "gpt", "value": answer}]
     pair_code = code or recognise(text, answer)
-    by_code = tasks.for_source(KIND)
     if pair_code not in by_code:
         raise RecordError(where, field, pair_code, f"no registered task takes Med-GRIT {pair_code!r} records "
                                                    f"(registered: {sorted(by_code)})")
@@ -110,7 +112,8 @@ def _pair(pair: object, image: str, code: str | None, raw: dict, where: str, fie
 
 def read_file(path: Path, rel: str, root: Path) -> tuple[list[tuple[str, dict]], list[RecordError]]:
     """The staged records of one Med-GRIT file as (MeCoVQA file, record), and one problem per unusable pair."""
-    split, code = split_and_code(path.name)
+    by_code = tasks.for_source(KIND)  # the registry's Med-GRIT codes, once per file, not per pair
+    split, code = split_and_code(path.name, by_code)
     if split is None:
         return [], [RecordError(rel, "file name", path.name, "cannot tell the split: expected either the word "
                                                               "'train' or 'test' in the file name")]
@@ -135,7 +138,7 @@ def read_file(path: Path, rel: str, root: Path) -> tuple[list[tuple[str, dict]],
             continue
         for j, pair in enumerate(pairs):
             try:
-                task, turns = _pair(pair, image, code, raw, where, f"conversations[{j}]")
+                task, turns = _pair(pair, image, code, by_code, raw, where, f"conversations[{j}]")
             except RecordError as e:
                 errors.append(e)
                 continue
