@@ -219,3 +219,19 @@ def box_mask(box: Box, width: int, height: int) -> np.ndarray:
     out = np.zeros((height, width), dtype=bool)
     out[y1:y2 + 1, x1:x2 + 1] = True
     return out
+
+
+def random_box_hit_rate(width: float, height: float, truth: Box, above: float = 0.5, steps: int = 101) -> float:
+    """How often a `width` x `height` box placed uniformly at random on the grid overlaps `truth` with IoU above
+    `above`: the fraction of a `steps` x `steps` lattice of placements (top-left corners spread evenly over
+    [0, GRID - 1 - side]) that do. The chance level of a grounding answer that knows only the boxes' usual size."""
+    if width < 0 or height < 0:
+        raise ValueError(f"A box of width {width} and height {height}: both must be >= 0")
+    w, h = min(float(width), GRID - 1.0), min(float(height), GRID - 1.0)
+    xs, ys = np.linspace(0.0, GRID - 1 - w, steps), np.linspace(0.0, GRID - 1 - h, steps)
+    ix = np.clip(np.minimum(xs + w, truth.x2) - np.maximum(xs, truth.x1), 0.0, None)
+    iy = np.clip(np.minimum(ys + h, truth.y2) - np.maximum(ys, truth.y1), 0.0, None)
+    inter = iy[:, None] * ix[None, :]
+    union = w * h + truth.area - inter
+    overlap = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    return float((overlap > above).mean())

@@ -2,6 +2,9 @@
 
 Written in the real MeCoVQA layout (REFERENCE §4) so that the real dataset can replace it:
 images/, masks/ (pixel prompts), masks_merged/ (grounding targets), train/, test/, zeroshot4grounding/.
+A task with a `synth_source` has its records written in that source's own layout in a subfolder of that name, with
+the images it asks about linked under it (the refer tasks: `medgrit/`, Med-GRIT-270k's JSON files and `images/`),
+so that staging the synthetic source runs the real reader of that source.
 Each structure has a fixed shape and brightness, so a question naming it picks one object among several:
 a model must read the question to segment the right one.
 """
@@ -9,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +60,8 @@ class SynthSummary:
     out: Path
     images: int
     records: int
-    files: dict[str, int]
+    files: dict[str, int]  # annotation file (relative to `out`) → records
+    sources: list[str]  # source kinds whose own layout holds some tasks' records, each in `out/<kind>/`
 
 
 def _shape_mask(kind: str, size: int, cy: float, cx: float, r: float, angle: float) -> np.ndarray:
@@ -220,14 +226,33 @@ def generate(out: Path, n: int = 240, seed: int = 42, image_size: int = 64,
         for task in tasks.all_tasks():
             if zeroshot and not task.zeroshot:
                 continue
-            rel = f"zeroshot4grounding/{'xray' if modality == 'x' else modality}.json" if zeroshot \
-                else task.file_for(split)
-            for rec in task.synth(scene):
+            records = task.synth(scene)
+            if task.synth_source and records:  # in that source's own layout, its images beside it (hard links)
+                _link(out / image_rel, out / task.synth_source / image_rel)
+                rel = f"{task.synth_source}/{task.synth_file(split)}"
+            elif zeroshot:
+                rel = f"zeroshot4grounding/{'xray' if modality == 'x' else modality}.json"
+            else:
+                rel = task.synth_file(split)
+            for rec in records:
                 add(rel, rec)
     for rel, records in buckets.items():
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(records, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
     counts = {rel: len(r) for rel, r in sorted(buckets.items())}
-    log.info("synthetic MeCoVQA: %d images, %d records in %s", n, sum(counts.values()), out)
-    return SynthSummary(out=out, images=n, records=sum(counts.values()), files=counts)
+    sources = sorted({t.synth_source for t in tasks.all_tasks() if t.synth_source and (out / t.synth_source).is_dir()})
+    log.info("synthetic MeCoVQA: %d images, %d records in %s (in their own layouts: %s)", n, sum(counts.values()), out,
+             ", ".join(sources) or "none")
+    return SynthSummary(out=out, images=n, records=sum(counts.values()), files=counts, sources=sources)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """`dst` as a hard link of `src` (a copy across file systems), once."""
+    if dst.exists():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

@@ -60,6 +60,9 @@ class Task:
     headline: str | None = None  # the summary key the promotion gate guards (default: its first on the test split)
     max_context: int = 0  # context images (with optional masks) a record may carry besides its query image
     source_codes: dict[str, str] = {}  # source kind → what that source calls this task (Med-GRIT: "VG", …)
+    # The source kind whose own layout the synthetic generator writes this task's records in (under a subfolder of
+    # that name, read back by that kind's reader when `synth` is staged); None: the MeCoVQA layout.
+    synth_source: str | None = None
 
     def check(self, turns: Sequence[dict], masks: Sequence[str], regions: Sequence[str]) -> tuple[Any, str] | None:
         """Why a record of this task cannot be used, as (the value at fault, reason); None when it can."""
@@ -79,8 +82,14 @@ class Task:
         return None
 
     def synth(self, scene: "Scene") -> list[dict]:
-        """The raw MeCoVQA records this task asks about one synthetic phantom (may draw from `scene.rng`)."""
+        """The raw records this task asks about one synthetic phantom (may draw from `scene.rng`): MeCoVQA records,
+        or records in the layout of `synth_source` when the task sets one."""
         return []
+
+    def synth_file(self, split: str) -> str:
+        """Where the synthetic generator writes this task's records of `split` (train | test): the MeCoVQA file, or,
+        with a `synth_source`, a file of that source's layout relative to its subfolder."""
+        return self.file_for(split)
 
     def from_labels(self, labelled: "LabelledSlice") -> list[dict]:
         """The raw MeCoVQA records this task asks about one real slice with label masks (DICOM, NIfTI readers)."""

@@ -1,9 +1,12 @@
 """What the refer-and-ground tasks (BiRD's Med-GRIT-270k, REFERENCE §6–7) share: the box checks of a record and
 BiRD's aggregation, each modality's score then the unweighted mean over the modalities.
 
-Their task group is "refer"; no stage data mix selects it yet, so the default pipeline's data do not change.
+Their task groups are "refer" and "vl": the visual-language stages (II and IV) train them beside the VQA tasks.
 A record is one question/answer pair, the question starting with the `<image>` placeholder; every box in it must
 parse (medplib.data.boxes), and each task says where boxes must be and whether they must be named by `<ref>`.
+The synthetic generator writes their records in Med-GRIT's own layout (`medgrit/` in the synthetic source: one
+combined training file whose pairs the reader recognises by their text, one test file per task, as BiRD ships
+them), so the default pipeline reads them with the real Med-GRIT reader.
 """
 from __future__ import annotations
 
@@ -55,9 +58,10 @@ class CorpusBleu(ModalityMacro):
 
 
 class ReferTask(Task):
-    """A Med-GRIT task: group "refer", open answers; its `source_codes` say what Med-GRIT calls it."""
+    """A Med-GRIT task: groups "refer" and "vl", open answers; its `source_codes` say what Med-GRIT calls it."""
 
-    groups = ("refer",)
+    groups = ("refer", "vl")
+    synth_source = "medgrit"
     answer_box: str = "any"  # "required": the answer needs a box; "none": it may carry none
     question_box: str = "any"  # "required": the question needs a box
     paired: bool = False  # every box of the answer must be named by the <ref> just before it
@@ -79,6 +83,21 @@ class ReferTask(Task):
         if not boxes.strip(answer).strip() and self.answer_box != "required":
             return answer, f"a {self.name} answer needs text"
         return None
+
+    def synth_file(self, split: str) -> str:
+        """Med-GRIT's file names: one combined training file, a test file per task (its code in the name)."""
+        if split == "train":
+            return "MedGRIT_train1_chatlm_img_coord2.json"
+        return f"MedGRIT_{split}_chatlm_{self.source_codes['medgrit']}_img_coord_OneConv.json"
+
+    @staticmethod
+    def pair(scene, question: str, answer: str) -> dict:
+        """One Med-GRIT record about the scene's image: `{"id", "conversations": [[user, assistant]]}`."""
+        return {"id": scene.stem, "conversations": [[f"Picture 1: <img>{scene.stem}.png</img>\n{question}", answer]]}
+
+    @staticmethod
+    def pick(scene, options: Sequence):
+        return options[int(scene.rng.integers(len(options)))]
 
 
 class ReferTextTask(ReferTask):

@@ -5,8 +5,11 @@ names and coordinates). METEOR, ROUGE-L, CIDEr and SPICE through pycocoevalcap a
 """
 from __future__ import annotations
 
+from medplib.data import boxes
 from medplib.tasks import register
 from medplib.tasks.refer import ReferTextTask
+
+QUESTIONS = ("Describe the image and ground the objects in it.", "Caption this image with the boxes of its objects.")
 
 
 class GroundedCaption(ReferTextTask):
@@ -18,6 +21,12 @@ class GroundedCaption(ReferTextTask):
     paired = True
     max_new_tokens = 96
     summary = {"refer_gc_bleu1": ("test", "bleu1"), "refer_gc_bleu4": ("test", "bleu4")}
+
+    def synth(self, scene):
+        if not scene.structures:
+            return []
+        grounded = " and ".join(f"the {boxes.write([(name, boxes.mask_box(mask))])}" for name, mask in scene.structures)
+        return [self.pair(scene, self.pick(scene, QUESTIONS), f"A {scene.mod_name} image showing {grounded}.")]
 
 
 register(GroundedCaption())

@@ -99,3 +99,17 @@ def test_predicted_boxes_are_read_leniently():
         Box(10, 10, 20, 20)]
     assert boxes.find_boxes("at (587,126),(789,217) I think") == [Box(587, 126, 789, 217)]
     assert boxes.find_boxes("no box here") == []
+
+
+def test_random_box_hit_rate():
+    from medplib.data.boxes import random_box_hit_rate
+
+    whole = Box(0, 0, 999, 999)
+    assert random_box_hit_rate(999, 999, whole) == 1.0  # the only placement is the box itself
+    assert random_box_hit_rate(999, 999, Box(0, 0, 100, 100)) == 0.0  # IoU at most 1 %
+    # a full-height box of width 300 over a truth of the same size in the middle: IoU > 0.5 when |dx| < 100
+    assert random_box_hit_rate(300, 999, Box(350, 0, 650, 999)) == pytest.approx(200 / 699, abs=0.02)
+    # small boxes almost never land by chance
+    assert 0.0 < random_box_hit_rate(200, 200, Box(400, 400, 600, 600)) < 0.05
+    with pytest.raises(ValueError, match="width -1"):
+        random_box_hit_rate(-1, 10, whole)

@@ -136,11 +136,41 @@ def test_ingest_of_a_medgrit_folder_adds_up(source: Path, tmp_path: Path, home):
     assert all(r.conversations[0]["value"].startswith("<image>\n") for r in records)
 
 
-def test_medgrit_is_a_registered_source_and_no_stage_mix_reads_its_tasks():
+def test_medgrit_is_a_registered_source_and_the_vl_stages_read_its_tasks():
     from medplib import tasks
     from medplib.config import stage_spec
 
     assert "medgrit" in readers.kinds() and "medgrit:DIR" in readers.usage()
+    refer = set(tasks.groups()["refer"])
     assert tasks.groups()["refer"] == ["refer_vg", "refer_ro", "refer_gc", "refer_mii"]
     for stage in (1, 2, 3, 4):
-        assert not set(tasks.resolve(stage_spec("tiny", stage).tasks)) & set(tasks.groups()["refer"])
+        assert (refer <= set(tasks.resolve(stage_spec("tiny", stage).tasks))) is (stage in (2, 4)), stage
+        assert (refer <= set(tasks.resolve(stage_spec("full", stage).tasks))) is (stage in (2, 4)), stage
+
+
+def test_synthetic_source_writes_med_grit_files_and_stages_them_through_the_reader(tmp_path: Path, home):
+    from medplib.config import load_config
+    from medplib.data.ingest import stage_source
+    from medplib.data.synth import generate
+
+    summary = generate(tmp_path / "synth", n=24, seed=3)
+    assert summary.sources == ["medgrit"]
+    written = sorted(p.name for p in (tmp_path / "synth" / "medgrit").glob("*.json"))
+    assert written == ["MedGRIT_test_chatlm_GC_img_coord_OneConv.json", "MedGRIT_test_chatlm_MII_img_coord_OneConv.json",
+                       "MedGRIT_test_chatlm_RO_img_coord_OneConv.json", "MedGRIT_test_chatlm_VG_img_coord_OneConv.json",
+                       "MedGRIT_train1_chatlm_img_coord2.json"]
+    train = json.loads((tmp_path / "synth" / "medgrit" / written[-1]).read_text())
+    assert all(list(r) == ["conversations", "id"] and len(r["conversations"]) == 1 for r in train)
+    assert all(r["conversations"][0][0].startswith(f"Picture 1: <img>{r['id']}.png</img>\n") for r in train)
+    # every image a Med-GRIT record names is there, as Med-GRIT keeps them
+    assert all((tmp_path / "synth" / "medgrit" / "images" / f"{r['id']}.png").is_file() for r in train)
+
+    root, pre_errors, name = stage_source("synth", home, load_config("tiny", {"data": {"synth_n": 24}}), seed=3)
+    assert pre_errors == []
+    result = build_dataset(root, tmp_path / "data", name, pre_errors, 10**7, val_fraction=0.0)
+    assert result.quarantined == 0
+    refer_files = sum(n for rel, n in summary.files.items() if rel.startswith("medgrit/"))
+    assert sum(result.by_task[t] for t in ("refer_vg", "refer_ro", "refer_gc", "refer_mii")) == refer_files
+    # the combined training file's pairs were told apart by their text: each task has its training records
+    by_task_split = {(r.task, r.split) for r in read_records(tmp_path / "data")}
+    assert {(t, "train") for t in ("refer_vg", "refer_ro", "refer_gc", "refer_mii")} <= by_task_split

@@ -32,7 +32,7 @@ def test_vg_headline_is_the_mean_over_modalities_of_the_per_modality_box_recall(
     rows = _rows("refer_vg", [("ct", TWO, TWO), ("ct", LIVER, TWO), ("ct", "nothing", LIVER),  # ct: 3 of 5 boxes
                               ("mr", LIVER, LIVER)])  # mr: 1 of 1
     table = aggregate(rows, ["test"])["test/refer_vg"]
-    assert table["ct"] == {"recall": 0.6, "n": 3} and table["mr"] == {"recall": 1.0, "n": 1}
+    assert (table["ct"]["recall"], table["ct"]["n"]) == (0.6, 3) and (table["mr"]["recall"], table["mr"]["n"]) == (1.0, 1)
     assert table["all"]["recall"] == pytest.approx(0.8) and table["all"]["n"] == 4  # not 4 / 6 boxes pooled
     assert summarise({"test/refer_vg": table})["refer_vg_recall"] == pytest.approx(0.8)
 
@@ -49,10 +49,31 @@ def test_ro_accuracy_is_word_containment_averaged_over_modalities():
     assert summarise({"test/refer_ro": table})["refer_ro_accuracy"] == pytest.approx(0.75)  # not 3 / 5
 
 
-def test_a_constant_answer_scores_chance_on_ro():
+def test_a_constant_answer_scores_chance_on_ro_and_chance_is_reported_beside_it():
     names = ["liver", "spleen", "kidney", "aorta"] * 3
     rows = _rows("refer_ro", [("ct", "liver", n) for n in names])
-    assert aggregate(rows, ["test"])["test/refer_ro"]["all"]["accuracy"] == pytest.approx(0.25)
+    table = aggregate(rows, ["test"])["test/refer_ro"]
+    assert table["all"]["accuracy"] == pytest.approx(0.25) and table["all"]["chance"] == pytest.approx(0.25)
+    # chance: a uniform guess among each modality's names, by the same word rule, then the mean over modalities;
+    # "left kidney" is right for a reference "kidney" too (its words contain it), so x's chance is (2/3 + 1/3) / 2
+    rows += _rows("refer_ro", [("x", "?", "kidney"), ("x", "?", "left kidney"), ("x", "?", "heart")])
+    table = aggregate(rows, ["test"])["test/refer_ro"]
+    assert table["x"]["chance"] == pytest.approx((2 / 3 + 1 / 3 + 1 / 3) / 3)
+    assert table["all"]["chance"] == pytest.approx((0.25 + 4 / 9) / 2)
+    summary = summarise({"test/refer_ro": table})
+    assert summary["refer_ro_chance"] == pytest.approx((0.25 + 4 / 9) / 2)
+    assert tasks.get("refer_ro").headline_metric() == "refer_ro_accuracy"
+
+
+def test_vg_chance_is_a_random_box_of_the_mean_size():
+    # two truth boxes of 300 x 999 (full height): a random box of that size hits one when |dx| < 100 of 699 places
+    tall = ["<box>(350,0),(650,999)</box>", "<box>(100,0),(400,999)</box>"]
+    rows = _rows("refer_vg", [("ct", "nothing", t) for t in tall])
+    table = aggregate(rows, ["test"])["test/refer_vg"]
+    inside = 200 / 699  # the placements whose overlap is above 2/3 of the width, for a box away from the edges
+    assert table["ct"]["chance"] == pytest.approx(inside, abs=0.02) and table["ct"]["recall"] == 0.0
+    assert summarise({"test/refer_vg": table})["refer_vg_chance"] == pytest.approx(inside, abs=0.02)
+    assert tasks.get("refer_vg").headline_metric() == "refer_vg_recall"
 
 
 @pytest.mark.parametrize("task", ["refer_gc", "refer_mii"])

@@ -48,6 +48,10 @@ class Reader:
     stage: Callable[[Path | None, StagingContext], Staged]
     takes_folder: bool = True  # KIND:DIR; False for a generated source named by its kind alone (synth)
     describe: str = ""
+    # `convert(folder, out)`: write the source at `folder` into the MeCoVQA layout under `out`, which may already
+    # hold other records and images; returns the problems. A kind with one can be part of the synthetic source
+    # (tasks whose `synth_source` is this kind).
+    convert: Callable[[Path, Path], list[RecordError]] | None = None
 
     @property
     def module(self) -> str:
@@ -66,6 +70,12 @@ def register(reader: Reader) -> Reader:
 
 def unregister(kind: str) -> None:
     _READERS.pop(kind, None)
+
+
+def get(kind: str) -> Reader:
+    if kind not in _READERS:
+        raise KeyError(f"Source kind {kind!r} is not registered; registered kinds are {kinds()}")
+    return _READERS[kind]
 
 
 def kinds() -> list[str]:

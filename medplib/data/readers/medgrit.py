@@ -149,6 +149,8 @@ def read_file(path: Path, rel: str, root: Path) -> tuple[list[tuple[str, dict]],
 
 def _link(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and os.path.samefile(src, dst):  # already there (the synthetic source links its images)
+        return
     try:
         os.link(src, dst)
     except OSError:  # another file system, or links not allowed: a copy
@@ -186,4 +188,5 @@ def stage_medgrit(path: Path | None, ctx: StagingContext) -> Staged:
     return out, convert_medgrit(path, out), KIND
 
 
-register(Reader(KIND, stage_medgrit, describe="Med-GRIT-270k (BiRD): JSON lists of [user, assistant] pairs + images/"))
+register(Reader(KIND, stage_medgrit, describe="Med-GRIT-270k (BiRD): JSON lists of [user, assistant] pairs + images/",
+                convert=convert_medgrit))
