@@ -93,10 +93,13 @@ def _ingest_cases() -> list[Case]:
     return cases
 
 
-def cases() -> list[Case]:
+def cases(collected: list[str] | None = None) -> list[Case]:
+    """Every case; `collected`: node ids a running pytest session has already collected (else a subprocess collects
+    the files the cases come from)."""
     sys.path.insert(0, str(REPO))
     out = _ingest_cases()
-    collected = _collect([t for t, _, _ in SOURCES])
+    if collected is None:
+        collected = _collect([t for t, _, _ in SOURCES])
     for target, area, expected in SOURCES:
         nodes = [n for n in collected if n == target or n.startswith(target + ("[" if "::" in target else "::"))]
         if not nodes:
@@ -156,18 +159,25 @@ def documented_keys() -> list[str]:
     return [" | ".join(c.strip().replace("\\|", "|") for c in r.strip("|").split(" | ")[:2]) for r in rows]
 
 
+def drift(all_cases: list[Case]) -> str | None:
+    """What differs between the table and the cases, or None when it is up to date."""
+    want, have = [c.key for c in all_cases], documented_keys() if DOC.exists() else []
+    if want == have:
+        return None
+    return ("docs/reliability.md is out of date; run docs/reliability_table.py\n"
+            f"missing: {sorted(set(want) - set(have))}\nstale: {sorted(set(have) - set(want))}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="compare the table's cases with the tests' cases only")
     args = ap.parse_args()
     all_cases = cases()
     if args.check:
-        want, have = [c.key for c in all_cases], documented_keys() if DOC.exists() else []
-        if want != have:
-            print("docs/reliability.md is out of date; run docs/reliability_table.py\n"
-                  f"missing: {sorted(set(want) - set(have))}\nstale: {sorted(set(have) - set(want))}")
-            return 1
-        return 0
+        problem = drift(all_cases)
+        if problem:
+            print(problem)
+        return 1 if problem else 0
     write(all_cases, run([c.node for c in all_cases]))
     print(f"wrote {DOC} ({len(all_cases)} cases)")
     return 0
