@@ -10,9 +10,22 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 120
 export RAY_AUTH_MODE = disabled
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup postgres run test test-fast clean-state
+.PHONY: setup java postgres run test test-fast clean-state
 
-setup: $(STAMP)
+setup: java $(STAMP)
+
+# A Java runtime for pycocoevalcap, whose PTB tokenizer and METEOR (jars and paraphrase data shipped in its wheel)
+# score the refer captions. Installed with apt-get when missing (as root, or through sudo).
+java:
+	@if ! command -v java >/dev/null; then \
+	  echo "installing Debian's default-jre-headless (Java for pycocoevalcap's tokenizer and METEOR)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "No java, and neither root nor sudo to install it: apt-get install default-jre-headless" >&2; exit 1; fi; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    $$SUDO apt-get install -y -qq --no-install-recommends default-jre-headless >/dev/null; } \
+	    || { echo "apt-get could not install default-jre-headless (see above)" >&2; exit 1; }; \
+	  command -v java >/dev/null || { echo "default-jre-headless installed no java on PATH" >&2; exit 1; }; \
+	fi
 
 # Idempotent: the venv is created once; packages are reinstalled only when the lock or pyproject changes.
 $(STAMP): requirements.lock pyproject.toml

@@ -116,6 +116,8 @@ SHARED = {
     "pipeline_runs": ("tests/flows/test_pipeline_flow.py", "tests/train/test_stage_recipe.py"),
     "toy_clean_run": ("tests/reliability/test_worker_death.py", "tests/train/test_ray_deepspeed.py",
                       "tests/train/test_zero3.py"),
+    # no fixture: medplib.eval.metrics keeps one METEOR process (~7 s to load its paraphrase table) per process
+    "meteor": ("tests/eval/test_caption_metrics.py", "tests/eval/test_refer_tasks.py"),
 }
 
 

@@ -21,16 +21,30 @@ Conventions
   match count). For answers shorter than n tokens BLEU-n is mostly that epsilon: read BLEU-1 there.
   (MedPLIB's script used no smoothing and single-order weights such as (0, 1, 0, 0); ours are the standard
   cumulative BLEU-n, so numbers are not interchangeable with its table.)
+- Captions (BiRD's GC and MII): pycocoevalcap as its COCOEvalCap runs it, one reference per prediction: the Stanford
+  PTB tokenizer (lower-cased, punctuation tokens dropped), then corpus BLEU-1..4 (its own BLEU, closest
+  reference length), METEOR 1.5 (`-l en -norm`), ROUGE-L (β = 1.2, per-sample mean) and CIDEr-D (σ = 6, n-gram
+  document frequencies from the corpus's own references, ×10, so it is not bounded by 1). SPICE is left out: it
+  downloads Stanford CoreNLP models at run time. The tokenizer and METEOR run on Java.
 """
 from __future__ import annotations
 
 import math
 import re
+import shutil
+import subprocess
+import tempfile
 from collections import Counter
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer import ptbtokenizer
 
 BLEU_WEIGHTS: dict[str, tuple[float, ...]] = {
     "bleu1": (1.0, 0.0, 0.0, 0.0),
@@ -123,13 +137,96 @@ def vqa_open_scores(prediction: str, reference: str) -> dict[str, float]:
     return scores
 
 
-def corpus_bleu_scores(predictions: Iterable[str], references: Iterable[str]) -> dict[str, float]:
-    """Corpus-level BLEU-1..4 (nltk `corpus_bleu`, same tokens, weights and smoothing as `vqa_open_scores`)."""
-    pairs = _zip_same_length(predictions, references, "answers")
-    hyps = [tokenize(p) for p, _ in pairs]
-    refs = [[tokenize(r)] for _, r in pairs]
-    return {name: float(corpus_bleu(refs, hyps, weights=w, smoothing_function=BLEU_SMOOTHING))
-            for name, w in BLEU_WEIGHTS.items()}
+# ---- captions (pycocoevalcap) -----------------------------------------------------------------------------
+
+CAPTION_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
+_PTB_TOKENS: dict[str, str] = {}  # text → its PTB tokens: a bootstrap re-scores the same texts many times
+_PTB_CACHE_LIMIT = 500_000
+_meteor: Meteor | None = None  # one METEOR process (seconds to load its paraphrase table) serves the session
+
+
+def caption_scores(predictions: Iterable[str], references: Iterable[str],
+                   groups: Iterable[str]) -> dict[str, dict[str, float]]:
+    """{group: {bleu1..4, meteor, rouge_l, cider}}, each group's corpus scored as pycocoevalcap's COCOEvalCap scores
+    it (see the module doc); all texts are tokenized in one Java call."""
+    pairs = _zip_same_length(predictions, references, "captions")
+    groups = [str(g) for g in groups]
+    if len(groups) != len(pairs):
+        raise ValueError(f"{len(pairs)} captions but {len(groups)} group labels")
+    tokens = ptb_tokenize([p for p, _ in pairs] + [r for _, r in pairs])
+    n = len(pairs)
+    corpora: dict[str, tuple[dict[int, list[str]], dict[int, list[str]]]] = {}
+    for i, group in enumerate(groups):
+        refs, hyps = corpora.setdefault(group, ({}, {}))
+        refs[i], hyps[i] = [tokens[n + i]], [tokens[i]]
+    out = {}
+    for group, (refs, hyps) in sorted(corpora.items()):
+        bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
+        out[group] = {**{f"bleu{k}": float(b) for k, b in enumerate(bleu, 1)},
+                      "meteor": _meteor_score(refs, hyps),
+                      "rouge_l": float(Rouge().compute_score(refs, hyps)[0]),
+                      "cider": float(Cider().compute_score(refs, hyps)[0])}
+    return out
+
+
+def ptb_tokenize(texts: Sequence[str]) -> list[str]:
+    """pycocoevalcap's tokens of each text, space-joined: Stanford's PTBTokenizer (`-preserveLines -lowerCase`) with
+    its punctuation tokens dropped; one Java call for the texts not tokenized before."""
+    # One line per text: Java also ends a line at \r and \u2028, which would shift every later text by one.
+    lines = [" ".join(str(t).split()) for t in texts]
+    new = sorted({t for t in lines if t not in _PTB_TOKENS})
+    if new:
+        if len(_PTB_TOKENS) + len(new) > _PTB_CACHE_LIMIT:
+            _PTB_TOKENS.clear()
+        _PTB_TOKENS.update(zip(new, _run_ptb_tokenizer(new)))
+    return [_PTB_TOKENS[t] for t in lines]
+
+
+def _run_ptb_tokenizer(lines: list[str]) -> list[str]:
+    # pycocoevalcap's PTBTokenizer.tokenize runs this command, but writes its input file next to the jar (read-only
+    # site-packages in our image) and ignores the exit status; same jar, flags and punctuation list here.
+    jar = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    with tempfile.TemporaryDirectory(prefix="medplib-ptb-") as tmp:
+        source = Path(tmp) / "captions.txt"
+        source.write_text("\n".join(lines), encoding="utf-8")
+        done = subprocess.run([_java(), "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                               "-lowerCase", str(source)], capture_output=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"The PTB tokenizer (java -cp {jar.name}) exited with {done.returncode}: "
+                           f"{done.stderr.decode(errors='replace').strip()[-2000:]}")
+    out = done.stdout.decode(errors="replace").split("\n")
+    if len(out) < len(lines) or any(extra.strip() for extra in out[len(lines):]):
+        raise RuntimeError(f"The PTB tokenizer returned {len(out)} lines for {len(lines)} texts")
+    punctuation = set(ptbtokenizer.PUNCTUATIONS)
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in punctuation) for line in out[:len(lines)]]
+
+
+def _meteor_score(refs: dict[int, list[str]], hyps: dict[int, list[str]]) -> float:
+    global _meteor
+    if _meteor is None or _meteor.meteor_p.poll() is not None:
+        _java()
+        _meteor = Meteor()
+    # "|||" separates fields of METEOR's line protocol; pycocoevalcap strips it from the hypothesis only
+    refs = {i: [r.replace("|||", " ") for r in rs] for i, rs in refs.items()}
+    hyps = {i: [h.replace("|||", " ") for h in hs] for i, hs in hyps.items()}
+    try:
+        return float(_meteor.compute_score(refs, hyps)[0])
+    except (ValueError, OSError) as e:  # the process died or answered out of step: start a new one next time
+        failed, _meteor = _meteor, None
+        if failed.lock.locked():
+            failed.lock.release()  # compute_score raised holding it, and Meteor.__del__ waits for it
+        failed.meteor_p.kill()
+        raise RuntimeError(f"METEOR (java -jar meteor-1.5.jar) failed: {e}; its stderr: "
+                           f"{failed.meteor_p.stderr.read().decode(errors='replace').strip()[-2000:]}") from e
+
+
+def _java() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise RuntimeError("Caption scores (pycocoevalcap's PTB tokenizer and METEOR) need Java, and there is no "
+                           "`java` on PATH: `make setup` installs it (apt-get install -y --no-install-recommends "
+                           "default-jre-headless)")
+    return java
 
 
 # ---- aggregation -------------------------------------------------------------------------------------------

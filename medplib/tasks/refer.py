@@ -33,28 +33,36 @@ class ModalityMacro(Cumulative):
         out.pop("n")
         return out
 
+    def tables(self, by_modality: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+        """Every modality's values: `table` of each one's rows, unless the modalities are best scored together."""
+        return {m: self.table(rows) for m, rows in by_modality.items()}
+
     def aggregate(self) -> dict[str, dict[str, float]]:
         by_modality: dict[str, list[dict]] = {}
         for row in self.rows:
             by_modality.setdefault(str(row["modality"]), []).append(row)
-        out: dict[str, dict[str, float]] = {
-            m: {**self.table(rows), "n": len(rows)} for m, rows in sorted(by_modality.items())}
+        by_modality = dict(sorted(by_modality.items()))
+        scores = self.tables(by_modality)
+        out: dict[str, dict[str, float]] = {m: {**scores[m], "n": len(rows)} for m, rows in by_modality.items()}
         metrics = sorted({k for values in out.values() for k in values if k != "n"})
         out["all"] = {k: float(np.mean([v[k] for v in out.values() if k in v])) for k in metrics}
         out["all"]["n"] = len(self.rows)
         return out
 
 
-class CorpusBleu(ModalityMacro):
-    """BLEU-1..4 over each modality's corpus (the platform's `corpus_bleu_scores`; BiRD: pycocoevalcap's Bleu,
-    also corpus-level per modality), plus the per-sample means of the token recall / precision / F1."""
+class CaptionScores(ModalityMacro):
+    """BiRD's GC/MII scores of each modality's corpus: pycocoevalcap's BLEU-1..4, METEOR, ROUGE-L and CIDEr
+    (`caption_scores`, all modalities tokenized in one Java call), plus the per-sample means of the token recall /
+    precision / F1."""
 
-    def table(self, rows: list[dict]) -> dict[str, float]:
-        from medplib.eval.metrics import corpus_bleu_scores
+    def tables(self, by_modality: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+        from medplib.eval.metrics import caption_scores
 
-        means = {k: float(np.mean([r[k] for r in rows])) for k in ("recall", "precision", "f1")}
-        predictions = [str(r["prediction"]).replace(SEG_TOKEN, "").strip() for r in rows]
-        return {**means, **corpus_bleu_scores(predictions, [str(r["reference"]) for r in rows])}
+        rows = [r for rs in by_modality.values() for r in rs]
+        scores = caption_scores([str(r["prediction"]).replace(SEG_TOKEN, "").strip() for r in rows],
+                                [str(r["reference"]) for r in rows], [str(r["modality"]) for r in rows])
+        return {m: {**{k: float(np.mean([r[k] for r in rs])) for k in ("recall", "precision", "f1")}, **scores[m]}
+                for m, rs in by_modality.items()}
 
 
 class ReferTask(Task):
@@ -101,7 +109,9 @@ class ReferTask(Task):
 
 
 class ReferTextTask(ReferTask):
-    """A refer task answered in free text (GC, MII): BLEU per modality on the text as written, then their mean."""
+    """A refer task answered in free text (GC, MII): BiRD's caption scores per modality on the text as written (box
+    markup included), then their mean. SPICE, which BiRD's COCOEvalCap also computes, is left out: it downloads
+    Stanford CoreNLP models at run time."""
 
     def score(self, prediction, reference, pred_masks, target):
         from medplib.eval.metrics import vqa_open_scores  # nltk takes seconds to import: only when scoring
@@ -109,4 +119,4 @@ class ReferTextTask(ReferTask):
         return vqa_open_scores(prediction, reference)
 
     def metric(self):
-        return CorpusBleu()
+        return CaptionScores()

@@ -1,7 +1,8 @@
-"""Grounded captioning (BiRD's GC): a caption whose objects carry `<ref>name</ref><box>…</box>`; BLEU per modality.
+"""Grounded captioning (BiRD's GC): a caption whose objects carry `<ref>name</ref><box>…</box>`; BiRD's caption
+scores per modality (pycocoevalcap's BLEU-1..4, METEOR, ROUGE-L, CIDEr), then their mean. CIDEr is the headline.
 
-Scored on the text with its box markup, as BiRD feeds it to pycocoevalcap (our tokens drop the brackets and keep the
-names and coordinates). METEOR, ROUGE-L, CIDEr and SPICE through pycocoevalcap are not computed yet.
+Scored on the text with its box markup, as BiRD feeds it to pycocoevalcap: its PTB tokens keep the tags, the names
+and the corner numbers. SPICE, in BiRD's COCOEvalCap too, is left out (it downloads CoreNLP models at run time).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ class GroundedCaption(ReferTextTask):
     answer_box = "required"
     paired = True
     max_new_tokens = 96
-    summary = {"refer_gc_bleu1": ("test", "bleu1"), "refer_gc_bleu4": ("test", "bleu4")}
+    summary = {"refer_gc_cider": ("test", "cider"), "refer_gc_bleu4": ("test", "bleu4"),
+               "refer_gc_meteor": ("test", "meteor"), "refer_gc_rouge_l": ("test", "rouge_l")}
 
     def synth(self, scene):
         if not scene.structures:

@@ -1,6 +1,7 @@
-"""Medical image interpretation (BiRD's MII): free text about the image; BLEU per modality, then their mean.
+"""Medical image interpretation (BiRD's MII): free text about the image; BiRD's caption scores per modality
+(pycocoevalcap's BLEU-1..4, METEOR, ROUGE-L, CIDEr), then their mean. BLEU-4 is the headline.
 
-METEOR, ROUGE-L and CIDEr through pycocoevalcap, which BiRD also reports, are not computed yet.
+SPICE, in BiRD's COCOEvalCap too, is left out (it downloads CoreNLP models at run time; BiRD's MII mean skips it).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ class ImageInterpretation(ReferTextTask):
     files = {"train": "train/MedGRIT_MII.json", "test": "test/MedGRIT_MII_test.json"}
     source_codes = {"medgrit": "MII"}
     max_new_tokens = 96
-    summary = {"refer_mii_bleu1": ("test", "bleu1"), "refer_mii_bleu4": ("test", "bleu4")}
+    summary = {"refer_mii_bleu4": ("test", "bleu4"), "refer_mii_cider": ("test", "cider"),
+               "refer_mii_meteor": ("test", "meteor"), "refer_mii_rouge_l": ("test", "rouge_l")}
 
     def synth(self, scene):
         found = " ".join(f"The {name} is {scene.where(mask)}." for name, mask in scene.structures)

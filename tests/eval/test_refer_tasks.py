@@ -77,17 +77,31 @@ def test_vg_chance_is_a_random_box_of_the_mean_size():
 
 
 @pytest.mark.parametrize("task", ["refer_gc", "refer_mii"])
-def test_captions_get_corpus_bleu_per_modality(task: str):
-    ref_ct = "An abdominal CT slice showing the " + LIVER + " and a small cyst."
-    ref_mr = "A brain MRI slice with a large tumour in the left hemisphere."
-    perfect = aggregate(_rows(task, [("ct", ref_ct, ref_ct), ("mr", ref_mr, ref_mr)]), ["test"])[f"test/{task}"]
-    assert perfect["all"]["bleu1"] == pytest.approx(1.0) and perfect["all"]["bleu4"] == pytest.approx(1.0)
-    wrong = aggregate(_rows(task, [("ct", "Nothing here.", ref_ct), ("mr", ref_ct, ref_mr)]), ["test"])[f"test/{task}"]
-    assert wrong["mr"]["bleu4"] < 0.2 and wrong["all"]["bleu1"] < perfect["all"]["bleu1"]
-    half = aggregate(_rows(task, [("ct", ref_ct, ref_ct), ("mr", "Nothing here.", ref_mr)]), ["test"])[f"test/{task}"]
-    assert half["all"]["bleu1"] == pytest.approx((half["ct"]["bleu1"] + half["mr"]["bleu1"]) / 2)
-    assert half["ct"]["bleu1"] == pytest.approx(1.0) and half["mr"]["bleu1"] < 0.1
-    assert set(summarise({f"test/{task}": half})) == {f"{task}_bleu1", f"{task}_bleu4"}
+def test_captions_get_birds_scores_per_modality_then_their_mean(task: str, monkeypatch):
+    from medplib.eval import metrics
+
+    ref_ct = ["An abdominal CT slice showing the " + LIVER + " and a small cyst.",
+              "An axial CT slice with the " + TWO + " of normal size."]
+    ref_mr = ["A brain MRI slice with a large tumour in the left hemisphere.", "A knee MRI with a torn meniscus."]
+    cases = [("ct", r, r) for r in ref_ct] + [("mr", r, r) for r in ref_mr]
+    perfect = aggregate(_rows(task, cases), ["test"])[f"test/{task}"]
+    assert perfect["all"]["bleu4"] == pytest.approx(1.0) and perfect["all"]["rouge_l"] == pytest.approx(1.0)
+    assert perfect["all"]["cider"] == pytest.approx(10.0) and perfect["all"]["meteor"] > 0.99
+    calls: list[list[str]] = []
+    real = metrics._run_ptb_tokenizer
+    monkeypatch.setattr(metrics, "_run_ptb_tokenizer", lambda lines: calls.append(lines) or real(lines))
+    # texts not tokenized before in both modalities (PTB lower-cases, so the upper-cased ct ones are still perfect)
+    cases = [("ct", r.upper(), r) for r in ref_ct] + [("mr", f"Nothing here ({task}).", r) for r in ref_mr]
+    half = aggregate(_rows(task, cases), ["test"])[f"test/{task}"]
+    assert len(calls) == 1  # both modalities' new texts in one Java call
+    for name in ("bleu1", "bleu4", "meteor", "rouge_l", "cider", "f1"):
+        assert half["all"][name] == pytest.approx((half["ct"][name] + half["mr"][name]) / 2), name
+    assert half["ct"]["cider"] == pytest.approx(10.0) and half["mr"]["cider"] == pytest.approx(0.0, abs=1e-9)
+    assert half["ct"]["n"] == 2 and half["all"]["n"] == 4
+    summary = summarise({f"test/{task}": half})
+    assert set(summary) == {f"{task}_{m}" for m in ("bleu4", "cider", "meteor", "rouge_l")}
+    assert summary[f"{task}_rouge_l"] == pytest.approx(0.5)
+    assert tasks.get(task).headline_metric() == {"refer_gc": "refer_gc_cider", "refer_mii": "refer_mii_bleu4"}[task]
 
 
 def test_record_checks_of_the_refer_tasks():

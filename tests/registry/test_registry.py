@@ -138,14 +138,16 @@ def test_gate_rejects_a_gain_inside_the_bootstrap_noise_and_promotes_a_clear_one
 
 
 def test_paired_bootstrap_of_a_corpus_metric_reaggregates_each_resample():
+    from pycocoevalcap.bleu.bleu import Bleu  # corpus BLEU without the Java tokenizer: plain words suffice here
+
     from medplib import tasks
-    from medplib.eval.metrics import corpus_bleu_scores
     from medplib.registry import paired_bootstrap
 
     class CorpusBleu(tasks.Cumulative):
         def aggregate(self):
-            bleu = corpus_bleu_scores([r["prediction"] for r in self.rows], [r["reference"] for r in self.rows])
-            return {"all": {"bleu1": bleu["bleu1"], "n": len(self.rows)}}
+            refs = {i: [r["reference"]] for i, r in enumerate(self.rows)}
+            hyps = {i: [r["prediction"]] for i, r in enumerate(self.rows)}
+            return {"all": {"bleu1": Bleu(1).compute_score(refs, hyps, verbose=0)[0][0], "n": len(self.rows)}}
 
     class Report(tasks.Task):
         name, family, summary = "corpus_report", "report", {"report_bleu1": ("test", "bleu1")}
@@ -189,7 +191,7 @@ def test_gate_config_rejects_unknown_guard_and_floor_metrics():
     # such as the refer tasks' before any stage trains them, is skipped by the gate)
     assert set(GateConfig(primary_metric=P).guard_metrics()) == {"closed_vqa_accuracy", "open_vqa_f1", "region_vqa_recall",
                                                  "caption_bleu1", "refer_vg_recall", "refer_ro_accuracy",
-                                                 "refer_gc_bleu1", "refer_mii_bleu1"}
+                                                 "refer_gc_cider", "refer_mii_bleu4"}
 
 
 # ---- the registry on a real sqlite MLflow ---------------------------------------------------------------------
