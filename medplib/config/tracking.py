@@ -39,7 +39,7 @@ class GateConfig:
     primary_metric: Optional[str] = None  # None: the model family's gate metric
     min_delta: float = 0.0
     max_modality_regression: float = 0.05
-    guard_tolerance: float = 0.02  # how far each guard metric may drop
+    guard_tolerance: float = 0.02  # how far each guard metric may drop, as a share of its range (CIDEr's is 10)
     guards: Optional[dict[str, float]] = None  # metric → its own tolerance; None: every task's headline metric
     floor: dict[str, float] = field(default_factory=dict)  # metric → the minimum a first champion must reach
     bootstrap_samples: int = 1000  # 0 judges the point delta alone (no interval)
@@ -48,12 +48,13 @@ class GateConfig:
 
     def guard_metrics(self) -> dict[str, float]:
         """Metric → tolerance of every guard: `guards`, or each registered task's headline metric (the primary
-        excepted) at `guard_tolerance`."""
+        excepted) at `guard_tolerance` times the metric's range (0.02 of a [0, 1] metric; 0.2 of CIDEr's [0, 10])."""
         from medplib import tasks
 
         if self.guards is not None:
             return {m: float(t) for m, t in self.guards.items() if m != self.primary_metric}
-        return {m: self.guard_tolerance for m in tasks.headline_metrics() if m != self.primary_metric}
+        return {m: self.guard_tolerance * tasks.metric_range(m) for m in tasks.headline_metrics()
+                if m != self.primary_metric}
 
     def validate(self, prefix: str = "") -> None:
         from medplib import tasks  # the headline metrics are the registered tasks' summary keys
@@ -73,8 +74,10 @@ class GateConfig:
                 if metric not in known:
                     raise ConfigError(f"Config key '{prefix}{key}.{metric}' names no task's headline metric; "
                                       f"choose from {sorted(known)}")
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                    raise ConfigError(f"Config key '{prefix}{key}.{metric}' = {value!r} must be a number in [0, 1]")
+                top = tasks.metric_range(metric)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top:
+                    raise ConfigError(f"Config key '{prefix}{key}.{metric}' = {value!r} must be a number in "
+                                      f"[0, {top:g}]")
         if self.bootstrap_samples < 0:
             raise ConfigError(f"Config key '{prefix}bootstrap_samples' = {self.bootstrap_samples} must be >= 0 "
                               "(0: no bootstrap)")

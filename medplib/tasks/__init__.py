@@ -58,6 +58,7 @@ class Task:
     max_new_tokens: int = 24  # generation length when evaluated
     summary: dict[str, tuple[str, str]] = {}  # headline metric name → (split, metric of this task's table)
     headline: str | None = None  # the summary key the promotion gate guards (default: its first on the test split)
+    ranges: dict[str, float] = {}  # summary key → its metric's full range when not [0, 1] (CIDEr: 10)
     max_context: int = 0  # context images (with optional masks) a record may carry besides its query image
     source_codes: dict[str, str] = {}  # source kind → what that source calls this task (Med-GRIT: "VG", …)
     # The source kind whose own layout the synthetic generator writes this task's records in (under a subfolder of
@@ -222,6 +223,12 @@ def headline_tables(split: str = "test") -> dict[str, tuple[str, str]]:
         return keys
     return {key: (f"{split}/{table.split('/', 1)[1]}", metric) for key, (table, metric) in keys.items()
             if table.startswith("test/")}
+
+
+def metric_range(key: str) -> float:
+    """The full range of a summary key's metric (1.0 unless its task says otherwise, e.g. CIDEr's 10): gate tolerances
+    and floors are read in its units."""
+    return next((float(t.ranges[key]) for t in _TASKS.values() if key in t.ranges), 1.0)
 
 
 def headline_metrics() -> list[str]:

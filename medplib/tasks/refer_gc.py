@@ -21,6 +21,7 @@ class GroundedCaption(ReferTextTask):
     answer_box = "required"
     paired = True
     max_new_tokens = 96
+    ranges = {"refer_gc_cider": 10.0}  # CIDEr-D runs 0–10 (pycocoevalcap scales by 10)
     summary = {"refer_gc_cider": ("test", "cider"), "refer_gc_bleu4": ("test", "bleu4"),
                "refer_gc_meteor": ("test", "meteor"), "refer_gc_rouge_l": ("test", "rouge_l")}
 

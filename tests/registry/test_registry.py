@@ -187,11 +187,16 @@ def test_gate_config_rejects_unknown_guard_and_floor_metrics():
         from_dict(GateConfig, {"floor": {"grounding_mdice": 2}}, prefix="gate.")
     with pytest.raises(ConfigError, match="'gate.confidence' = 1.0"):
         from_dict(GateConfig, {"confidence": 1.0}, prefix="gate.")
-    # by default every task's headline metric but the primary is guarded (a guard the champion was not measured on,
-    # such as the refer tasks' before any stage trains them, is skipped by the gate)
-    assert set(GateConfig(primary_metric=P).guard_metrics()) == {"closed_vqa_accuracy", "open_vqa_f1", "region_vqa_recall",
-                                                 "caption_bleu1", "refer_vg_recall", "refer_ro_accuracy",
-                                                 "refer_gc_cider", "refer_mii_bleu4"}
+    # a metric with a range other than [0, 1] takes floors and guards in its own units (CIDEr: [0, 10])
+    assert from_dict(GateConfig, {"floor": {"refer_gc_cider": 2}}, prefix="gate.").floor == {"refer_gc_cider": 2}
+    with pytest.raises(ConfigError, match="'gate.floor.refer_gc_cider' = 11 must be a number in \\[0, 10\\]"):
+        from_dict(GateConfig, {"floor": {"refer_gc_cider": 11}}, prefix="gate.")
+    # by default every task's headline metric but the primary is guarded (a guard the champion was not measured on
+    # is skipped by the gate), at guard_tolerance times the metric's range
+    guards = GateConfig(primary_metric=P, guard_tolerance=0.02).guard_metrics()
+    assert set(guards) == {"closed_vqa_accuracy", "open_vqa_f1", "region_vqa_recall", "caption_bleu1",
+                           "refer_vg_recall", "refer_ro_accuracy", "refer_gc_cider", "refer_mii_bleu4"}
+    assert guards["refer_gc_cider"] == pytest.approx(0.2) and guards["closed_vqa_accuracy"] == pytest.approx(0.02)
 
 
 # ---- the registry on a real sqlite MLflow ---------------------------------------------------------------------
