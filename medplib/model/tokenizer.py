@@ -68,12 +68,9 @@ class MedTokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, num_image_tokens: int,
               system_prompt: str = "") -> "MedTokenizer":
-        """Train a byte-level BPE on `texts` (tiny preset); special tokens are kept whole and every digit is a token
-        of its own, as LLaMA's and Qwen's tokenizers split numbers: a box coordinate (`(578,312)`) is three digit
-        tokens whose meaning is shared by every coordinate, not one of 1000 number tokens each seen a few times."""
+        """Train a byte-level BPE on `texts` (tiny preset); special tokens are kept whole."""
         tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         base_special = ["<pad>", "<s>", "</s>"]
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=base_special + list(SPECIAL_TOKENS),

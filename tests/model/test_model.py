@@ -48,12 +48,6 @@ def test_tokenizer_saves_and_loads(tokenizer: MedTokenizer, tmp_path):
     loaded = MedTokenizer.from_pretrained(tmp_path / "tok")
     turns = conversation(Q_REGION, "It is the kidney.")
     assert loaded.encode_conversation(turns) == tokenizer.encode_conversation(turns)
-    # digits are tokens of their own (LLaMA's and Qwen's way), so box coordinates share them; text round-trips
-    box = "<ref>liver</ref><box>(578,312),(796,484)</box>"
-    for tok in (tokenizer, loaded):
-        pieces = tok.hf.convert_ids_to_tokens(tok.hf.encode(box, add_special_tokens=False))
-        assert [p for p in pieces if any(c.isdigit() for c in p)] == list("578312796484")
-        assert tok.hf.decode(tok.hf.encode(box, add_special_tokens=False)) == box
     assert (loaded.seg_token_id, loaded.num_image_tokens) == (tokenizer.seg_token_id, 64)
     with pytest.raises(ValueError, match="human/gpt pairs"):
         tokenizer.encode_conversation(turns[:1])
