@@ -556,8 +556,10 @@ def _run_command(args: argparse.Namespace, cmd: str, ctx: RunContext) -> int:
         s = generate(args.out, n=args.n or cfg.data.synth_n, seed=cfg.data.synth_seed if args.seed is None else args.seed,
                      image_size=cfg.data.image_size, zeroshot_modalities=cfg.data.zeroshot_modalities,
                      test_fraction=cfg.data.test_fraction)
-        summary = {"out": str(s.out), "images": s.images, "records": s.records, "files": s.files}
-        _emit(args, summary, f"Wrote {s.images} images and {s.records} records in the MeCoVQA layout to {s.out}")
+        summary = {"out": str(s.out), "images": s.images, "records": s.records, "files": s.files, "sources": s.sources}
+        own = "".join(f"; the records of tasks kept in {k}'s own layout are in {s.out / k} (alone: --source "
+                      f"{k}:{s.out / k})" for k in s.sources)
+        _emit(args, summary, f"Wrote {s.images} images and {s.records} records in the MeCoVQA layout to {s.out}{own}")
         return 0
     if cmd == "data ingest":
         r = _ingest(args, ctx)
