@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,10 @@ def run_log(home: Home, command: str) -> Iterator[RunLog]:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(_RunFormatter("%(asctime)s %(levelname)s %(where)s [%(threadName)s]: %(message)s"))
     log = RunLog(path)
-    logging.captureWarnings(True)
+    # Python warnings to the "py.warnings" logger, hence the file. Not logging.captureWarnings: it does nothing when a
+    # library (or an earlier catch_warnings block that restored showwarning under it) left it "on" already.
+    shown_before = warnings.showwarning
+    warnings.showwarning = _warning_to_log
     _open.append(log)
     try:
         with _root_handler(handler, logging.INFO):
@@ -99,8 +103,17 @@ def run_log(home: Home, command: str) -> Iterator[RunLog]:
                 raise
     finally:
         _open.remove(log)
-        logging.captureWarnings(False)
+        warnings.showwarning = shown_before
         handler.close()
+
+
+def _warning_to_log(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` while a run log is open: the warning as a "py.warnings" record, as logging's own."""
+    text = warnings.formatwarning(message, category, filename, lineno, line)
+    if file is not None:  # an explicit destination is honoured
+        file.write(text)
+        return
+    logging.getLogger("py.warnings").warning("%s", text.rstrip())
 
 
 def adopt_library_loggers() -> None:
