@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -63,3 +65,15 @@ def write_png(path: Path, arr: np.ndarray) -> None:
 
 def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` as a hard link of `src`, or a copy across file systems (or where links are not allowed); nothing to do
+    when `dst` already is `src`."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and os.path.samefile(src, dst):
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from medplib.data.images import write_png
+from medplib.data.images import link_or_copy, write_png
 from medplib import tasks
 from medplib.data.schema import IMAGE_TOKEN, MODALITIES, MODALITY_NAMES
 from medplib.progress import track
@@ -228,7 +226,7 @@ def generate(out: Path, n: int = 240, seed: int = 42, image_size: int = 64,
                 continue
             records = task.synth(scene)
             if task.synth_source and records:  # in that source's own layout, its images beside it (hard links)
-                _link(out / image_rel, out / task.synth_source / image_rel)
+                link_or_copy(out / image_rel, out / task.synth_source / image_rel)
                 rel = f"{task.synth_source}/{task.synth_file(split)}"
             elif zeroshot:
                 rel = f"zeroshot4grounding/{'xray' if modality == 'x' else modality}.json"
@@ -246,13 +244,3 @@ def generate(out: Path, n: int = 240, seed: int = 42, image_size: int = 64,
              ", ".join(sources) or "none")
     return SynthSummary(out=out, images=n, records=sum(counts.values()), files=counts, sources=sources)
 
-
-def _link(src: Path, dst: Path) -> None:
-    """`dst` as a hard link of `src` (a copy across file systems), once."""
-    if dst.exists():
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
 from pathlib import Path, PurePosixPath
 
 from medplib import tasks
 from medplib.data import boxes
 from medplib.data.readers import Reader, Staged, StagingContext, register
+from medplib.data.images import link_or_copy
 from medplib.data.schema import IMAGE_TOKEN, MODALITIES, RecordError, modality_from_filename
 from medplib.progress import track
 
@@ -147,16 +146,6 @@ def read_file(path: Path, rel: str, root: Path) -> tuple[list[tuple[str, dict]],
     return out, errors
 
 
-def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists() and os.path.samefile(src, dst):  # already there (the synthetic source links its images)
-        return
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not allowed: a copy
-        shutil.copyfile(src, dst)
-
-
 def convert_medgrit(src: Path, out: Path) -> list[RecordError]:
     """Stage the Med-GRIT folder `src` in the MeCoVQA layout under `out`; return the problems (module doc)."""
     src = Path(src)
@@ -173,7 +162,7 @@ def convert_medgrit(src: Path, out: Path) -> list[RecordError]:
         for rel, record in staged:
             buckets.setdefault(rel, []).append(record)
     for image in sorted({r["image"] for records in buckets.values() for r in records}):
-        _link(src / image, out / image)
+        link_or_copy(src / image, out / image)
     for rel, records in sorted(buckets.items()):
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
