@@ -115,14 +115,18 @@ def tiny_stages() -> dict[int, StageSpec]:
     1920 images and stages I, II and IV run about as many steps as they did on 480, in fewer epochs. Stage III
     counts optimiser steps more than samples: through Ray with 2 workers, 830 steps of 32 reach Dice 0.69 and
     2300 steps of 16 (micro-batch 8 per worker, 14 epochs) 0.86, in 223 s.
+    The vision tower trains in stage II too: a random tower after stage I's 200 steps barely sees where things are.
+    Measured on the default data through the whole pipeline (validation/test): closed VQA 0.61/0.55 → 0.74/0.69,
+    open-VQA F1 0.78/0.79 → 0.84/0.84, region recall 0.87/0.87 → 0.93/0.93, Med-GRIT RO accuracy 0.34/0.31 →
+    0.47/0.45 (chance 0.33), grounding mDice 0.90/0.90 → 0.89/0.89.
     """
     cpu = dict(micro_batch=16, grad_accum=1, max_len=512, warmup_ratio=0.05, checkpoint_every=50)
     return {
         1: StageSpec(1, "align", tasks=("alignment", "vqa"),
                      train=("vision_tower.*", "projector.*", "llm.*"), lr=2e-3, epochs=1, **cpu),
         2: StageSpec(2, "vl_expert", tasks=("vl",),
-                     train=("projector.*", "region_encoder.*", NORMS, *EMBED), lora=LoraSpec(16, 32, 0.0, LLM_ALL),
-                     lr=2e-3, epochs=4, **cpu),
+                     train=("vision_tower.*", "projector.*", "region_encoder.*", NORMS, *EMBED),
+                     lora=LoraSpec(16, 32, 0.0, LLM_ALL), lr=2e-3, epochs=4, **cpu),
         3: StageSpec(3, "grounding_expert", tasks=("pixel",), train=(*GROUNDING, "sam.*"),
                      lora=LoraSpec(8, 16, 0.0, FFN), loss=LossSpec(ce=1.0, bce=1.0, dice=5.0), lr=1e-3, epochs=14,
                      **{**cpu, "micro_batch": 8}),
