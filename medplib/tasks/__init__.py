@@ -248,3 +248,5 @@ def code_files() -> list[Path]:
 from medplib.tasks import grounding, vqa_closed, vqa_open, region_vqa, caption  # noqa: E402,F401
 # BiRD's refer-and-ground tasks (group "refer", in no stage mix yet): after the built-ins, so their order is unchanged.
 from medplib.tasks import refer_vg, refer_ro, refer_gc, refer_mii  # noqa: E402,F401
+# Text-guided segmentation (RecLMIS on LViT data, group "pixel"): last, so the draws of the tasks above are unchanged.
+from medplib.tasks import textseg  # noqa: E402,F401
