@@ -230,12 +230,19 @@ def _quarantine_entry(err: RecordError, raw: object = None) -> dict:
 def build_dataset(root: Path, data_dir: Path, source_name: str, pre_errors: list[RecordError],
                   max_pixels: int, val_fraction: float = 0.0) -> IngestResult:
     """Normalise a MeCoVQA-layout folder into `data_dir` (replaced atomically); no DVC here. With `val_fraction`,
-    that share of the training images (by a hash of their pixels, `in_val`) becomes the validation split."""
+    that share of the training images (by a hash of their pixels, `in_val`) becomes the validation split, unless the
+    source has a validation split of its own (records under `val/`, e.g. LViT's Val_Folder): that one is kept and
+    none is carved, so a source's published splits stay as published."""
     files = _Files(Path(root).resolve(), max_pixels)
     records: dict[str, Record] = {}
     quarantine = [_quarantine_entry(e) for e in pre_errors]
     to_write: dict[str, np.ndarray] = {}
     items = list(read_mecovqa(root))
+    own_val = any(isinstance(item, RawItem) and item.split == "val" for item in items)
+    if own_val and val_fraction > 0:
+        log.info("%s has its own validation split: none is carved from train (val_fraction %s not used)", source_name,
+                 val_fraction)
+        val_fraction = 0.0
     for item in track(items, "ingest", "records", disable=len(items) < 2000):
         if isinstance(item, RecordError):
             quarantine.append(_quarantine_entry(item))
@@ -277,7 +284,7 @@ def build_dataset(root: Path, data_dir: Path, source_name: str, pre_errors: list
         quarantine_reasons=dict(sorted(Counter(q["reason"].split(":")[0] for q in quarantine).items())),
     )
     manifest = {"source": source_name, "total": total, "valid": result.valid, "quarantined": result.quarantined,
-                **({"val_fraction": val_fraction, "by_split": result.by_split} if val_fraction > 0 else {}),
+                **({"val_fraction": val_fraction, "by_split": result.by_split} if val_fraction > 0 or own_val else {}),
                 "by_task": result.by_task, "by_modality": result.by_modality,
                 "files": {rel: file_sha256(tmp / rel) for rel in [*sorted(to_write), "records.jsonl"]}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")

@@ -17,7 +17,7 @@ MODALITY_NAMES = {
     "ct": "CT", "mr": "MRI", "x": "X-ray", "pet": "PET", "endoscopy": "endoscopy",
     "dermoscopy": "dermoscopy", "fundus": "fundus", "ultrasound": "ultrasound",
 }
-SPLITS = ("train", "val", "test", "zeroshot")  # val: carved from train by image at ingest
+SPLITS = ("train", "val", "test", "zeroshot")  # val: the source's own, else carved from train by image at ingest
 
 IMAGE_TOKEN = "<image>"
 SEG_TOKEN = "<SEG>"

@@ -2,9 +2,10 @@
 
 Written in the real MeCoVQA layout (REFERENCE §4) so that the real dataset can replace it:
 images/, masks/ (pixel prompts), masks_merged/ (grounding targets), train/, test/, zeroshot4grounding/.
-A task with a `synth_source` has its records written in that source's own layout in a subfolder of that name, with
-the images it asks about linked under it (the refer tasks: `medgrit/`, Med-GRIT-270k's JSON files and `images/`),
-so that staging the synthetic source runs the real reader of that source.
+A task with a `synth_source` has its records written in that source's own layout in a subfolder of that name, by
+that source's writer (`Reader.write_synth`), with the images it asks about linked under it (the refer tasks:
+`medgrit/`, Med-GRIT-270k's JSON files and `images/`; text-guided segmentation: `lvit/`, one LViT dataset folder
+per modality with `img/`, `labelcol/` and its sheets), so that staging the synthetic source runs the real reader.
 Each structure has a fixed shape and brightness, so a question naming it picks one object among several:
 a model must read the question to segment the right one.
 """
@@ -14,10 +15,11 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from medplib.data.images import link_or_copy, write_png
+from medplib.data.images import write_png
 from medplib import tasks
 from medplib.data.schema import IMAGE_TOKEN, MODALITIES, MODALITY_NAMES
 from medplib.progress import track
@@ -197,6 +199,24 @@ class Scene:
         return _prompt_mask(kind, mask, self.rng)
 
 
+def write_records(path: Path, records: list[dict]) -> None:
+    """A JSON list of raw records, as the synthetic generator writes every annotation file (sorted keys, one space
+    indent: the same records give the same bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _source_writer(kind: str) -> Callable[[Path, Path, dict[str, list[dict]]], None]:
+    """The writer of source `kind`'s own layout (`Reader.write_synth`), or an error naming what is missing."""
+    from medplib.data import readers  # the readers import this module's write_records: import them when writing
+
+    reader = readers.get(kind)
+    if reader.write_synth is None:
+        raise ValueError(f"Tasks write synthetic records in the {kind!r} layout, but the {kind!r} reader "
+                         f"({reader.module}) has no write_synth(root, folder, files) to write them")
+    return reader.write_synth
+
+
 def generate(out: Path, n: int = 240, seed: int = 42, image_size: int = 64,
              zeroshot_modalities: tuple[str, ...] = ("pet", "fundus"), test_fraction: float = 0.2) -> SynthSummary:
     """Write `n` phantoms and their QA records to `out` in the MeCoVQA layout; same arguments, same bytes."""
@@ -206,7 +226,8 @@ def generate(out: Path, n: int = 240, seed: int = 42, image_size: int = 64,
     bad = [m for m in zeroshot_modalities if m not in MODALITIES]
     if bad:
         raise ValueError(f"zeroshot_modalities has {bad[0]!r}, not one of {list(MODALITIES)}")
-    buckets: dict[str, list[dict]] = {}
+    # (source kind or None for the MeCoVQA layout, file) → records
+    buckets: dict[tuple[str | None, str], list[dict]] = {}
     add = lambda key, rec: buckets.setdefault(key, []).append(rec)  # noqa: E731
     for i in track(range(n), "synth", "images", disable=n < 200):
         rng = np.random.default_rng([seed, i])
@@ -225,21 +246,25 @@ def generate(out: Path, n: int = 240, seed: int = 42, image_size: int = 64,
             if zeroshot and not task.zeroshot:
                 continue
             records = task.synth(scene)
-            if task.synth_source and records:  # in that source's own layout, its images beside it (hard links)
-                link_or_copy(out / image_rel, out / task.synth_source / image_rel)
-                rel = f"{task.synth_source}/{task.synth_file(split)}"
+            if task.synth_source:  # in that source's own layout, written by its reader's writer below
+                key = (task.synth_source, task.synth_file(split, modality))
             elif zeroshot:
-                rel = f"zeroshot4grounding/{'xray' if modality == 'x' else modality}.json"
+                key = (None, f"zeroshot4grounding/{'xray' if modality == 'x' else modality}.json")
             else:
-                rel = task.synth_file(split)
+                key = (None, task.synth_file(split, modality))
             for rec in records:
-                add(rel, rec)
-    for rel, records in buckets.items():
-        path = out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(records, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    counts = {rel: len(r) for rel, r in sorted(buckets.items())}
-    sources = sorted({t.synth_source for t in tasks.all_tasks() if t.synth_source and (out / t.synth_source).is_dir()})
+                add(key, rec)
+    own: dict[str, dict[str, list[dict]]] = {}  # source kind → {file in its folder: records}
+    for (kind, rel), records in buckets.items():
+        if kind is None:
+            write_records(out / rel, records)
+        else:
+            own.setdefault(kind, {})[rel] = records
+    for kind, files in sorted(own.items()):
+        _source_writer(kind)(out, out / kind, files)
+    counts = {(f"{kind}/{rel}" if kind else rel): len(r) for (kind, rel), r in buckets.items()}
+    counts = dict(sorted(counts.items()))
+    sources = sorted(own)
     log.info("synthetic MeCoVQA: %d images, %d records in %s (in their own layouts: %s)", n, sum(counts.values()), out,
              ", ".join(sources) or "none")
     return SynthSummary(out=out, images=n, records=sum(counts.values()), files=counts, sources=sources)

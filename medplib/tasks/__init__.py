@@ -87,9 +87,10 @@ class Task:
         or records in the layout of `synth_source` when the task sets one."""
         return []
 
-    def synth_file(self, split: str) -> str:
-        """Where the synthetic generator writes this task's records of `split` (train | test): the MeCoVQA file, or,
-        with a `synth_source`, a file of that source's layout relative to its subfolder."""
+    def synth_file(self, split: str, modality: str = "") -> str:
+        """Where the synthetic generator writes this task's records of `split` (train | test) about an image of
+        `modality`: the MeCoVQA file, or, with a `synth_source`, a file of that source's layout relative to its
+        subfolder (a layout that tells the modality by its folders, as LViT's, puts it in the path)."""
         return self.file_for(split)
 
     def from_labels(self, labelled: "LabelledSlice") -> list[dict]:
@@ -247,3 +248,5 @@ def code_files() -> list[Path]:
 from medplib.tasks import grounding, vqa_closed, vqa_open, region_vqa, caption  # noqa: E402,F401
 # BiRD's refer-and-ground tasks (group "refer", in no stage mix yet): after the built-ins, so their order is unchanged.
 from medplib.tasks import refer_vg, refer_ro, refer_gc, refer_mii  # noqa: E402,F401
+# Text-guided segmentation (RecLMIS on LViT data, group "pixel"): last, so the draws of the tasks above are unchanged.
+from medplib.tasks import textseg  # noqa: E402,F401

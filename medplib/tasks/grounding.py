@@ -39,11 +39,17 @@ class Grounding(Task):
         return out
 
     def score(self, prediction, reference, pred_masks, target):
-        from medplib.eval.metrics import dice_iou
+        return mask_scores(pred_masks, target)
 
-        pred = pred_masks[0] if len(pred_masks) else np.zeros_like(target, dtype=bool)  # no <SEG> generated → empty
-        dice, iou = dice_iou(pred, target)
-        return {"dice": dice, "iou": iou, "seg_generated": float(len(pred_masks) > 0)}
+
+def mask_scores(pred_masks, target: np.ndarray) -> dict:
+    """Dice and IoU of the first predicted mask against the target (no `<SEG>` generated: an empty mask), and whether
+    one was generated; what every `<SEG>` task scores."""
+    from medplib.eval.metrics import dice_iou
+
+    pred = pred_masks[0] if len(pred_masks) else np.zeros_like(target, dtype=bool)  # no <SEG> generated → empty
+    dice, iou = dice_iou(pred, target)
+    return {"dice": dice, "iou": iou, "seg_generated": float(len(pred_masks) > 0)}
 
 
 register(Grounding())

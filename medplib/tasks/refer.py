@@ -92,7 +92,7 @@ class ReferTask(Task):
             return answer, f"a {self.name} answer needs text"
         return None
 
-    def synth_file(self, split: str) -> str:
+    def synth_file(self, split: str, modality: str = "") -> str:
         """Med-GRIT's file names: one combined training file, a test file per task (its code in the name)."""
         if split == "train":
             return "MedGRIT_train1_chatlm_img_coord2.json"

@@ -49,9 +49,14 @@ class Reader:
     takes_folder: bool = True  # KIND:DIR; False for a generated source named by its kind alone (synth)
     describe: str = ""
     # `convert(folder, out)`: write the source at `folder` into the MeCoVQA layout under `out`, which may already
-    # hold other records and images; returns the problems. A kind with one can be part of the synthetic source
-    # (tasks whose `synth_source` is this kind).
+    # hold other records and images; returns the problems. A kind with one and a `write_synth` can be part of the
+    # synthetic source (tasks whose `synth_source` is this kind).
     convert: Callable[[Path, Path], list[RecordError]] | None = None
+    # `write_synth(root, folder, files)`: write the synthetic records of the tasks kept in this kind's layout into
+    # `folder` (`root/<kind>`): `files` maps each file (relative to `folder`, as `Task.synth_file` names it) to the
+    # records the tasks' `synth` returned for it, in the shape this writer documents; the images and masks they
+    # use are under `root`. The layout's own files (JSON lists, spreadsheets, image folders) are this writer's job.
+    write_synth: Callable[[Path, Path, dict[str, list[dict]]], None] | None = None
 
     @property
     def module(self) -> str:
@@ -108,4 +113,4 @@ def code_files() -> list[Path]:
 
 
 # The built-in readers.
-from medplib.data.readers import synthetic, mecovqa, dicom, nifti, medgrit  # noqa: E402,F401
+from medplib.data.readers import synthetic, mecovqa, dicom, nifti, medgrit, lvit  # noqa: E402,F401

@@ -32,6 +32,7 @@ from medplib.data import boxes
 from medplib.data.readers import Reader, Staged, StagingContext, register
 from medplib.data.images import link_or_copy
 from medplib.data.schema import IMAGE_TOKEN, MODALITIES, RecordError, modality_from_filename
+from medplib.data.synth import write_records
 from medplib.progress import track
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,16 @@ def convert_medgrit(src: Path, out: Path) -> list[RecordError]:
     return errors
 
 
+def write_medgrit_synth(root: Path, folder: Path, files: dict[str, list[dict]]) -> None:
+    """Write synthetic Med-GRIT files into `folder`: each a JSON list of `{"id", "conversations"}` records, and the
+    image each record's id names (`root/images/<id>.png`) linked under `folder/images/`, as Med-GRIT keeps them."""
+    for rel, records in files.items():
+        for record in records:
+            image = f"images/{record['id']}.png"
+            link_or_copy(root / image, folder / image)
+        write_records(folder / rel, records)
+
+
 def stage_medgrit(path: Path | None, ctx: StagingContext) -> Staged:
     out = ctx.fresh_dir(KIND, str(path))
     out.mkdir(parents=True)
@@ -178,4 +189,4 @@ def stage_medgrit(path: Path | None, ctx: StagingContext) -> Staged:
 
 
 register(Reader(KIND, stage_medgrit, describe="Med-GRIT-270k (BiRD): JSON lists of [user, assistant] pairs + images/",
-                convert=convert_medgrit))
+                convert=convert_medgrit, write_synth=write_medgrit_synth))
