@@ -11,8 +11,9 @@ from medplib.data.readers import Reader, register
 from medplib.data.schema import RecordError
 
 # Where a file sits and what its name says decide the split and the task family (the registered tasks say
-# which words in a file name mean which family).
-SPLIT_DIRS = {"train": "train", "test": "test", "zeroshot4grounding": "zeroshot"}
+# which words in a file name mean which family). MeCoVQA has no val/; a source that brings its own validation
+# split (R2Gen's `val`) is staged with one, and ingest then keeps it instead of carving one from train.
+SPLIT_DIRS = {"train": "train", "val": "val", "test": "test", "zeroshot4grounding": "zeroshot"}
 
 
 @dataclass
@@ -46,7 +47,7 @@ def read_mecovqa(root: Path) -> Iterator[RawItem | RecordError]:
     files = sorted(p for d in SPLIT_DIRS if (root / d).is_dir() for p in (root / d).rglob("*.json"))
     if not files:
         raise FileNotFoundError(
-            f"MeCoVQA source {root} has no annotation files: expected train/*.json, test/*.json or "
+            f"MeCoVQA source {root} has no annotation files: expected train/*.json, val/*.json, test/*.json or "
             "zeroshot4grounding/*.json")
     for path in files:
         rel = path.relative_to(root)
