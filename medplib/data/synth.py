@@ -3,8 +3,10 @@
 Written in the real MeCoVQA layout (REFERENCE §4) so that the real dataset can replace it:
 images/, masks/ (pixel prompts), masks_merged/ (grounding targets), train/, test/, zeroshot4grounding/.
 A task with a `synth_source` has its records written in that source's own layout in a subfolder of that name, with
-the images it asks about linked under it (the refer tasks: `medgrit/`, Med-GRIT-270k's JSON files and `images/`),
-so that staging the synthetic source runs the real reader of that source.
+the images it asks about put under it (`Task.synth_images`) and its annotation files written by that source's reader
+(`Reader.write_synth`, else as JSON lists): the refer tasks' `medgrit/` (Med-GRIT-270k's JSON files and `images/`),
+the report task's `iuxray/` (R2Gen's `annotation.json` and `images/<id>/0.png, 1.png`). Staging the synthetic source
+then runs the real reader of that source.
 Each structure has a fixed shape and brightness, so a question naming it picks one object among several:
 a model must read the question to segment the right one.
 """
@@ -14,6 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -154,6 +157,7 @@ class Scene:
     split: str  # train | test | zeroshot
     structures: list[tuple[str, np.ndarray]]
     rng: np.random.Generator
+    image: np.ndarray | None = None  # the phantom's pixels, as written at `image_rel`
     _focus: tuple[str, np.ndarray] | None = None
 
     @property
@@ -190,11 +194,29 @@ class Scene:
         write_png(self.out / rel, arr)
         return rel
 
+    def link(self, rel: str) -> str:
+        """The phantom's image also at `rel` under the source folder (a hard link, else a copy); returns `rel`."""
+        link_or_copy(self.out / self.image_rel, self.out / rel)
+        return rel
+
     def where(self, mask: np.ndarray) -> str:
         return _where(mask)
 
     def prompt_mask(self, kind: str, mask: np.ndarray) -> np.ndarray:
         return _prompt_mask(kind, mask, self.rng)
+
+
+def write_json_list(path: Path, records: list[dict]) -> None:
+    """One annotation file as a JSON list (MeCoVQA's, Med-GRIT's), deterministically."""
+    path.write_text(json.dumps(records, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _layout_writer(kind: str) -> Callable[[Path, list[dict]], None] | None:
+    """How the reader of source `kind` writes one annotation file of its layout (`Reader.write_synth`); None: a JSON
+    list will do."""
+    from medplib.data import readers  # the registry imports every reader (pydicom, nibabel): only when writing
+
+    return readers.get(kind).write_synth
 
 
 def generate(out: Path, n: int = 240, seed: int = 42, image_size: int = 64,
@@ -207,6 +229,7 @@ def generate(out: Path, n: int = 240, seed: int = 42, image_size: int = 64,
     if bad:
         raise ValueError(f"zeroshot_modalities has {bad[0]!r}, not one of {list(MODALITIES)}")
     buckets: dict[str, list[dict]] = {}
+    layouts: dict[str, str] = {}  # annotation file → the source kind whose layout it is in (none: MeCoVQA's)
     add = lambda key, rec: buckets.setdefault(key, []).append(rec)  # noqa: E731
     for i in track(range(n), "synth", "images", disable=n < 200):
         rng = np.random.default_rng([seed, i])
@@ -220,14 +243,15 @@ def generate(out: Path, n: int = 240, seed: int = 42, image_size: int = 64,
         # the tasks asked zero-shot; no record of those modalities' images is trained on.
         zeroshot = modality in zeroshot_modalities
         scene = Scene(out=out, index=i, modality=modality, stem=stem, split="zeroshot" if zeroshot else split,
-                      structures=structures, rng=rng)
+                      structures=structures, rng=rng, image=img)
         for task in tasks.all_tasks():
             if zeroshot and not task.zeroshot:
                 continue
             records = task.synth(scene)
-            if task.synth_source and records:  # in that source's own layout, its images beside it (hard links)
-                link_or_copy(out / image_rel, out / task.synth_source / image_rel)
+            if task.synth_source and records:  # in that source's own layout, its images under it
+                task.synth_images(scene)
                 rel = f"{task.synth_source}/{task.synth_file(split)}"
+                layouts[rel] = task.synth_source
             elif zeroshot:
                 rel = f"zeroshot4grounding/{'xray' if modality == 'x' else modality}.json"
             else:
@@ -237,7 +261,8 @@ def generate(out: Path, n: int = 240, seed: int = 42, image_size: int = 64,
     for rel, records in buckets.items():
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(records, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        write = _layout_writer(layouts[rel]) if rel in layouts else None
+        (write or write_json_list)(path, records)
     counts = {rel: len(r) for rel, r in sorted(buckets.items())}
     sources = sorted({t.synth_source for t in tasks.all_tasks() if t.synth_source and (out / t.synth_source).is_dir()})
     log.info("synthetic MeCoVQA: %d images, %d records in %s (in their own layouts: %s)", n, sum(counts.values()), out,

@@ -89,8 +89,15 @@ class Task:
 
     def synth_file(self, split: str) -> str:
         """Where the synthetic generator writes this task's records of `split` (train | test): the MeCoVQA file, or,
-        with a `synth_source`, a file of that source's layout relative to its subfolder."""
+        with a `synth_source`, a file of that source's layout relative to its subfolder (written by that source's
+        reader's `write_synth` when it has one, else as a JSON list)."""
         return self.file_for(split)
+
+    def synth_images(self, scene: "Scene") -> None:
+        """With a `synth_source`, put the images this task's records of `scene` name where that source's layout keeps
+        them (called once its `synth` gave records); the default links the phantom as `<source>/images/<stem>.png`."""
+        if self.synth_source:
+            scene.link(f"{self.synth_source}/{scene.image_rel}")
 
     def from_labels(self, labelled: "LabelledSlice") -> list[dict]:
         """The raw MeCoVQA records this task asks about one real slice with label masks (DICOM, NIfTI readers)."""

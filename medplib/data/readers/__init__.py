@@ -52,6 +52,9 @@ class Reader:
     # hold other records and images; returns the problems. A kind with one can be part of the synthetic source
     # (tasks whose `synth_source` is this kind).
     convert: Callable[[Path, Path], list[RecordError]] | None = None
+    # `write_synth(path, records)`: how the synthetic generator writes one annotation file of this kind's layout from
+    # the records its tasks gave (`Task.synth_file` names the file); None: as a JSON list (MeCoVQA's, Med-GRIT's).
+    write_synth: Callable[[Path, list[dict]], None] | None = None
 
     @property
     def module(self) -> str:
