@@ -254,3 +254,5 @@ def code_files() -> list[Path]:
 from medplib.tasks import grounding, vqa_closed, vqa_open, region_vqa, caption  # noqa: E402,F401
 # BiRD's refer-and-ground tasks (group "refer", in no stage mix yet): after the built-ins, so their order is unchanged.
 from medplib.tasks import refer_vg, refer_ro, refer_gc, refer_mii  # noqa: E402,F401
+# Report generation (R2Gen's IU X-Ray / MIMIC-CXR), group "vl": last, so the earlier tasks' random draws are unchanged.
+from medplib.tasks import report  # noqa: E402,F401

@@ -111,4 +111,4 @@ def code_files() -> list[Path]:
 
 
 # The built-in readers.
-from medplib.data.readers import synthetic, mecovqa, dicom, nifti, medgrit  # noqa: E402,F401
+from medplib.data.readers import synthetic, mecovqa, dicom, nifti, medgrit, r2gen  # noqa: E402,F401
