@@ -87,7 +87,7 @@ def evaluate_model(model_dir: Path, ctx: RunContext, parent_run_id: str) -> dict
     report, run_id = evaluate_and_log(load_pretrained(model_dir).eval(), ctx.data_dir,
                                       ctx.data_version or read_version(ctx.project), Registry(ctx.tracking),
                                       run_name="evaluate-reproduction", model_ref=str(model_dir),
-                                      parent_run_id=parent_run_id)
+                                      parent_run_id=parent_run_id, max_new_tokens=ctx.cfg.eval.max_new_tokens)
     return {"metrics": dict(report.summary), "eval_run_id": run_id}
 
 

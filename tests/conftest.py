@@ -117,7 +117,8 @@ SHARED = {
     "toy_clean_run": ("tests/reliability/test_worker_death.py", "tests/train/test_ray_deepspeed.py",
                       "tests/train/test_zero3.py"),
     # no fixture: medplib.eval.metrics keeps one METEOR process (~7 s to load its paraphrase table) per process
-    "meteor": ("tests/eval/test_caption_metrics.py", "tests/eval/test_refer_tasks.py"),
+    "meteor": ("tests/eval/test_caption_metrics.py", "tests/eval/test_refer_tasks.py",
+               "tests/eval/test_report_task.py"),
 }
 
 

@@ -20,7 +20,8 @@ class DataConfig:
     # Held out of grounding training: their grounding questions form the zero-shot split.
     zeroshot_modalities: tuple[str, ...] = ("pet", "fundus")
     test_fraction: float = 0.2
-    # Carved from train at ingest, by image (a hash of its pixels): what the promotion gate and any selection read.
+    # Carved from train at ingest, by image (a hash of its pixels), for a source without a validation split of its own
+    # (R2Gen's `val` is kept as it is): what the promotion gate and any selection read.
     val_fraction: float = 0.1
     max_image_pixels: int = 8192 * 8192
 
@@ -39,11 +40,29 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Generation length per task when evaluated, over the task's own `max_new_tokens` (report: 60, R2Gen's IU X-Ray
+    # setting; 100 for MIMIC-CXR as R2Gen has it). Keys are registered task names.
+    max_new_tokens: dict[str, int] = field(default_factory=dict)
+
+    def validate(self, prefix: str = "") -> None:
+        from medplib import tasks  # the registry: a task module may add a task
+
+        for name, length in self.max_new_tokens.items():
+            if name not in tasks.names():
+                raise ConfigError(f"Config key '{prefix}max_new_tokens' names {name!r}, not a registered task "
+                                  f"({tasks.names()})")
+            if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+                raise ConfigError(f"Config key '{prefix}max_new_tokens.{name}' = {length!r} must be an integer >= 1")
+
+
+@dataclass
 class Config:
     preset: str = "tiny"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, prefix: str = "") -> None:
         if self.preset not in PRESETS:

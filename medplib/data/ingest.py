@@ -25,7 +25,7 @@ from medplib.data.images import ImageReadError, read_image, read_mask, write_png
 from medplib.data.readers.mecovqa import RawItem, read_mecovqa
 from medplib.data.schema import (
     IMAGE_TOKEN, MASK_RE, MODALITIES, REGION_RE, SEG_TOKEN, Record, RecordError, modality_from_filename,
-    parse_context, stable_id,
+    parse_context, path_problem, stable_id,
 )
 from medplib.data.versioning import track_data
 from medplib.progress import track
@@ -77,15 +77,10 @@ class _Files:
         if not isinstance(rel, str) or not rel.strip():
             raise RecordError(where, field_name, rel, "expected a non-empty relative path")
         rel = rel.strip()
-        p = PurePosixPath(rel)
-        if p.is_absolute() or rel.startswith("\\") or (len(rel) > 1 and rel[1] == ":"):
-            raise RecordError(where, field_name, rel, "absolute paths are not allowed; use a path inside the dataset")
-        if ".." in p.parts:
-            raise RecordError(where, field_name, rel, "path escapes the dataset folder ('..')")
-        full = (self.root / p).resolve()
-        if not full.is_relative_to(self.root.resolve()):
-            raise RecordError(where, field_name, rel, "path resolves outside the dataset folder (symlink?)")
-        return str(p)
+        problem = path_problem(rel, self.root)
+        if problem is not None:
+            raise RecordError(where, field_name, rel, problem)
+        return str(PurePosixPath(rel))
 
     def load(self, rel: str, kind: str, where: str, field_name: str) -> np.ndarray:
         key = (rel, kind)
@@ -231,8 +226,8 @@ def build_dataset(root: Path, data_dir: Path, source_name: str, pre_errors: list
                   max_pixels: int, val_fraction: float = 0.0) -> IngestResult:
     """Normalise a MeCoVQA-layout folder into `data_dir` (replaced atomically); no DVC here. With `val_fraction`,
     that share of the training images (by a hash of their pixels, `in_val`) becomes the validation split, unless the
-    source has a validation split of its own (records under `val/`, e.g. LViT's Val_Folder): that one is kept and
-    none is carved, so a source's published splits stay as published."""
+    source has a validation split of its own (records under `val/`, e.g. LViT's Val_Folder, R2Gen's `val`): that one
+    is kept and none is carved, so a source's published splits stay as published."""
     files = _Files(Path(root).resolve(), max_pixels)
     records: dict[str, Record] = {}
     quarantine = [_quarantine_entry(e) for e in pre_errors]

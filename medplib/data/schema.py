@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 MODALITIES = ("ct", "mr", "x", "pet", "endoscopy", "dermoscopy", "fundus", "ultrasound")
@@ -45,6 +46,19 @@ def _jsonable(value: object) -> object:
         return value
     except (TypeError, ValueError):
         return repr(value)
+
+
+def path_problem(rel: str, root: Path, folder: str = "the dataset folder") -> str | None:
+    """Why the relative path `rel` (POSIX separators) does not stay inside `root`: absolute, `..`, or resolving outside
+    through a link; None when it stays inside. `folder` names `root` in the reason."""
+    p = PurePosixPath(rel)
+    if p.is_absolute() or rel.startswith("\\") or (len(rel) > 1 and rel[1] == ":"):
+        return f"absolute paths are not allowed; use a path inside {folder}"
+    if ".." in p.parts:
+        return f"path escapes {folder} ('..')"
+    if not (Path(root) / p).resolve().is_relative_to(Path(root).resolve()):
+        return f"path resolves outside {folder} (symlink?)"
+    return None
 
 
 def modality_from_filename(name: str) -> str:

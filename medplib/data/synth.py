@@ -5,7 +5,9 @@ images/, masks/ (pixel prompts), masks_merged/ (grounding targets), train/, test
 A task with a `synth_source` has its records written in that source's own layout in a subfolder of that name, by
 that source's writer (`Reader.write_synth`), with the images it asks about linked under it (the refer tasks:
 `medgrit/`, Med-GRIT-270k's JSON files and `images/`; text-guided segmentation: `lvit/`, one LViT dataset folder
-per modality with `img/`, `labelcol/` and its sheets), so that staging the synthetic source runs the real reader.
+per modality with `img/`, `labelcol/` and its sheets; reports: `iuxray/`, R2Gen's `annotation.json` and
+`images/<id>/0.png, 1.png`, the second view made by the task itself, `Task.synth_images`), so that staging the
+synthetic source runs the real reader.
 Each structure has a fixed shape and brightness, so a question naming it picks one object among several:
 a model must read the question to segment the right one.
 """
@@ -19,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from medplib.data.images import write_png
+from medplib.data.images import link_or_copy, write_png
 from medplib import tasks
 from medplib.data.schema import IMAGE_TOKEN, MODALITIES, MODALITY_NAMES
 from medplib.progress import track
@@ -156,6 +158,7 @@ class Scene:
     split: str  # train | test | zeroshot
     structures: list[tuple[str, np.ndarray]]
     rng: np.random.Generator
+    image: np.ndarray | None = None  # the phantom's pixels, as written at `image_rel`
     _focus: tuple[str, np.ndarray] | None = None
 
     @property
@@ -190,6 +193,11 @@ class Scene:
     def write(self, rel: str, arr: np.ndarray) -> str:
         """Write a mask or image file under the source folder; returns `rel`."""
         write_png(self.out / rel, arr)
+        return rel
+
+    def link(self, rel: str) -> str:
+        """The phantom's image also at `rel` under the source folder (a hard link, else a copy); returns `rel`."""
+        link_or_copy(self.out / self.image_rel, self.out / rel)
         return rel
 
     def where(self, mask: np.ndarray) -> str:
@@ -241,13 +249,15 @@ def generate(out: Path, n: int = 240, seed: int = 42, image_size: int = 64,
         # the tasks asked zero-shot; no record of those modalities' images is trained on.
         zeroshot = modality in zeroshot_modalities
         scene = Scene(out=out, index=i, modality=modality, stem=stem, split="zeroshot" if zeroshot else split,
-                      structures=structures, rng=rng)
+                      structures=structures, rng=rng, image=img)
         for task in tasks.all_tasks():
             if zeroshot and not task.zeroshot:
                 continue
             records = task.synth(scene)
             if task.synth_source:  # in that source's own layout, written by its reader's writer below
                 key = (task.synth_source, task.synth_file(split, modality))
+                if records:
+                    task.synth_images(scene)  # images only this task's layout has (a second view), made now
             elif zeroshot:
                 key = (None, f"zeroshot4grounding/{'xray' if modality == 'x' else modality}.json")
             else:

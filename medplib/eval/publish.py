@@ -7,11 +7,12 @@ champion was last measured on other data it is re-evaluated here first, on the s
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import yaml
 
@@ -94,9 +95,11 @@ def _resumed_run(tracking: TrackingConfig, run_id: str) -> Iterator[None]:
 def evaluate_and_log(model, data_dir: Path, data_version: str | None, registry: Registry, *, run_name: str,
                      model_ref: str, parent_run_id: str | None = None, splits: Sequence[str] = ("val", "test", "zeroshot"),
                      limit: int | None = None, batch_size: int = 16, tags: dict[str, str] | None = None,
-                     log_model_dir: Path | None = None) -> tuple[EvalReport, str]:
+                     log_model_dir: Path | None = None,
+                     max_new_tokens: Mapping[str, int] | None = None) -> tuple[EvalReport, str]:
     """Evaluate a loaded model into a new MLflow run (child of `parent_run_id`); with `log_model_dir`, also log
-    that folder as the pyfunc `medplib` in the run. Returns (report, run id); the run is FAILED on an error."""
+    that folder as the pyfunc `medplib` in the run; `max_new_tokens` (task → generation length, the config's
+    `eval.max_new_tokens`) over the tasks' own. Returns (report, run id); the run is FAILED on an error."""
     from mlflow.entities import Param
 
     client = registry.client
@@ -109,8 +112,10 @@ def evaluate_and_log(model, data_dir: Path, data_version: str | None, registry: 
     try:
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in (
             ("model", model_ref[:6000]), ("data_dir", str(data_dir)), ("splits", ",".join(splits)),
-            ("limit", limit), ("batch_size", batch_size))])
-        report = evaluate(model, data_dir, splits=splits, limit=limit, batch_size=batch_size)
+            ("limit", limit), ("batch_size", batch_size),
+            *((("max_new_tokens", json.dumps(dict(max_new_tokens), sort_keys=True)),) if max_new_tokens else ()))])
+        report = evaluate(model, data_dir, splits=splits, limit=limit, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens)
         log_report(report, client, run_id, data_version)
         if log_model_dir is not None:
             from medplib.serve import log_pyfunc
@@ -125,7 +130,7 @@ def evaluate_and_log(model, data_dir: Path, data_version: str | None, registry: 
 
 def reevaluate_champion(registry: Registry, data_dir: Path, data_version: str, *, limit: int | None = None,
                         batch_size: int = 16, parent_run_id: str | None = None,
-                        skip_version: str | None = None) -> str | None:
+                        skip_version: str | None = None, max_new_tokens: Mapping[str, int] | None = None) -> str | None:
     """If the champion's recorded metrics are not on (`data_version`, `eval_split(limit)`), evaluate it there and
     record them, so the gate can compare. Returns the evaluation run id, or None when nothing had to be done."""
     from medplib.serve import load_model
@@ -144,7 +149,7 @@ def reevaluate_champion(registry: Registry, data_dir: Path, data_version: str, *
     report, run_id = evaluate_and_log(model, data_dir, data_version, registry,
                                       run_name=f"evaluate-champion-v{champion}", model_ref=ref,
                                       parent_run_id=parent_run_id, limit=limit, batch_size=batch_size,
-                                      tags={"medplib.evaluated_version": champion})
+                                      tags={"medplib.evaluated_version": champion}, max_new_tokens=max_new_tokens)
     registry.record_eval(champion, report_metrics(report, data_version, split, registry.cfg.gate.primary_metric),
                          eval_run_id=run_id)
     return run_id
@@ -152,9 +157,11 @@ def reevaluate_champion(registry: Registry, data_dir: Path, data_version: str, *
 
 def publish(model_dir: Path, data_dir: Path, data_version: str, tracking: TrackingConfig, *,
             config_digest: str, git_commit: str | None = None, parent_run_id: str | None = None,
-            limit: int | None = None, batch_size: int = 16, tags: dict[str, str] | None = None) -> dict:
+            limit: int | None = None, batch_size: int = 16, tags: dict[str, str] | None = None,
+            max_new_tokens: Mapping[str, int] | None = None) -> dict:
     """Evaluate the saved model in `model_dir` on the validation, test and zero-shot splits of `data_dir` (DVC version
-    `data_version`), log the report and the pyfunc in one run (child of `parent_run_id`), register the version with
+    `data_version`; generation lengths `max_new_tokens`, task → tokens, over the tasks' own, the champion's
+    re-evaluation alike), log the report and the pyfunc in one run (child of `parent_run_id`), register the version with
     its lineage as `challenger` of `tracking`'s registered model (a RunContext's: the family's), record its metrics,
     re-evaluate the champion if it was measured on other data, and run the promotion gate. Returns a JSON-able
     summary of what happened."""
@@ -174,7 +181,7 @@ def publish(model_dir: Path, data_dir: Path, data_version: str, tracking: Tracki
     model = load_pretrained(model_dir).eval()
     report, run_id = evaluate_and_log(model, data_dir, data_version, registry, run_name="evaluate-register",
                                       model_ref=str(model_dir), parent_run_id=parent_run_id, limit=limit,
-                                      batch_size=batch_size, log_model_dir=model_dir)
+                                      batch_size=batch_size, log_model_dir=model_dir, max_new_tokens=max_new_tokens)
     metrics = report_metrics(report, data_version, split, primary)
     table = gate_table(primary)
     if metrics.primary(primary) is None:
@@ -191,7 +198,7 @@ def publish(model_dir: Path, data_dir: Path, data_version: str, tracking: Tracki
     def remeasure_champion(version: str) -> None:
         champion_runs.append(reevaluate_champion(registry, data_dir, data_version, limit=limit,
                                                  batch_size=batch_size, parent_run_id=parent_run_id,
-                                                 skip_version=version))
+                                                 skip_version=version, max_new_tokens=max_new_tokens))
 
     version, decision = registry.register_and_gate(
         run_id, ARTIFACT_PATH, metrics, git_commit=git_commit, data_version=data_version, config_digest=config_digest,

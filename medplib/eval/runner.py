@@ -7,7 +7,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -59,12 +59,21 @@ def aggregate(rows: Sequence[dict], splits: Sequence[str]) -> dict[str, dict]:
     return tables
 
 
+def generation_length(task: str, max_new_tokens: int | Mapping[str, int] | None = None) -> int:
+    """How many tokens a record of `task` may generate: `max_new_tokens` when a number, its entry for the task when a
+    mapping (the config's `eval.max_new_tokens`), else the task's own `max_new_tokens`."""
+    if isinstance(max_new_tokens, int):
+        return max_new_tokens
+    return (max_new_tokens or {}).get(task, registry.get(task).max_new_tokens)
+
+
 def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("val", "test", "zeroshot"),
-             tasks: Sequence[str] | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
-             limit: int | None = None) -> EvalReport:
+             tasks: Sequence[str] | None = None, batch_size: int = 16,
+             max_new_tokens: int | Mapping[str, int] | None = None, limit: int | None = None) -> EvalReport:
     """Generate an answer (and masks) for every record of `splits`, score it, and aggregate per modality.
 
-    `tasks` takes task names or groups; `max_new_tokens` None lets each batch use its tasks' generation length.
+    `tasks` takes task names or groups; `max_new_tokens` (one length for all, or task → length over the tasks' own)
+    sets how long a batch generates: the longest length among its records' tasks.
     """
     data_dir = Path(data_dir)
     chosen = None if tasks is None else registry.resolve(tasks)
@@ -94,7 +103,7 @@ def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("val", "te
             regions.append([read_mask(data_dir / p) for p in region_paths])
             refs.append(gpt.replace("<SEG>", "").strip())
             targets.append(read_mask(data_dir / mask_paths[0]) if mask_paths else None)
-        length = max_new_tokens or max(registry.get(rec.task).max_new_tokens for rec in batch)
+        length = max(generation_length(rec.task, max_new_tokens) for rec in batch)
         outputs = model.generate(images, questions, regions, max_new_tokens=length)
         for rec, question, out, ref, target, image in zip(batch, questions, outputs, refs, targets, images):
             prediction = out.text.replace("<SEG>", "").strip()

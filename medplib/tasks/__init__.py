@@ -93,6 +93,11 @@ class Task:
         subfolder (a layout that tells the modality by its folders, as LViT's, puts it in the path)."""
         return self.file_for(split)
 
+    def synth_images(self, scene: "Scene") -> None:
+        """With a `synth_source`, make the images this task's records of `scene` need that are not under the synthetic
+        root (a second view drawn from `scene.rng`), in that source's folder; called once its `synth` gave records.
+        The default makes none: the source's writer (`Reader.write_synth`) links the root's images it names."""
+
     def from_labels(self, labelled: "LabelledSlice") -> list[dict]:
         """The raw MeCoVQA records this task asks about one real slice with label masks (DICOM, NIfTI readers)."""
         return []
@@ -250,3 +255,5 @@ from medplib.tasks import grounding, vqa_closed, vqa_open, region_vqa, caption  
 from medplib.tasks import refer_vg, refer_ro, refer_gc, refer_mii  # noqa: E402,F401
 # Text-guided segmentation (RecLMIS on LViT data, group "pixel"): last, so the draws of the tasks above are unchanged.
 from medplib.tasks import textseg  # noqa: E402,F401
+# Report generation (R2Gen's IU X-Ray / MIMIC-CXR), group "vl": after textseg, so the earlier tasks' random draws are unchanged.
+from medplib.tasks import report  # noqa: E402,F401

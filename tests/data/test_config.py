@@ -83,6 +83,9 @@ def test_a_config_file_overrides_any_stage_key(tmp_path: Path):
     ("train:\n  stage2:\n    stage: 3\n", "'train.stage2.stage' = 3 must be 2"),
     ("train:\n  stage1:\n    max_steps: -1\n", "'train.stage1.max_steps' = -1"),
     ("train:\n  stage4:\n    lora:\n      targets: [mlp]\n", "'train.stage4.lora.targets' has 'mlp'"),
+    ("eval:\n  max_new_tokens: {reports: 100}\n", "'eval.max_new_tokens' names 'reports', not a registered task"),
+    ("eval:\n  max_new_tokens: {report: 0}\n", "'eval.max_new_tokens.report' = 0 must be an integer >= 1"),
+    ("eval:\n  max_new_tokens: {report: many}\n", "'eval.max_new_tokens.report' = 'many' must be an integer"),
 ])
 def test_bad_stage_keys_name_the_key(tmp_path: Path, yaml_text: str, message: str):
     f = tmp_path / "bad.yaml"
@@ -123,3 +126,14 @@ def test_lineage_digest_covers_stage_specs_and_overrides(tmp_path: Path):
     # an override given on the command line (--epochs, flows' stage_overrides) is the same config as in a file
     assert config_digest(with_stage_overrides(base, {3: {"epochs": 2}})) == config_digest(load_config("tiny", a))
     assert with_stage_overrides(base, None) is base
+
+
+def test_generation_lengths_are_the_tasks_own_unless_the_config_sets_them(tmp_path: Path):
+    from medplib.eval.runner import generation_length
+
+    f = tmp_path / "mimic.yaml"
+    f.write_text("eval:\n  max_new_tokens: {report: 100}\n")  # R2Gen's MIMIC-CXR length
+    lengths = load_config("tiny", f).eval.max_new_tokens
+    assert lengths == {"report": 100} and load_config("tiny").eval.max_new_tokens == {}
+    assert generation_length("report") == 60 and generation_length("report", lengths) == 100
+    assert generation_length("refer_gc", lengths) == 96 and generation_length("report", 7) == 7

@@ -185,3 +185,32 @@ def test_validation_is_carved_from_train_by_image_and_recorded(tmp_path: Path):
     assert validate_dataset(tmp_path / "data", tmp_path / "docs").success
     # the default config carves 10%
     assert load_config("tiny").data.val_fraction == 0.1
+
+
+def test_a_source_with_its_own_validation_files_keeps_them_and_train_stays_whole(tmp_path: Path):
+    """A staged folder with val/*.json (R2Gen's `val`) brings its validation split: nothing is carved from train."""
+    generate(tmp_path / "src", n=40, seed=5)
+    carved = build_dataset(tmp_path / "src", tmp_path / "carved", "synth", [], 10**7, val_fraction=0.3)
+    train = json.loads((tmp_path / "src/train/alignment.json").read_text())
+    (tmp_path / "src/val").mkdir()
+    (tmp_path / "src/val/alignment_val.json").write_text(json.dumps(train[:2]))
+    (tmp_path / "src/train/alignment.json").write_text(json.dumps(train[2:]))
+    own = build_dataset(tmp_path / "src", tmp_path / "own", "synth", [], 10**7, val_fraction=0.3)
+    assert carved.by_split["val"] > 2 and own.by_split["val"] == 2 and own.total == carved.total
+    assert own.by_split["train"] == carved.by_split["train"] + carved.by_split["val"] - 2
+    records = [json.loads(line) for line in (tmp_path / "own/records.jsonl").read_text().splitlines()]
+    assert sorted(r["source"] for r in records if r["split"] == "val") == ["val/alignment_val.json"] * 2
+
+
+@pytest.mark.parametrize("rel, reason", [
+    ("images/a.png", None), ("images/../images/a.png", "path escapes the folder ('..')"),
+    ("/etc/passwd", "absolute paths are not allowed; use a path inside the folder"),
+    ("C:/data/a.png", "absolute paths are not allowed; use a path inside the folder"),
+    ("images/out.png", "path resolves outside the folder (symlink?)"),
+])
+def test_path_problem_names_what_leaves_the_folder(tmp_path: Path, rel: str, reason: str | None):
+    from medplib.data.schema import path_problem
+
+    (tmp_path / "root/images").mkdir(parents=True)
+    (tmp_path / "root/images/out.png").symlink_to(tmp_path / "elsewhere.png")
+    assert path_problem(rel, tmp_path / "root", "the folder") == reason

@@ -189,7 +189,7 @@ def test_synthetic_source_writes_lvit_datasets_and_stages_them_through_the_reade
     from medplib.data.synth import generate
 
     summary = generate(tmp_path / "synth", n=24, seed=3)
-    assert summary.sources == ["lvit", "medgrit"]
+    assert summary.sources == ["iuxray", "lvit", "medgrit"]
     lvit = {rel: n for rel, n in summary.files.items() if rel.startswith("lvit/")}
     # one dataset per modality asked (the zero-shot modalities, pet and fundus, get no training records), X-ray's as
     # QaTa-COV19's (one Train_Val sheet, rows named by their masks), the others as MosMedData+'s

@@ -154,7 +154,7 @@ def test_synthetic_source_writes_med_grit_files_and_stages_them_through_the_read
     from medplib.data.synth import generate
 
     summary = generate(tmp_path / "synth", n=24, seed=3)
-    assert summary.sources == ["lvit", "medgrit"]  # the refer tasks, and text-guided segmentation (lvit/)
+    assert summary.sources == ["iuxray", "lvit", "medgrit"]  # the refer tasks, text-guided segmentation (lvit/), reports (iuxray/)
     written = sorted(p.name for p in (tmp_path / "synth" / "medgrit").glob("*.json"))
     assert written == ["MedGRIT_test_chatlm_GC_img_coord_OneConv.json", "MedGRIT_test_chatlm_MII_img_coord_OneConv.json",
                        "MedGRIT_test_chatlm_RO_img_coord_OneConv.json", "MedGRIT_test_chatlm_VG_img_coord_OneConv.json",

@@ -196,7 +196,7 @@ def test_gate_config_rejects_unknown_guard_and_floor_metrics():
     guards = GateConfig(primary_metric=P, guard_tolerance=0.02).guard_metrics()
     assert set(guards) == {"closed_vqa_accuracy", "open_vqa_f1", "region_vqa_recall", "caption_bleu1",
                            "refer_vg_recall", "refer_ro_accuracy", "refer_gc_cider", "refer_mii_bleu4",
-                           "textseg_mdice"}
+                           "textseg_mdice", "report_bleu4"}
     assert guards["refer_gc_cider"] == pytest.approx(0.2) and guards["closed_vqa_accuracy"] == pytest.approx(0.02)
 
 

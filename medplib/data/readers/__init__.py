@@ -113,4 +113,4 @@ def code_files() -> list[Path]:
 
 
 # The built-in readers.
-from medplib.data.readers import synthetic, mecovqa, dicom, nifti, medgrit, lvit  # noqa: E402,F401
+from medplib.data.readers import synthetic, mecovqa, dicom, nifti, medgrit, lvit, r2gen  # noqa: E402,F401

@@ -12,7 +12,7 @@ from medplib.data.schema import RecordError
 
 # Where a file sits and what its name says decide the split and the task family (the registered tasks say
 # which words in a file name mean which family).
-# A `val/` folder (MeCoVQA has none; a converted source with its own validation split, as LViT's Val_Folder, writes
+# A `val/` folder (MeCoVQA has none; a converted source with its own validation split, as LViT's Val_Folder or R2Gen's `val`, writes
 # one) is kept as the validation split: ingest then carves none from train.
 SPLIT_DIRS = {"train": "train", "val": "val", "test": "test", "zeroshot4grounding": "zeroshot"}
 

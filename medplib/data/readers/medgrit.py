@@ -8,7 +8,7 @@ Layout: every `*.json` under DIR (outside `images/`) is a JSON list of `{"id": "
 - Split, from the words of the file name (split on `_ - . space`): `test` → test (BiRD's
   `…_test_chatlm_VG_img_coord_OneConv.json`), `train` → train, a number after either allowed (its combined
   `…_train1_chatlm_img_coord2.json`); a file with neither word, or both, is reported, not guessed. Validation is carved from train by image at ingest
-  (`ingest.in_val`), as for every source.
+  (`ingest.in_val`), as for every source without validation files of its own.
 - Task: the word `VG`, `RO`, `GC` or `MII` in the file name (BiRD's test files), mapped to the registered task
   whose `source_codes["medgrit"]` it is. Without one (the combined training file) each pair is recognised from its
   text: a box in the question → RO; a box in the answer → VG when the question names the object with `<ref>` or the
