@@ -21,20 +21,23 @@ from flows.ingest import ingest_flow
 from flows.train import STAGES, check_training, train_flow
 from flows.validate import validate_flow
 from medplib.config import RunContext
-from medplib.registry import TAG_DATA_VERSION, Registry
+from medplib.registry import Registry
 
 ARTIFACT_KEY = "medplib-pipeline"
 MLFLOW_UI_PORT = 5000  # where `medplib ui` serves MLflow
 PREFECT_UI_PORT = 4200
 
 
-@task(name="champion-data-version", cache_policy=NONE)
-def champion_data_version(registry: Registry) -> tuple[str | None, str | None]:
-    """(champion version, the DVC data version it was trained on), or (None, None) with no champion."""
-    champion = registry.champion_version()
-    if champion is None:
-        return None, None
-    return champion, registry.version_tags(champion).get(TAG_DATA_VERSION)
+@task(name="trained-before", cache_policy=NONE)
+def trained_before(registry: Registry, data_version: str) -> str | None:
+    """What already trained this registered model on `data_version` (`version N`, `pipeline run ID`), or None."""
+    return registry.trained_on(data_version)
+
+
+@task(name="mark-trained", cache_policy=NONE)
+def mark_trained(registry: Registry, run_id: str, data_version: str) -> None:
+    """Training on `data_version` finished: a data-triggered run will not train on it again, whatever the gate says."""
+    registry.mark_trained(run_id, data_version)
 
 
 @flow(name="medplib-pipeline")
@@ -42,14 +45,16 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
              workers: int = 2, home: Path | None = None, project: Path | None = None,
              stages: list[int] = list(STAGES), stage_overrides: dict[int, dict[str, Any]] | None = None,
              seed: int | None = None, retries: int = 1, retry_delay_seconds: float = 10.0,
-             only_if_data_changed: bool = False, model: str = "medplib", profile: str = "local",
-             context: RunContext | None = None) -> dict:
+             only_if_data_changed: bool = False, force: bool = False, model: str = "medplib",
+             profile: str = "local", context: RunContext | None = None) -> dict:
     """The whole pipeline on `source`. `stage_overrides` maps a stage to StageSpec keys (e.g. {1: {"epochs": 1}});
     `retries` applies to ingest and to each training stage, not to evaluate (a retry after registering would
-    register twice). With `only_if_data_changed`, stop after ingest when the dataset version equals the one the
-    champion was trained on. The parameters stay plain (a schedule's deployment stores them): the run context is
-    resolved once here from preset, config, home, project, profile and model, unless the caller resolved it
-    (`context`, what `medplib pipeline` passes; those parameters are then not read), and handed to every step."""
+    register twice). With `only_if_data_changed`, stop after ingest when this registered model was already trained on
+    the dataset version (a version registered from it, or a run whose training on it finished: promoted, rejected or
+    failed in evaluation alike), unless `force`. The parameters stay plain (a schedule's deployment stores them):
+    the run context is resolved once here from preset, config, home, project, profile and model, unless the caller
+    resolved it (`context`, what `medplib pipeline` passes; those parameters are then not read), and handed to every
+    step."""
     t0 = time.perf_counter()
     ctx = context or RunContext.resolve(preset, Path(config).resolve() if config else None, home, project, profile,
                                         model)
@@ -66,14 +71,16 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
     summary["ingest"] = ingest_flow(source=source, seed=seed, context=ctx, **retry)
     summary["data_version"] = summary["ingest"]["version"]
     ctx = ctx.with_data_version(summary["data_version"])
-    if only_if_data_changed:
-        champion, champion_data = champion_data_version(registry)
-        if champion is not None and champion_data == summary["data_version"]:
-            logger.info("Dataset %s is what champion version %s was trained on: nothing to retrain",
-                        summary["data_version"], champion)
-            summary |= {"skipped": True, "champion_version": champion, "seconds": round(time.perf_counter() - t0, 1)}
+    if only_if_data_changed and not force:
+        trained_by = trained_before(registry, summary["data_version"])
+        if trained_by is not None:
+            logger.info("Dataset %s was already trained (%s): nothing to retrain", summary["data_version"],
+                        trained_by)
+            summary |= {"skipped": True, "trained_by": trained_by, "seconds": round(time.perf_counter() - t0, 1)}
             _publish_artifact(summary)
             return summary
+    elif only_if_data_changed:
+        logger.info("force: retraining on dataset %s whether or not it was trained", summary["data_version"])
 
     request = record.PipelineRequest(source, ctx.cfg.preset, list(stages), dict(stage_overrides or {}), workers, seed,
                                      ctx.model)
@@ -88,6 +95,7 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
         summary["workspace"] = f"runs/{summary['flow_run']}-{str(summary['flow_run_id'])[:8]}"
         summary["stages"] = train_flow(stages=stages, workers=workers, stage_overrides=stage_overrides,
                                        parent_run_id=parent, workspace=summary["workspace"], context=ctx, **retry)
+        mark_trained(registry, parent, summary["data_version"])
         summary["evaluation"] = evaluate_flow(model_dir=Path(summary["stages"][-1]["out_dir"]), parent_run_id=parent,
                                               stage_overrides=stage_overrides, context=ctx)
         summary["champion_version"] = summary["evaluation"]["champion_version"]
@@ -126,8 +134,8 @@ def report_markdown(summary: dict) -> str:
              f"**Data version** `{summary['data_version']}` from `{ing['source']}`: {ing['valid']} valid + "
              f"{ing['quarantined']} quarantined records ({how})."]
     if summary.get("skipped"):
-        lines += ["", f"**Not retrained**: champion version {summary['champion_version']} was trained on this data "
-                      "version (data-triggered mode)."]
+        lines += ["", f"**Not retrained**: this data version was already trained ({summary['trained_by']}; "
+                      "data-triggered mode, `force` retrains anyway)."]
         return "\n".join(lines) + "\n"
     ev = summary.get("evaluation") or {}
     if "error" in summary:
@@ -176,7 +184,7 @@ def summary_text(summary: dict) -> str:
              f"  data version   {summary['data_version']} ({ing['valid']} valid + {ing['quarantined']} quarantined; "
              f"{'ingest cached' if ing.get('cached') else 'ingested'})"]
     if summary.get("skipped"):
-        lines.append(f"  not retrained  champion version {summary['champion_version']} has this data version")
+        lines.append(f"  not retrained  already trained on this data version ({summary['trained_by']})")
     else:
         ev = summary["evaluation"]
         lines += [f"  stages         " + ", ".join(f"{s['stage']} {s['name']} loss {s['first_loss']:.2f}→"

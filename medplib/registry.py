@@ -15,6 +15,9 @@ What is stored where, all on the MLflow model version:
   where a second rollback goes;
 - after a rollback: `medplib.rolled_back_by_run_id` (+ reason) on the demoted version,
   `medplib.restored_by_run_id` on the restored one.
+What a pipeline trained is also on its parent run: `medplib.trained_data_version` (set when its training finished,
+whatever the gate then decided) and `medplib.registered_model`; `trained_on` reads it, with the versions' lineage, for
+data-triggered retraining.
 Every decision (promotion or not, rollback) is also an MLflow run in the experiment: tags `medplib.kind`,
 `medplib.decision`, `medplib.reason`; params (versions, thresholds, data version); metrics (primary values and
 deltas); the full record as `decision.json`.
@@ -58,6 +61,8 @@ TAG_REPLACED = "medplib.replaced_version"
 TAG_ROLLED_BACK_RUN = "medplib.rolled_back_by_run_id"
 TAG_ROLLED_BACK_REASON = "medplib.rollback_reason"
 TAG_RESTORED_RUN = "medplib.restored_by_run_id"
+TAG_TRAINED_DATA_VERSION = "medplib.trained_data_version"  # on a pipeline run whose training finished
+TAG_REGISTERED_MODEL = "medplib.registered_model"
 
 _MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))")
 _EPS = 1e-12  # float slack so that 0.75 - 0.70 counts as a delta of 0.05
@@ -446,6 +451,26 @@ class Registry:
                 return None
             table = json.loads(Path(path).read_text(encoding="utf-8"))
         return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+    def trained_on(self, data_version: str) -> str | None:
+        """What says this registered model was already trained on `data_version`: a version registered from it
+        (`version N`) or a pipeline run whose training finished on it though nothing was registered (`pipeline run
+        ID`: evaluation failed after training); None when nothing was."""
+        versions = self.client.search_model_versions(  # [] while the model is not registered
+            f"name = '{self.name}' and tags.`{TAG_DATA_VERSION}` = '{data_version}'")
+        if versions:
+            return f"version {min(int(v.version) for v in versions)}"
+        runs = self.client.search_runs(
+            [self.experiment_id()], max_results=1, order_by=["attributes.start_time ASC"],
+            filter_string=f"tags.`{TAG_TRAINED_DATA_VERSION}` = '{data_version}' and "
+                          f"tags.`{TAG_REGISTERED_MODEL}` = '{self.name}'")
+        return f"pipeline run {runs[0].info.run_id}" if runs else None
+
+    def mark_trained(self, run_id: str, data_version: str) -> None:
+        """Record on a pipeline run that its training on `data_version` finished for this registered model: from now
+        on `trained_on(data_version)` answers, whatever the gate decides and even if evaluation fails."""
+        self.client.set_tag(run_id, TAG_REGISTERED_MODEL, self.name)
+        self.client.set_tag(run_id, TAG_TRAINED_DATA_VERSION, data_version)
 
     def experiment_id(self) -> str:
         """The experiment's id, creating it with the configured artifact location if absent."""

@@ -81,8 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_options(p)
     p.add_argument("--cron", required=True, help='when to retrain, e.g. "0 3 * * *" (every day at 03:00)')
     p.add_argument("--on-data-change", action="store_true",
-                   help="retrain only when the source's dataset version differs from the champion's training data")
+                   help="retrain only on a dataset version this model was never trained on (registered, rejected or "
+                        "failed after training); `medplib data ingest` of a new version into this project also "
+                        "starts a run (a Prefect deployment trigger)")
     p.add_argument("--name", default="retrain", help="deployment name (default: retrain)")
+
+    p = sub.add_parser("retrain", help="run a served retraining deployment now (one tick, outside its cron)")
+    _common(p)
+    p.add_argument("--name", default="retrain", help="deployment name given to `medplib schedule` (default: retrain)")
+    p.add_argument("--force", action="store_true",
+                   help="retrain even when a data-triggered deployment's data version was already trained")
 
     p = sub.add_parser("ui", help="start the Prefect and MLflow UIs on 127.0.0.1 and print their URLs")
     _common(p)
@@ -270,7 +278,8 @@ def _healthy(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def _schedule(args, ctx: RunContext) -> int:
+def _prefect_server(ctx: RunContext) -> str:
+    """The Prefect server's API URL (PREFECT_API_URL, default 127.0.0.1:4200), checked to answer; Prefect set up."""
     import os
 
     _prefect_setup(ctx.home)
@@ -280,6 +289,11 @@ def _schedule(args, ctx: RunContext) -> int:
                          "terminal; it prints the URL) or `prefect server start --host 127.0.0.1`, then set "
                          "PREFECT_API_URL to its /api URL if it is not " + PREFECT_API_DEFAULT)
     os.environ["PREFECT_API_URL"] = api
+    return api
+
+
+def _schedule(args, ctx: RunContext) -> int:
+    api = _prefect_server(ctx)
     schedule = _flows("schedule")
     # plain values only: the deployment stores them, and each scheduled run resolves its context from them
     params = dict(source=args.source, preset=args.preset, config=args.config.resolve() if args.config else None,
@@ -289,11 +303,40 @@ def _schedule(args, ctx: RunContext) -> int:
     deployment = schedule.retraining_deployment(args.name, args.cron, params)
     info = {"deployment": f"{deployment.flow_name}/{deployment.name}", "cron": args.cron, "api": api,
             "on_data_change": args.on_data_change, "parameters": params}
-    _emit(args, info, f"Deployment '{info['deployment']}' on cron '{args.cron}'"
-                      f"{' (retrains only when the data changed)' if args.on_data_change else ''} at {api}; serving "
-                      "it here until Ctrl-C, which pauses the schedule.")
+    triggered = " and on ingest events (retrains only on a data version not trained yet)" if args.on_data_change else ""
+    _emit(args, info, f"Deployment '{info['deployment']}' on cron '{args.cron}'{triggered} at {api}; serving it here "
+                      "until Ctrl-C, which pauses the schedule.")
     schedule.serve_deployments(deployment)
     return 0
+
+
+def _retrain(args, ctx: RunContext) -> int:
+    api = _prefect_server(ctx)
+    from prefect.deployments import run_deployment
+
+    name = f"medplib-pipeline/{args.name}"  # the pipeline flow's name, as `medplib schedule` deployed it
+    run = run_deployment(name, parameters={"force": True} if args.force else None, timeout=0)
+    summary = {"deployment": name, "flow_run": run.name, "flow_run_id": str(run.id), "force": args.force, "api": api}
+    forced = " (force: it retrains whatever the data version)" if args.force else ""
+    _emit(args, summary, f"Flow run {run.name} of '{name}' created{forced}; the process serving it (`medplib "
+                         f"schedule --name {args.name}`) runs it next.")
+    return 0
+
+
+def _announce_ingest(result: dict, ctx: RunContext, source: str, previous: str | None) -> str | None:
+    """Emit `medplib.data.ingested` to the Prefect server PREFECT_API_URL names (the profile's or the environment's)
+    when ingest changed the dataset version; the event id, or None (no change, no server configured)."""
+    import os
+
+    api = os.environ.get("PREFECT_API_URL")
+    if not api or result["version"] == previous:
+        return None
+    if not _healthy(f"{api.rstrip('/')}/health"):
+        print(f"medplib: warning: no Prefect server answers at {api}: no `medplib.data.ingested` event was sent, so "
+              "no deployment trigger runs on this version (a data-triggered cron tick still will)", file=sys.stderr)
+        return None
+    _prefect_setup(ctx.home)
+    return _flows("events").emit_data_ingested(result, ctx.project, source, previous)
 
 
 def _ui(args, ctx: RunContext) -> int:
@@ -563,9 +606,14 @@ def _run_command(args: argparse.Namespace, cmd: str, ctx: RunContext) -> int:
         _emit(args, summary, f"Wrote {s.images} images and {s.records} records in the MeCoVQA layout to {s.out}{own}")
         return 0
     if cmd == "data ingest":
+        from medplib.data.versioning import read_version
+
+        previous = read_version(ctx.project)
         r = _ingest(args, ctx)
+        r["event_id"] = _announce_ingest(r, ctx, args.source, previous)
+        event = f"; event medplib.data.ingested sent ({r['event_id']})" if r["event_id"] else ""
         _emit(args, r, f"Ingested {r['source']}: {r['total']} records = {r['valid']} valid + {r['quarantined']} "
-                       f"quarantined (see {r['data_dir']}/quarantine.jsonl); dataset version {r['version']}")
+                       f"quarantined (see {r['data_dir']}/quarantine.jsonl); dataset version {r['version']}{event}")
         return 0
     if cmd == "data validate":
         report = _validate(ctx)
@@ -597,6 +645,8 @@ def _run_command(args: argparse.Namespace, cmd: str, ctx: RunContext) -> int:
         return _pipeline(args, ctx)
     if cmd == "schedule":
         return _schedule(args, ctx)
+    if cmd == "retrain":
+        return _retrain(args, ctx)
     if cmd == "ui":
         return _ui(args, ctx)
     if cmd == "reproduce":

@@ -79,6 +79,9 @@ def test_a_pipeline_command_resolves_its_context_once_and_every_step_gets_it(
         def experiment_id(self):
             return "1"
 
+        def mark_trained(self, run_id, data_version):
+            seen["trained"] = run_id, data_version
+
     ev = {"version": "1", "champion_version": "1", "metrics": {}, "promoted": True, "reason": "no champion yet"}
     stage = {"stage": 1, "name": "align", "out_dir": "/m/stage1", "first_loss": 2.0, "last_loss": 1.0}
     for name, value in (
@@ -87,7 +90,7 @@ def test_a_pipeline_command_resolves_its_context_once_and_every_step_gets_it(
             ("train_flow", step("train", [stage])),
             ("evaluate_flow", step("evaluate", ev)),
             ("Registry", FakeRegistry), ("get_run_logger", lambda: logging.getLogger("test")),
-            ("_publish_artifact", lambda summary: None)):
+            ("_publish_artifact", lambda summary: None), ("mark_trained", pipeline_module.mark_trained.fn)):
         monkeypatch.setattr(pipeline_module, name, value)
     monkeypatch.setattr(pipeline_module.record, "start_run", lambda *a, **kw: "parent-run")
     monkeypatch.setattr(pipeline_module.record, "finish_run", lambda *a, **kw: None)
@@ -105,6 +108,7 @@ def test_a_pipeline_command_resolves_its_context_once_and_every_step_gets_it(
         assert seen[name].data_version == "abc.dir"
     assert ctx.profile.name == "edge" and ctx.profile.ray_address == "ray://10.1.2.3:10001"
     assert seen["registry"].tracking_uri == f"sqlite:///{home.root}/edge.db"
+    assert seen["trained"] == ("parent-run", "abc.dir")
 
 
 def test_the_context_s_profile_reaches_the_dvc_remote_and_ray_without_the_environment(

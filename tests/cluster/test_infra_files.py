@@ -117,6 +117,30 @@ def test_prefect_yaml_deploys_real_flows_with_real_parameters():
         assert d["work_pool"]["name"] == "medplib-pool"
 
 
+def test_prefect_yaml_retrains_on_a_folder_that_changes_and_on_ingest_events():
+    from pydantic import TypeAdapter
+    from prefect.events.schemas.deployment_triggers import DeploymentTriggerTypes
+    from prefect.events.schemas.events import Resource
+
+    from flows.events import DATA_INGESTED
+    from medplib.data import readers
+
+    spec = _docs(INFRA / "prefect.yaml")[0]
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    for name in ("retrain-nightly", "retrain-on-data-change"):
+        source = deployments[name]["parameters"]["source"]
+        kind, _, folder = source.partition(":")
+        assert readers.get(kind).takes_folder and folder.startswith("/var/lib/medplib/"), source  # not `synth`
+    watched = deployments["retrain-on-data-change"]
+    assert watched["parameters"]["only_if_data_changed"] is True
+    (trigger,) = [TypeAdapter(DeploymentTriggerTypes).validate_python(t) for t in watched["triggers"]]
+    # what `medplib data ingest` in the deployments' working directory (the pull step's) emits
+    project = spec["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"]
+    assert DATA_INGESTED in trigger.expect and trigger.match.matches(Resource(
+        {"prefect.resource.id": "medplib.dataset.abc.dir", "medplib.project": project}))
+    assert trigger.parameters == {"source": "{{ event.payload.source }}"}
+
+
 def test_cluster_profile_turns_mlflow_auth_on_and_holds_no_secret():
     from medplib.config.profile import load_profile
 

@@ -122,9 +122,9 @@ def test_report_has_data_version_metrics_decision_and_run_links():
 def test_report_of_a_skipped_retraining():
     keys = ("flow_run", "flow_run_id", "tracking_uri", "experiment_id", "home", "project", "data_version", "ingest",
             "seconds")
-    skipped = {k: SUMMARY[k] for k in keys} | {"skipped": True, "champion_version": "4"}
-    assert "**Not retrained**: champion version 4" in report_markdown(skipped)
-    assert "not retrained  champion version 4" in summary_text(skipped)
+    skipped = {k: SUMMARY[k] for k in keys} | {"skipped": True, "trained_by": "version 4"}
+    assert "**Not retrained**: this data version was already trained (version 4;" in report_markdown(skipped)
+    assert "not retrained  already trained on this data version (version 4)" in summary_text(skipped)
 
 
 def test_report_of_a_failed_run_says_where_it_stopped():

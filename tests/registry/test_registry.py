@@ -393,3 +393,18 @@ def test_the_registry_gate_bootstraps_from_the_eval_runs_and_records_the_interva
     registry.record_eval(v3, EvalMetrics(DATA, {"all": {P: 0.8, "closed_vqa_accuracy": 0.9}, "ct": {P: 0.8}}))
     d = registry.promote_if_better(v3)
     assert d.promote and d.interval is None and "point delta: no per-sample scores to bootstrap" in d.reason
+
+
+def test_trained_on_sees_registered_versions_and_finished_trainings_of_this_model_only(registry: Registry):
+    other = "0" * 32 + ".dir"
+    assert registry.trained_on(DATA) is None  # nothing registered yet: no registered model at all
+    v = _register(registry, "a")
+    assert registry.trained_on(DATA) == f"version {v}" and registry.trained_on(other) is None
+
+    # a pipeline run whose training finished but which registered nothing (evaluation failed after training)
+    run_id = registry.client.create_run(registry.experiment_id(), run_name="pipeline").info.run_id
+    registry.mark_trained(run_id, other)
+    assert registry.trained_on(other) == f"pipeline run {run_id}"
+    # another model family's registered model shares the experiment but not what was trained for it
+    reclmis = Registry(replace(registry.cfg, registered_model="reclmis"))
+    assert reclmis.trained_on(other) is None and reclmis.trained_on(DATA) is None
