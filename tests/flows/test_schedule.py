@@ -1,10 +1,17 @@
-"""Scheduled retraining against a real Prefect server on loopback: `medplib schedule` creates the cron deployment,
-serves it, and a scheduled run executes (data-triggered: the data did not change, so it does not retrain).
-The test does not wait for the next minute: it asks the server to schedule the deployment's cron over the last
-minute (a backfill), which creates the same auto-scheduled run the scheduler service would, due at once."""
+"""Data-triggered retraining against a real Prefect server on loopback, one server for every scenario: `medplib
+schedule --on-data-change` serves the deployment (a daily cron and a trigger on the project's ingest events) over a
+watched MeCoVQA folder, and each new data version is trained once. `medplib data ingest` of new data emits the
+event, the trigger runs the deployment: one retrain, which the gate rejects (a one-step model is below the first
+champion's floor); the next cron tick does not retrain; newer data in the folder: the next tick retrains once;
+`medplib retrain --force`: a retrain of the same version. The retrains are as small as the pipeline goes (16 images,
+stage I, one step, one worker).
+The test does not wait for midnight: a tick is a backfill of the cron over one past midnight (the server schedules
+the same auto-scheduled run its scheduler service would, due at once); each tick takes another day."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,9 +25,8 @@ import pytest
 
 from medplib.config import load_config, load_tracking_config
 from medplib.config.home import REPO_ROOT
-from medplib.data.ingest import ingest
-from medplib.registry import EvalMetrics, Registry
-from tests.stand_in_model import register_stand_in
+from medplib.data.synth import generate
+from medplib.registry import TAG_DATA_VERSION, TAG_DECISION, Registry
 
 BIN = Path(sys.executable).parent
 
@@ -36,47 +42,100 @@ def _env(home: Path, **extra: str) -> dict:
     return {**os.environ, "MEDPLIB_HOME": str(home), "PYTHONPATH": str(REPO_ROOT), **extra}
 
 
-def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGINT) -> str:
-    if proc is None:
-        return ""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.stdout.read() if proc.stdout else ""
+def _stop(proc: subprocess.Popen | None, sig: int = signal.SIGINT) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
-def test_schedule_needs_a_reachable_server(tmp_path: Path):
+@pytest.mark.parametrize("command", [["schedule", "--cron", "* * * * *"], ["retrain", "--force"]])
+def test_schedule_and_retrain_need_a_reachable_server(tmp_path: Path, command: list[str]):
     api = f"http://127.0.0.1:{_free_port()}/api"
-    p = subprocess.run([str(BIN / "medplib"), "schedule", "--cron", "* * * * *"], cwd=tmp_path, capture_output=True,
+    p = subprocess.run([str(BIN / "medplib"), *command], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300, env=_env(tmp_path / "home", PREFECT_API_URL=api))
     assert p.returncode == 2, p.stderr
     assert f"No Prefect server answers at {api}" in p.stderr and "medplib ui" in p.stderr
     assert "Traceback" not in p.stderr
 
 
+class Served:
+    """The deployment `medplib schedule` serves, seen through the server's REST API."""
+
+    def __init__(self, api: str, name: str, log: Path, process: subprocess.Popen, home: Path):
+        self.api, self.name, self.log, self.process, self.home = api, name, log, process, home
+        self.seen: set[str] = set()
+        self.id: str | None = None
+
+    def why(self) -> str:
+        logs = sorted(self.home.glob("logs/*.log"), key=lambda f: f.stat().st_mtime)
+        tail = logs[-1].read_text(errors="replace")[-6000:] if logs else ""
+        return f"{self.log.read_text(errors='replace')[-3000:]}\n--- {logs[-1] if logs else ''}\n{tail}"
+
+    def post(self, path: str, body: dict) -> httpx.Response:
+        for _ in range(10):  # the server answers 503 while its sqlite database is locked by its own services
+            r = httpx.post(f"{self.api}{path}", timeout=30, json=body)
+            if r.status_code != 503:
+                break
+            time.sleep(2)
+        assert r.status_code < 300, r.text
+        return r
+
+    def runs(self) -> list[dict]:
+        return self.post("/flow_runs/filter", {"deployments": {"name": {"any_": [self.name]}}}).json()
+
+    def next_run(self, deadline: float) -> tuple[dict, str]:
+        """The one run since the last call, once it completed, and its `medplib-pipeline` report."""
+        while True:
+            assert self.process.poll() is None, "medplib schedule exited:\n" + self.why()
+            assert time.monotonic() < deadline, "no run completed in time:\n" + self.why()
+            new = [r for r in self.runs() if r["id"] not in self.seen]
+            failed = [r for r in new if r["state_type"] in ("FAILED", "CRASHED")]
+            assert not failed, f"run {failed[0]['name']} {failed[0]['state_type']}:\n" + self.why()
+            if new and all(r["state_type"] == "COMPLETED" for r in new):
+                assert len(new) == 1, [(r["name"], r["parameters"]) for r in new]
+                self.seen.add(new[0]["id"])
+                artifacts = self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [new[0]["id"]]}}})
+                return new[0], next(a["data"] for a in artifacts.json() if a["key"] == "medplib-pipeline")
+            time.sleep(2)
+
+    def tick(self, days_ago: int) -> None:
+        """The cron's run of `days_ago` days ago at midnight, created by the server's scheduling (a backfill)."""
+        midnight = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+        at = midnight - timedelta(days=days_ago)
+        self.post(f"/deployments/{self.id}/schedule", {"start_time": (at - timedelta(seconds=1)).isoformat(),
+                                                       "end_time": (at + timedelta(seconds=1)).isoformat(),
+                                                       "max_runs": 1})
+
+
 @pytest.mark.e2e
-@pytest.mark.timeout(600)
-def test_cron_deployment_runs_on_schedule(home, project, tmp_path: Path):
+@pytest.mark.timeout(900)
+def test_data_triggered_deployment_trains_each_new_version_once(home, project, tmp_path: Path):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    # the server starts (10-20 s) while the test prepares its data and champion
+    # the server starts (10-20 s) while the test writes its data
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=_env(home.root, PREFECT_HOME=str(tmp_path / "prefect-server")),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     schedule = None
     try:
         small = tmp_path / "small.yaml"
-        small.write_text("data:\n  synth_n: 12\n")
-        version = ingest("synth", project, home, load_config("tiny", small)).version
-        # A champion trained on exactly this data version (a stand-in model: the trigger reads only its lineage).
-        registry = Registry(load_tracking_config().resolved(home))
-        v = register_stand_in(registry, version)
-        assert registry.promote_if_better(v, EvalMetrics(version, {"all": {"grounding_mdice": 0.5}})).promote
+        small.write_text("data:\n  synth_n: 16\n")
+        data = load_config("tiny", small).data
+        incoming = tmp_path / "incoming"  # the watched folder, in the MeCoVQA layout
 
+        def new_data(seed: int) -> None:
+            shutil.rmtree(incoming, ignore_errors=True)
+            generate(incoming, n=16, seed=seed, image_size=data.image_size,
+                     zeroshot_modalities=data.zeroshot_modalities, test_fraction=data.test_fraction)
+
+        new_data(seed=1)
+        registry = Registry(load_tracking_config().resolved(home))
+        env = _env(home.root, PREFECT_API_URL=api)
         deadline = time.monotonic() + 180
         while True:
             try:
@@ -87,48 +146,67 @@ def test_cron_deployment_runs_on_schedule(home, project, tmp_path: Path):
             assert server.poll() is None and time.monotonic() < deadline, "Prefect server did not start"
             time.sleep(1)
 
-        schedule = subprocess.Popen(
-            [str(BIN / "medplib"), "schedule", "--cron", "* * * * *", "--on-data-change", "--config", str(small),
-             "--epochs", "1", "--name", "retrain-test"],
-            cwd=project, env=_env(home.root, PREFECT_API_URL=api), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True)
-        deadline = time.monotonic() + 300
-        deployment_id = None
-        while deployment_id is None:  # `medplib schedule` registers the deployment, then serves it
-            assert schedule.poll() is None, "medplib schedule exited:\n" + _stop(schedule)
-            assert time.monotonic() < deadline, "the deployment was not created in time:\n" + _stop(schedule)
-            found = httpx.post(f"{api}/deployments/filter", timeout=10, json={
-                "deployments": {"name": {"any_": ["retrain-test"]}}}).json()
-            deployment_id = found[0]["id"] if found else None
+        log = tmp_path / "schedule.log"
+        with open(log, "w") as out:
+            schedule = subprocess.Popen(
+                [str(BIN / "medplib"), "schedule", "--cron", "0 0 * * *", "--on-data-change", "--source",
+                 f"mecovqa:{incoming}", "--config", str(small), "--stages", "1", "--max-steps", "1", "--workers", "1",
+                 "--retries", "0", "--name", "retrain-test"],
+                cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
+        served = Served(api, "retrain-test", log, schedule, home.root)
+        deadline = time.monotonic() + 600
+        while served.id is None:  # `medplib schedule` registers the deployment and its trigger, then serves it
+            assert schedule.poll() is None, "medplib schedule exited:\n" + served.why()
+            assert time.monotonic() < deadline, "the deployment was not created in time:\n" + served.why()
+            found = served.post("/deployments/filter", {"deployments": {"name": {"any_": ["retrain-test"]}}}).json()
+            if found and httpx.get(f"{api}/automations/related-to/prefect.deployment.{found[0]['id']}",
+                                   timeout=10).json():
+                served.id = found[0]["id"]
             time.sleep(1)
-        now = datetime.now(timezone.utc)
-        for _ in range(10):  # the server answers 503 while its sqlite database is locked by its own services
-            r = httpx.post(f"{api}/deployments/{deployment_id}/schedule", timeout=30, json={
-                "start_time": (now - timedelta(seconds=61)).isoformat(), "end_time": now.isoformat(), "max_runs": 1})
-            if r.status_code != 503:
-                break
-            time.sleep(2)
-        assert r.status_code < 300, r.text
-        done = None
-        while done is None:
-            assert schedule.poll() is None, "medplib schedule exited:\n" + _stop(schedule)
-            assert time.monotonic() < deadline, "no scheduled run completed in time:\n" + _stop(schedule)
-            runs = httpx.post(f"{api}/flow_runs/filter", timeout=10, json={
-                "deployments": {"name": {"any_": ["retrain-test"]}}}).json()
-            failed = [r for r in runs if r["state_type"] in ("FAILED", "CRASHED")]
-            assert not failed, f"scheduled run {failed[0]['name']} {failed[0]['state_type']}:\n" + _stop(schedule)
-            done = next((r for r in runs if r["state_type"] == "COMPLETED"), None)
-            time.sleep(3)
-        assert done["auto_scheduled"] is True  # created by the cron schedule, not by hand
-        assert done["parameters"]["only_if_data_changed"] is True
-        deployment = httpx.get(f"{api}/deployments/{done['deployment_id']}", timeout=10).json()
-        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["* * * * *"]
-        artifacts = httpx.post(f"{api}/artifacts/filter", timeout=10, json={
-            "artifacts": {"flow_run_id": {"any_": [done["id"]]}}}).json()
-        report = next(a["data"] for a in artifacts if a["key"] == "medplib-pipeline")
-        assert f"`{version}`" in report and f"**Not retrained**: champion version {v}" in report
-        assert registry.aliases() == {"champion": v, "challenger": v}  # nothing new was registered
+        deployment = httpx.get(f"{api}/deployments/{served.id}", timeout=10).json()
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 0 * * *"]
+        assert deployment["parameters"]["only_if_data_changed"] is True
+
+        # 1. New data lands: `medplib data ingest` emits medplib.data.ingested, the trigger runs the deployment once.
+        p = subprocess.run([str(BIN / "medplib"), "data", "ingest", "--json", "--source", f"mecovqa:{incoming}",
+                            "--config", str(small)], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        ingested = json.loads(p.stdout)
+        v1 = ingested["version"]
+        assert ingested["event_id"], p.stderr
+        run, report = served.next_run(deadline)
+        assert run["auto_scheduled"] is False and (run.get("created_by") or {}).get("type") == "AUTOMATION", run
+        assert run["parameters"]["source"] == f"mecovqa:{incoming.resolve()}"  # from the event
+        assert f"`{v1}`" in report and "Not retrained" not in report
+        assert {v.version: v.tags[TAG_DATA_VERSION] for v in registry.client.search_model_versions(
+            f"name = '{registry.name}'")} == {"1": v1}
+        assert registry.version_tags("1")[TAG_DECISION] == "rejected" and registry.champion_version() is None
+
+        # 2. The gate rejected it; the next tick (same folder, same version) does not retrain.
+        served.tick(days_ago=1)
+        run, report = served.next_run(deadline)
+        assert run["auto_scheduled"] is True  # created by the cron schedule, not by hand
+        assert f"`{v1}`" in report and "**Not retrained**: this data version was already trained (version 1;" in report
+
+        # 3. Newer data in the folder: the next tick retrains, once.
+        new_data(seed=2)
+        served.tick(days_ago=2)
+        run, report = served.next_run(deadline)
+        assert run["auto_scheduled"] is True and "Not retrained" not in report and f"`{v1}`" not in report
+        v2 = registry.version_tags("2")[TAG_DATA_VERSION]
+        assert v2 != v1 and f"`{v2}`" in report
+
+        # 4. `medplib retrain --force`: a retrain of the version already trained.
+        p = subprocess.run([str(BIN / "medplib"), "retrain", "--name", "retrain-test", "--force", "--json"],
+                           cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        run, report = served.next_run(deadline)
+        assert run["id"] == json.loads(p.stdout)["flow_run_id"] and run["parameters"]["force"] is True
+        assert f"`{v2}`" in report and "Not retrained" not in report
+        assert registry.version_tags("3")[TAG_DATA_VERSION] == v2
+
+        assert len(served.runs()) == 4  # one run per scenario, nothing else
+        assert len(registry.client.search_model_versions(f"name = '{registry.name}'")) == 3  # three retrains
     finally:
-        log = _stop(schedule)
+        _stop(schedule)
         _stop(server, signal.SIGTERM)
-    assert "retrain-test" in log
