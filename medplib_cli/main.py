@@ -303,7 +303,8 @@ def _schedule(args, ctx: RunContext) -> int:
     deployment = schedule.retraining_deployment(args.name, args.cron, params)
     info = {"deployment": f"{deployment.flow_name}/{deployment.name}", "cron": args.cron, "api": api,
             "on_data_change": args.on_data_change, "parameters": params}
-    triggered = " and on ingest events (retrains only on a data version not trained yet)" if args.on_data_change else ""
+    triggered = (" and on ingest events (retrains only on a data version not trained yet)" if args.on_data_change
+                 else "")
     _emit(args, info, f"Deployment '{info['deployment']}' on cron '{args.cron}'{triggered} at {api}; serving it here "
                       "until Ctrl-C, which pauses the schedule.")
     schedule.serve_deployments(deployment)
@@ -313,9 +314,14 @@ def _schedule(args, ctx: RunContext) -> int:
 def _retrain(args, ctx: RunContext) -> int:
     api = _prefect_server(ctx)
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
     name = f"medplib-pipeline/{args.name}"  # the pipeline flow's name, as `medplib schedule` deployed it
-    run = run_deployment(name, parameters={"force": True} if args.force else None, timeout=0)
+    try:
+        run = run_deployment(name, parameters={"force": True} if args.force else None, timeout=0)
+    except ObjectNotFound:
+        raise ValueError(f"No deployment '{name}' on the Prefect server at {api}: serve it first with `medplib "
+                         f"schedule --name {args.name} --cron ...`") from None
     summary = {"deployment": name, "flow_run": run.name, "flow_run_id": str(run.id), "force": args.force, "api": api}
     forced = " (force: it retrains whatever the data version)" if args.force else ""
     _emit(args, summary, f"Flow run {run.name} of '{name}' created{forced}; the process serving it (`medplib "
