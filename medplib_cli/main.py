@@ -296,7 +296,8 @@ def _schedule(args, ctx: RunContext) -> int:
     api = _prefect_server(ctx)
     schedule = _flows("schedule")
     # plain values only: the deployment stores them, and each scheduled run resolves its context from them
-    params = dict(source=args.source, preset=args.preset, config=args.config.resolve() if args.config else None,
+    source = _flows("events").source_spec(args.source)  # its folder absolute: runs do not depend on a working directory
+    params = dict(source=source, preset=args.preset, config=args.config.resolve() if args.config else None,
                   workers=args.workers, home=ctx.home.root, project=ctx.project, stages=_stages(args),
                   stage_overrides=_stage_overrides(args), retries=args.retries,
                   only_if_data_changed=args.on_data_change, model=ctx.model, profile=ctx.profile.name)

@@ -166,6 +166,7 @@ def test_data_triggered_deployment_trains_each_new_version_once(home, project, t
         deployment = httpx.get(f"{api}/deployments/{served.id}", timeout=10).json()
         assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 0 * * *"]
         assert deployment["parameters"]["only_if_data_changed"] is True
+        assert deployment["parameters"]["source"] == f"mecovqa:{incoming.resolve()}"  # the watched folder
 
         # 1. New data lands: `medplib data ingest` emits medplib.data.ingested, the trigger runs the deployment once.
         p = subprocess.run([str(BIN / "medplib"), "data", "ingest", "--json", "--source", f"mecovqa:{incoming}",
@@ -176,7 +177,7 @@ def test_data_triggered_deployment_trains_each_new_version_once(home, project, t
         assert ingested["event_id"], p.stderr
         run, report = served.next_run(deadline)
         assert run["auto_scheduled"] is False and (run.get("created_by") or {}).get("type") == "AUTOMATION", run
-        assert run["parameters"]["source"] == f"mecovqa:{incoming.resolve()}"  # from the event
+        assert run["parameters"]["source"] == f"mecovqa:{incoming.resolve()}"  # the event's, the folder ingested
         assert f"`{v1}`" in report and "Not retrained" not in report
         assert {v.version: v.tags[TAG_DATA_VERSION] for v in registry.client.search_model_versions(
             f"name = '{registry.name}'")} == {"1": v1}
