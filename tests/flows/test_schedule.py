@@ -86,7 +86,11 @@ class Served:
         return r
 
     def runs(self) -> list[dict]:
-        return self.post("/flow_runs/filter", {"deployments": {"name": {"any_": [self.name]}}}).json()
+        """The deployment's runs so far: not the future midnights the server's scheduler has already planned."""
+        now = datetime.now(timezone.utc)
+        runs = self.post("/flow_runs/filter", {"deployments": {"name": {"any_": [self.name]}}}).json()
+        return [r for r in runs if r["state_type"] != "SCHEDULED"
+                or datetime.fromisoformat(r["expected_start_time"]) <= now]
 
     def next_run(self, deadline: float) -> tuple[dict, str]:
         """The one run since the last call, once it completed, and its `medplib-pipeline` report."""
