@@ -156,7 +156,8 @@ def test_data_triggered_deployment_trains_each_new_version_once(home, project, t
                 [str(BIN / "medplib"), "schedule", "--cron", "0 0 * * *", "--on-data-change", "--source",
                  f"mecovqa:{incoming}", "--config", str(small), "--stages", "1", "--max-steps", "1", "--workers", "1",
                  "--retries", "0", "--name", "retrain-test"],
-                cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
+                # the runner looks for due runs every 2 s, not every 10 s
+                cwd=project, env={**env, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}, stdout=out, stderr=subprocess.STDOUT)
         served = Served(api, "retrain-test", log, schedule, home.root)
         deadline = time.monotonic() + 600
         while served.id is None:  # `medplib schedule` registers the deployment and its trigger, then serves it
