@@ -184,7 +184,7 @@ def test_data_triggered_deployment_trains_each_new_version_once(home, project, t
         assert run["auto_scheduled"] is False and (run.get("created_by") or {}).get("type") == "AUTOMATION", run
         assert run["parameters"]["source"] == f"mecovqa:{incoming.resolve()}"  # the event's, the folder ingested
         assert f"`{v1}`" in report and "Not retrained" not in report
-        assert {v.version: v.tags[TAG_DATA_VERSION] for v in registry.client.search_model_versions(
+        assert {str(v.version): v.tags[TAG_DATA_VERSION] for v in registry.client.search_model_versions(
             f"name = '{registry.name}'")} == {"1": v1}
         assert registry.version_tags("1")[TAG_DECISION] == "rejected" and registry.champion_version() is None
 
