@@ -26,7 +26,7 @@ import pytest
 from medplib.config import load_config, load_tracking_config
 from medplib.config.home import REPO_ROOT
 from medplib.data.synth import generate
-from medplib.registry import TAG_DATA_VERSION, TAG_DECISION, Registry
+from medplib.registry import TAG_DATA_VERSION, TAG_DECISION, TAG_TRAINED_DATA_VERSION, Registry
 
 BIN = Path(sys.executable).parent
 
@@ -213,6 +213,9 @@ def test_data_triggered_deployment_trains_each_new_version_once(home, project, t
 
         assert len(served.runs()) == 4  # one run per scenario, nothing else
         assert len(registry.client.search_model_versions(f"name = '{registry.name}'")) == 3  # three retrains
+        trained = registry.client.search_runs([registry.experiment_id()], f"tags.`{TAG_TRAINED_DATA_VERSION}` != ''")
+        assert sorted(r.data.tags[TAG_TRAINED_DATA_VERSION] for r in trained) == sorted([v1, v2, v2])
+        assert {r.data.tags["medplib.kind"] for r in trained} == {"pipeline"}  # marked on the pipeline runs
     finally:
         _stop(schedule)
         _stop(server, signal.SIGTERM)
