@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 
 from medplib import tasks
 from medplib.data.images import ImageReadError, link_or_copy, read_image, write_png
-from medplib.data.readers import Reader, Staged, StagingContext, register
+from medplib.data.readers import Reader, register, stage_by_converting
 from medplib.data.schema import IMAGE_TOKEN, RecordError, path_problem
 from medplib.progress import track
 
@@ -174,11 +174,7 @@ def write_r2gen_synth(root: Path, folder: Path, files: dict[str, list[dict]]) ->
         write_annotation(folder / rel, records)
 
 
-def stage_r2gen(path: Path | None, ctx: StagingContext) -> Staged:
-    out = ctx.fresh_dir(KIND, str(path))
-    out.mkdir(parents=True)
-    return out, convert_r2gen(path, out), KIND
 
-
-register(Reader(KIND, stage_r2gen, describe="IU X-Ray / MIMIC-CXR in R2Gen's layout: annotation.json + images/",
-                convert=convert_r2gen, write_synth=write_r2gen_synth))
+register(Reader(KIND, stage_by_converting(KIND, convert_r2gen), convert=convert_r2gen,
+                write_synth=write_r2gen_synth,
+                describe="IU X-Ray / MIMIC-CXR in R2Gen's layout: annotation.json + images/"))
