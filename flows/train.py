@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from medplib.train.runner import train_stage
-from medplib.config import Config, RunContext, family_stage_spec, load_config
+from medplib.config import Config, RunContext, family_stage_spec
 from medplib.config.stages import STAGES
 from medplib.model.family import get_family
 
@@ -59,8 +59,6 @@ def check_training(stages: list[int], cfg: Config | str, stage_overrides: dict[i
         raise ValueError(f"Stage {unknown[0]} does not exist; model family {family.name!r} has stages {list(plan)}")
     if list(stages) != sorted(set(stages)):
         raise ValueError(f"Stages {list(stages)} must be distinct and in order: each starts from the one before")
-    if isinstance(cfg, str):
-        cfg = load_config(cfg)
     for s in stages:
         family_stage_spec(cfg, family, s, overrides.get(s))  # raises ConfigError naming a bad key or value
 

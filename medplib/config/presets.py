@@ -109,10 +109,14 @@ def family_settings(cfg: Config, family: "ModelFamily") -> Any:
     return merge(family.settings.preset(cfg.preset), cfg.families.get(family.name, {}), prefix=f"families.{family.name}.")
 
 
-def family_stage_spec(cfg: Config, family: "ModelFamily", stage: int, overrides: dict | None = None) -> "StageSpec":
-    """Stage `stage` of `family`'s plan in `cfg`, with optional overrides validated key by key."""
+def family_stage_spec(cfg: Config | str, family: "ModelFamily", stage: int,
+                      overrides: dict | None = None) -> "StageSpec":
+    """Stage `stage` of `family`'s plan in `cfg` (a Config, or a preset name), with optional overrides validated key
+    by key."""
     from medplib.config.stages import stage_spec
 
+    if isinstance(cfg, str):
+        cfg = load_config(cfg)
     if family.settings is None:
         return stage_spec(cfg, stage, overrides)
     specs = family_settings(cfg, family).train.stages()

@@ -211,7 +211,7 @@ def test_loss_falls_on_a_tiny_overfit_batch(notes_tokenizer):
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        lm.append(float(out.lm_loss))
+        lm.append(float(out.lm_loss.detach()))
     assert lm[-1] < 0.7 * lm[0]
 
 
