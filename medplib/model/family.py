@@ -37,6 +37,9 @@ class ModelFamily:
     # `train`, MedPLIB's.
     settings: Any = None
     plan: str = MEDPLIB_PLAN  # "module:Class" of the driver's stage plan (medplib.train.runner.StagePlan)
+    # The served pyfunc's input example besides its image (the request columns it shows); None: MedPLIB's, a
+    # question about a point prompt.
+    example_request: dict | None = None
 
 
 _FAMILIES: dict[str, ModelFamily] = {}

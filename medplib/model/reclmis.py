@@ -414,7 +414,8 @@ def _register() -> None:
     register_family(ModelFamily(name="reclmis", model_class=RecLMIS, format=FORMAT, stages=(1, 2),
                                 recipe="medplib.train.reclmis:RecLMISRecipe", registered_model="reclmis",
                                 gate_metric="textseg_mdice", tasks=TASKS, settings=RecLMISSettings,
-                                plan="medplib.train.reclmis:RecLMISPlan"))
+                                plan="medplib.train.reclmis:RecLMISPlan",
+                                example_request={"question": "Segment: One finding: lesion in the upper left."}))
 
 
 _register()

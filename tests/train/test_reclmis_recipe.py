@@ -118,3 +118,26 @@ def test_a_saved_model_evaluates_and_serves_through_the_shared_contract(context:
     with pytest.raises(PromptError, match="no pixel prompts"):
         predict(load_model(out), str(tmp_path / "x.png"), question, point="3,4")
     assert torch.is_grad_enabled()  # generate's no_grad does not leak
+
+
+def test_the_comparison_table_measures_every_model_on_the_same_records(context: RunContext):
+    from medplib.config.model import ModelConfig
+    from medplib.eval.compare import compare_segmenters, comparison_markdown
+    from medplib.model import MedPLIB, MedTokenizer
+    from tests.model.conftest import TEXTS
+
+    ctx = context
+    cfg = ModelConfig.tiny()
+    torch.manual_seed(0)
+    tiny_model = MedPLIB(cfg, MedTokenizer.train(TEXTS, cfg.llm.vocab_size, cfg.vision.num_patches))
+    reclmis = RecLMIS.from_pretrained(
+        RecLMISPlan().prepare(1, family_stage_spec(ctx.cfg, ctx.family, 1), ctx, None, "compare")["base"])
+    rows = compare_segmenters({"reclmis": reclmis, "medplib <SEG>": tiny_model}, ctx.data_dir, "test")
+    by = {r["model"]: r for r in rows}
+    assert list(by) == ["reclmis", "medplib <SEG>", "all-foreground mask", "empty mask"]
+    assert len({r["n"] for r in rows}) == 1 and rows[0]["n"] > 0  # the same records for every row
+    assert by["empty mask"]["dice"] == 0.0 and 0 < by["all-foreground mask"]["dice"] < 1
+    assert by["reclmis"]["inference_parameters"] < by["reclmis"]["parameters"]  # reconstruction heads only train
+    assert by["medplib <SEG>"]["forward_gflops"] > 0 and by["reclmis"]["forward_gflops"] > 0
+    print(comparison_markdown(rows, "test", "textseg"))
+    assert "| empty mask | 0.0000 |" in comparison_markdown(rows, "test", "textseg")
