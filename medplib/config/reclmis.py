@@ -106,7 +106,7 @@ SEGMENTER = ("image_encoder.*", "text_proj.*", "interaction.*", "decoder.*", "he
 
 def tiny_stages() -> dict[int, StageSpec]:
     """Stage 1 trains the text encoder on the notes alone (a few hundred steps; the notes are short and formulaic);
-    stage 2 trains everything else with the text encoder frozen. Constant-ish AdamW 1e-3 (5% warm-up)."""
+    stage 2 trains everything else with the text encoder frozen. AdamW 1e-3, 5% warm-up then linear decay."""
     cpu = dict(micro_batch=16, grad_accum=1, max_len=48, warmup_ratio=0.05, checkpoint_every=100, loss=LossSpec())
     return {1: StageSpec(1, "text_pretrain", tasks=TASKS, train=TEXT_ENCODER, lr=1e-3, epochs=2, **cpu),
             2: StageSpec(2, "segmentation", tasks=TASKS, train=SEGMENTER, lr=1e-3, epochs=10, **cpu)}

@@ -40,6 +40,8 @@ class ModelFamily:
     # The served pyfunc's input example besides its image (the request columns it shows); None: MedPLIB's, a
     # question about a point prompt.
     example_request: dict | None = None
+    # What its first champion must reach (metric → minimum) where mlflow.yaml's `gate.floor` names no floor for it.
+    floor: dict | None = None
 
 
 _FAMILIES: dict[str, ModelFamily] = {}

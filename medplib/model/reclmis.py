@@ -415,7 +415,10 @@ def _register() -> None:
                                 recipe="medplib.train.reclmis:RecLMISRecipe", registered_model="reclmis",
                                 gate_metric="textseg_mdice", tasks=TASKS, settings=RecLMISSettings,
                                 plan="medplib.train.reclmis:RecLMISPlan",
-                                example_request={"question": "Segment: One finding: lesion in the upper left."}))
+                                example_request={"question": "Segment: One finding: lesion in the upper left."},
+                                # a first champion must segment better than chance: on the synthetic notes an
+                                # all-foreground mask scores Dice ~0.1
+                                floor={"textseg_mdice": 0.3}))
 
 
 _register()

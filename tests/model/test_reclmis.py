@@ -234,7 +234,12 @@ def test_reclmis_family_plugs_into_the_room(notes_tokenizer, tmp_path: Path):
     assert family_of_model(small_model(notes_tokenizer)) is family
     ctx = RunContext.resolve(home=tmp_path / "home", model="reclmis")
     assert ctx.tracking.registered_model == "reclmis" and ctx.tracking.gate.primary_metric == "textseg_mdice"
-    assert ctx.tracking.gate.floor == {}  # mlflow.yaml's grounding floor: a metric RecLMIS is never evaluated on
+    # mlflow.yaml's grounding floor is on a metric RecLMIS is never evaluated on; its own floor applies instead
+    assert ctx.tracking.gate.floor == {"textseg_mdice": 0.3}
+    shared = tmp_path / "mlflow.yaml"
+    shared.write_text("gate:\n  floor:\n    textseg_mdice: 0.6\n    grounding_mdice: 0.5\n")
+    assert RunContext.resolve(home=tmp_path / "home", model="reclmis", tracking_file=shared).tracking.gate.floor == \
+        {"textseg_mdice": 0.6}  # the file's floor wins
     medplib = RunContext.resolve(home=tmp_path / "home")
     assert medplib.tracking.gate.floor == {"grounding_mdice": 0.5}
 
