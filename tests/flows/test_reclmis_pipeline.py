@@ -14,7 +14,7 @@ families:
   reclmis:
     train:
       stage1: {epochs: 20}
-      stage2: {epochs: 120}
+      stage2: {epochs: 60}
 """
 
 

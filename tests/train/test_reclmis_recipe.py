@@ -140,4 +140,5 @@ def test_the_comparison_table_measures_every_model_on_the_same_records(context: 
     assert by["reclmis"]["inference_parameters"] < by["reclmis"]["parameters"]  # reconstruction heads only train
     assert by["medplib <SEG>"]["forward_gflops"] > 0 and by["reclmis"]["forward_gflops"] > 0
     print(comparison_markdown(rows, "test", "textseg"))
-    assert "| empty mask | 0.0000 |" in comparison_markdown(rows, "test", "textseg")
+    assert "| empty mask | 0.0000 | 0.0000 | 0.0000 |" in comparison_markdown(rows, "test", "textseg")
+    assert 0 <= by["reclmis"]["dice_other_note"] <= 1
