@@ -1,5 +1,5 @@
-"""`pipeline`: ingest → validate → train the model family's stages (MedPLIB's I-IV) → evaluate, register, promote; the
-step flows in order.
+"""`pipeline`: ingest → validate → train the model family's stages (MedPLIB's I-IV) → evaluate, register, promote;
+the step flows in order.
 
 A parent MLflow run records the request, config and data pointer (for `medplib reproduce`); the stage runs and
 the eval run are its children. Each pipeline run leaves a Prefect markdown artifact (`medplib-pipeline`) with the

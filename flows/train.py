@@ -68,7 +68,8 @@ def train_flow(stages: list[int] | None = None, preset: str = "tiny", config: Pa
                stage_overrides: dict[int, dict[str, Any]] | None = None, parent_run_id: str | None = None,
                retries: int = 0, retry_delay_seconds: float = 10.0, workspace: str | None = None,
                model: str = "medplib", profile: str = "local", context: RunContext | None = None) -> list[dict]:
-    """Train `stages` (default: the family's plan) in order on `<project>/data`; outputs under `<home>/models/[<workspace>/]stage<N>`, one MLflow
+    """Train `stages` (default: the family's plan) in order on `<project>/data`; outputs under
+    `<home>/models/[<workspace>/]stage<N>`, one MLflow
     run each (children of `parent_run_id`). Starts a local Ray if none is running and stops it at the end. A
     `context` (the pipeline's) is used as given, its family included; without one, it is resolved here."""
     import ray

@@ -166,7 +166,8 @@ def log_pyfunc(model_dir: Path, artifact_path: str = "medplib", example_image: n
 
     image = example_image if example_image is not None else np.zeros((64, 64), np.uint8)
     h, w = image.shape[:2]
-    request = family_of(model_dir).example_request or {"question": "What is in <region>?", "point": f"{w // 2},{h // 2}"}
+    request = (family_of(model_dir).example_request
+               or {"question": "What is in <region>?", "point": f"{w // 2},{h // 2}"})
     example = pd.DataFrame([{"image": encode_png(image), **request}])
     # Written out, not inferred from the example: the pixel prompts are optional columns.
     signature = ModelSignature(

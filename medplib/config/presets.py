@@ -106,7 +106,8 @@ def family_settings(cfg: Config, family: "ModelFamily") -> Any:
     `model` and `train` are MedPLIB's."""
     if family.settings is None:
         return cfg
-    return merge(family.settings.preset(cfg.preset), cfg.families.get(family.name, {}), prefix=f"families.{family.name}.")
+    return merge(family.settings.preset(cfg.preset), cfg.families.get(family.name, {}),
+                 prefix=f"families.{family.name}.")
 
 
 def family_stage_spec(cfg: Config | str, family: "ModelFamily", stage: int,

@@ -45,8 +45,10 @@ def chance_rows(data_dir, split: str, task: str) -> dict[str, dict[str, float]]:
         empty.append(dice_iou(np.zeros_like(target), target))
     if not full:
         raise ValueError(f"No {task} records in split {split!r} of {data_dir}")
-    mean = lambda rows: {"dice": float(np.mean([d for d, _ in rows])), "iou": float(np.mean([i for _, i in rows])),  # noqa: E731
-                         "n": float(len(rows))}
+    def mean(rows: list[tuple[float, float]]) -> dict[str, float]:
+        return {"dice": float(np.mean([d for d, _ in rows])), "iou": float(np.mean([i for _, i in rows])),
+                "n": float(len(rows))}
+
     return {"all-foreground mask": mean(full), "empty mask": mean(empty)}
 
 
@@ -88,7 +90,8 @@ def compare_segmenters(models: Mapping[str, torch.nn.Module], data_dir, split: s
                      "inference_parameters": float(inference_parameters(model)),
                      "forward_gflops": forward_flops(model, image, question, length) / 1e9})
     for name, scores in chance_rows(data_dir, split, task).items():
-        rows.append({"model": name, **scores, "dice_other_note": scores["dice"], "parameters": 0.0, "inference_parameters": 0.0, "forward_gflops": 0.0})
+        rows.append({"model": name, **scores, "dice_other_note": scores["dice"], "parameters": 0.0,
+                     "inference_parameters": 0.0, "forward_gflops": 0.0})
     return rows
 
 
@@ -96,7 +99,8 @@ def comparison_markdown(rows: Sequence[dict], split: str, task: str) -> str:
     lines = [f"Text-guided segmentation ({task}), split {split}, n = {int(rows[0]['n'])} each", "",
              "| model | Dice | IoU | Dice, another image's note | parameters | inference parameters | forward GFLOPs |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['dice']:.4f} | {r['iou']:.4f} | {r['dice_other_note']:.4f} | {int(r['parameters']):,} | "
-              f"{int(r['inference_parameters']):,} | {r['forward_gflops']:.4f} |" for r in rows]
+    lines += [f"| {r['model']} | {r['dice']:.4f} | {r['iou']:.4f} | {r['dice_other_note']:.4f} | "
+              f"{int(r['parameters']):,} | {int(r['inference_parameters']):,} | {r['forward_gflops']:.4f} |"
+              for r in rows]
     return "\n".join(lines) + "\n"
 

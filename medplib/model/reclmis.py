@@ -231,7 +231,8 @@ class RecLMIS(nn.Module):
         self.contrast = nn.ModuleDict({"image": nn.Linear(d, d), "text": nn.Linear(d, d)})
         if config.reconstruction:
             self.image_rec = MaskedReconstruction(d, d, config.interaction_heads, config.grid ** 2)
-            self.text_rec = MaskedReconstruction(d, self.text_encoder.hidden_size, config.interaction_heads, t.max_length)
+            self.text_rec = MaskedReconstruction(d, self.text_encoder.hidden_size, config.interaction_heads,
+                                                 t.max_length)
 
     def configure_training(self, options: RecLMISConfig) -> None:
         """Take the training options of `options` (loss weights, mask ratio, temperature, the reconstruction switch):
@@ -310,7 +311,8 @@ class RecLMIS(nn.Module):
             loss = loss + weights.contrastive * out.contrastive_loss
             if self.config.reconstruction:
                 ratio = self.config.mask_ratio
-                image_masked = random_mask(torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device), ratio)
+                every_patch = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
+                image_masked = random_mask(every_patch, ratio)
                 out.image_rec_loss = self.image_rec(patches, image_masked, w * word_scores[..., None], word_pad,
                                                     target=patches)
                 text_masked = random_mask(~word_pad, ratio)

@@ -39,9 +39,10 @@ class RecLMISPlan:
     def prepare(self, stage: int, spec: StageSpec, ctx: RunContext, base: Path | None,
                 workspace: str | None) -> dict[str, str | None]:
         model_cfg: RecLMISConfig = family_settings(ctx.cfg, ctx.family).model
+        no_stage1 = not (stage_dir(ctx.home, 1, workspace) / "config.json").exists()
         if base is not None:
             start = Path(base)
-        elif stage == 1 or (model_cfg.text.weights and not (stage_dir(ctx.home, 1, workspace) / "config.json").exists()):
+        elif stage == 1 or (model_cfg.text.weights and no_stage1):
             start = stage_dir(ctx.home, "init", workspace)
             notes = None if model_cfg.text.weights else train_notes(ctx.data_dir, spec.tasks)
             if notes is not None and not notes:
