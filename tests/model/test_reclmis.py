@@ -262,3 +262,22 @@ def test_reclmis_family_plugs_into_the_room(notes_tokenizer, tmp_path: Path):
     check_training([1, 2], cfg, {2: {"epochs": 1}}, workers=1, model="reclmis")
     with pytest.raises(ValueError, match="Stage 3 does not exist; model family 'reclmis' has stages \\[1, 2\\]"):
         check_training([1, 2, 3], cfg, None, workers=1, model="reclmis")
+
+
+def test_full_preset_parameter_counts_on_meta():
+    """The full preset's shapes, on the meta device (no weights): CLIP ViT-B's text encoder (63.2M, frozen, over
+    CLIP's 49408-token vocabulary) beside a U-Net branch and interaction of about 11M."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    end = "<|endoftext|>"
+    vocab = {end: 0, "<|startoftext|>": 1, **{f"w{i}": i for i in range(2, 49408)}}
+    clip_sized = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token=end)),
+                                         unk_token=end, bos_token="<|startoftext|>", eos_token=end, pad_token=end)
+    with torch.device("meta"):
+        model = RecLMIS(RecLMISSettings.preset("full").model, clip_sized)
+    parts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+    print(parts)
+    assert 63.1e6 < parts["text_encoder"] < 63.2e6  # CLIP ViT-B text transformer: 12 layers, hidden 512, 77 positions
+    branch = model.inference_parameters() - parts["text_encoder"]
+    assert 10e6 < branch < 13e6 and parts["image_rec"] + parts["text_rec"] > 3e6
