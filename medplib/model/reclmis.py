@@ -92,7 +92,8 @@ def conv_block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class UNetEncoder(nn.Module):
-    """Features at every level (full size, ½, ¼, …) and the bottleneck as patches (B, N, D) with positions."""
+    """Features at every level (full size, ½, ¼, …) and the bottleneck as patch features (B, N, D); `position` is
+    added by the caller (the reconstruction target is the content alone)."""
 
     def __init__(self, channels: Sequence[int], dim: int, grid: int):
         super().__init__()
@@ -106,8 +107,7 @@ class UNetEncoder(nn.Module):
         for k, block in enumerate(self.blocks):
             x = block(F.max_pool2d(x, 2) if k else x)
             levels.append(x)
-        patches = self.to_patches(x.flatten(2).transpose(1, 2)) + self.position
-        return levels, patches
+        return levels, self.to_patches(x.flatten(2).transpose(1, 2))
 
 
 class TextEncoder(nn.Module):
@@ -287,7 +287,8 @@ class RecLMIS(nn.Module):
         text_hidden = self.text_encoder(input_ids, attention_mask)
         word_pad = attention_mask == 0
         words = self.text_proj(text_hidden)
-        levels, patches = self.image_encoder(pixel_values)
+        levels, content = self.image_encoder(pixel_values)
+        patches = content + self.image_encoder.position
         p, w, patch_scores, word_scores = self.interaction(patches, words, word_pad)
 
         # decoder: conditioned bottleneck, then up through the levels, each modulated by the note's vector
@@ -314,7 +315,7 @@ class RecLMIS(nn.Module):
                 every_patch = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
                 image_masked = random_mask(every_patch, ratio)
                 out.image_rec_loss = self.image_rec(patches, image_masked, w * word_scores[..., None], word_pad,
-                                                    target=patches)
+                                                    target=content)
                 text_masked = random_mask(~word_pad, ratio)
                 out.text_rec_loss = self.text_rec(words, text_masked, p, None, target=text_hidden)
                 loss = loss + weights.image_rec * out.image_rec_loss + weights.text_rec * out.text_rec_loss
