@@ -142,3 +142,21 @@ def test_the_comparison_table_measures_every_model_on_the_same_records(context: 
     print(comparison_markdown(rows, "test", "textseg"))
     assert "| empty mask | 0.0000 | 0.0000 | 0.0000 |" in comparison_markdown(rows, "test", "textseg")
     assert 0 <= by["reclmis"]["dice_other_note"] <= 1
+
+
+def test_with_clips_text_encoder_stage_2_alone_starts_from_the_model_the_config_builds(context: RunContext,
+                                                                                     tmp_path: Path):
+    from medplib.config.base import merge
+    from tests.model.test_reclmis import tiny_clip_folder
+
+    clip = tiny_clip_folder(tmp_path / "clip")
+    cfg = merge(context.cfg, {"families": {"reclmis": {"model": {"text": {"weights": str(clip), "max_length": 32}}}}})
+    ctx = RunContext.resolve(config=cfg, home=context.home, project=context.project, model="reclmis")
+    inputs = RecLMISPlan().prepare(2, family_stage_spec(ctx.cfg, ctx.family, 2), ctx, None, "clip")
+    assert inputs == {"base": str(stage_dir(ctx.home, "init", "clip"))}  # no stage 1: CLIP needs no pretraining
+    recipe = _recipe(ctx, 2, inputs)
+    model = recipe.build_model()
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+    ds = recipe.train_dataset()
+    _, parts = recipe.loss(model, recipe.collate([ds[i] for i in range(2)]))
+    assert "seg_loss" in parts
