@@ -69,9 +69,9 @@ def train_flow(stages: list[int] | None = None, preset: str = "tiny", config: Pa
                retries: int = 0, retry_delay_seconds: float = 10.0, workspace: str | None = None,
                model: str = "medplib", profile: str = "local", context: RunContext | None = None) -> list[dict]:
     """Train `stages` (default: the family's plan) in order on `<project>/data`; outputs under
-    `<home>/models/[<workspace>/]stage<N>`, one MLflow
-    run each (children of `parent_run_id`). Starts a local Ray if none is running and stops it at the end. A
-    `context` (the pipeline's) is used as given, its family included; without one, it is resolved here."""
+    `<home>/models/[<workspace>/]stage<N>`, one MLflow run each (children of `parent_run_id`). Starts a local Ray if
+    none is running and stops it at the end. A `context` (the pipeline's) is used as given, its family included;
+    without one, it is resolved here."""
     import ray
 
     ctx = context or RunContext.resolve(preset, config, home, project, profile, model)
