@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -58,15 +59,19 @@ def main() -> None:
                             tags={"medplib.kind": "comparison",
                                   "medplib.data_version": read_version(ctx.project) or "unversioned",
                                   "medplib.split": args.split, "medplib.task": args.task})
-    run_id = run.info.run_id
-    for i, item in enumerate(args.model):
-        client.log_param(run_id, f"model.{i}", item[:6000])
-    client.log_table(run_id, pd.DataFrame(rows), "textseg_families.json")
-    client.log_text(run_id, table, "textseg_families.md")
-    metrics = [Metric(f"{r['model'].replace(' ', '_').replace('<', '').replace('>', '').replace(',', '')}.{k}",
-                      float(v), 0, 0) for r in rows for k, v in r.items() if k != "model"]
-    client.log_batch(run_id, metrics=metrics)
-    client.set_terminated(run_id)
+    run_id, status = run.info.run_id, "FAILED"
+    try:
+        for i, item in enumerate(args.model):
+            client.log_param(run_id, f"model.{i}", item[:6000])
+        client.log_table(run_id, pd.DataFrame(rows), "textseg_families.json")
+        client.log_text(run_id, table, "textseg_families.md")
+        # MLflow metric names: letters, digits, _ - . space : / only
+        metrics = [Metric(f"{re.sub(r'[^A-Za-z0-9_. -]+', '_', r['model']).strip('_')}.{k}", float(v), 0, 0)
+                   for r in rows for k, v in r.items() if k != "model"]
+        client.log_batch(run_id, metrics=metrics)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status=status)
     print(json.dumps({"mlflow_run_id": run_id, "rows": rows, "load_1min": os.getloadavg()[0]}))
 
 

@@ -29,8 +29,17 @@ def inference_parameters(model: torch.nn.Module) -> int:
 def forward_flops(model: torch.nn.Module, image: np.ndarray, question: str, max_new_tokens: int) -> int:
     """FLOPs (2 per multiply-add, torch's FlopCounterMode) to answer one request with `generate`: one forward pass
     for RecLMIS, the prompt plus every generated token and the mask decoder for MedPLIB."""
-    with FlopCounterMode(display=False) as counter:
-        model.generate([image], [question], [[]], max_new_tokens=max_new_tokens)
+    # FlopCounterMode's module tracker hooks every module output that requires grad, and trips on a parameter a
+    # module returns as is (SAM's positional embedding): count with the weights frozen, then restore them
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model.generate([image], [question], [[]], max_new_tokens=max_new_tokens)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     return int(counter.get_total_flops())
 
 
