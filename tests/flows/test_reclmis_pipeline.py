@@ -13,8 +13,8 @@ SMALL = """data:
 families:
   reclmis:
     train:
-      stage1: {epochs: 20}
-      stage2: {epochs: 60}
+      stage1: {epochs: 10}
+      stage2: {epochs: 30}
 """
 
 
