@@ -3,8 +3,8 @@
 Layout: `DIR/annotation.json` = `{"train": [...], "val": [...], "test": [...]}`, each record `{"id", "report",
 "image_path": [view, ...], "split"}` with the views relative to `DIR/images/`. IU X-Ray: two views (`<id>/0.png`,
 `<id>/1.png`); MIMIC-CXR: one `.jpg` and the record's `subject_id` / `study_id` besides.
-- One report record per annotation record, modality x, for the registered task whose `source_codes["iuxray"]` is
-  "report" (its `question` is asked; the report, trimmed, is the answer). The first view is the query image, a
+- One report record per annotation record, modality x, for the one registered task with a `source_codes["iuxray"]`
+  (its `question` is asked; the report, trimmed, is the answer). The first view is the query image, a
   second one its context image (`Record.context`).
 - Split: the list the record is in (R2Gen reads `ann[split]`; the record's own `split` field is not consulted);
   `val` is staged as the validation split, and ingest keeps it rather than carving one from train.
@@ -126,9 +126,11 @@ def convert_r2gen(src: Path, out: Path) -> list[RecordError]:
         raise FileNotFoundError(f"R2Gen source {src} has no {ANNOTATION}")
     if not (src / "images").is_dir():
         raise FileNotFoundError(f"R2Gen source {src} has no images/ folder")
-    task = tasks.for_source(KIND).get("report")
-    if task is None:
-        raise ValueError(f"No registered task takes R2Gen reports (a task with source_codes['{KIND}'] = 'report')")
+    by_code = tasks.for_source(KIND)  # R2Gen holds one kind of record: the task that claims the source takes them all
+    if len(by_code) != 1:
+        raise ValueError(f"R2Gen records are of one kind, so exactly one registered task may set "
+                         f"source_codes['{KIND}']; found {len(by_code)}: {sorted(t.name for t in by_code.values())}")
+    task = next(iter(by_code.values()))
     try:
         data = json.loads((src / ANNOTATION).read_bytes().decode("utf-8", errors="replace"))
     except json.JSONDecodeError as e:
