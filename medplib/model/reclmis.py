@@ -32,8 +32,8 @@ from medplib.config.base import from_dict, to_dict
 from medplib.config.reclmis import RecLMISConfig, TextEncoderConfig
 from medplib.data.torch_dataset import SAM_MEAN, SAM_STD, preprocess_image, unsquare
 from medplib.model.losses import mask_bce, soft_dice_loss
-from medplib.model.model import CHECKSUMS_FILE, CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, Generation, _sha256, \
-    _verify_checksums
+from medplib.model.model import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, Generation, _verify_checksums, \
+    _write_checksums
 from medplib.model.prompts import PromptError
 from medplib.model.tokenizer import IMAGE_TOKEN, SEG_TOKEN, MedTokenizer
 
@@ -372,8 +372,7 @@ class RecLMIS(nn.Module):
         (path / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         save_model(self, str(path / WEIGHTS_FILE))
         self.tokenizer.save_pretrained(str(path / TOKENIZER_DIR))
-        sums = {name: _sha256(path / name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
-        (path / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1) + "\n", encoding="utf-8")
+        _write_checksums(path)
         return path
 
     @classmethod
