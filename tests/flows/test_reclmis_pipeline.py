@@ -1,6 +1,7 @@
 """`pipeline --model reclmis` end to end for real (Prefect test harness, the session's Ray, sqlite MLflow, DVC, GX):
-48 synthetic images, RecLMIS's two stages as Ray Train jobs, evaluation on the textseg records only, registered as
-`reclmis`, gated on textseg mDice and promoted; the champion answers a note with a mask through the pyfunc."""
+48 synthetic images, RecLMIS's two stages as Ray Train jobs (one worker: the distributed loop is tested elsewhere),
+evaluation on the textseg records only, registered as `reclmis`, gated on textseg mDice and promoted; the champion
+answers a note with a mask through the pyfunc."""
 from __future__ import annotations
 
 import numpy as np
@@ -32,7 +33,7 @@ def test_reclmis_pipeline_trains_registers_and_promotes_its_own_champion(prefect
     project.mkdir()
     config = tmp_path / "small.yaml"
     config.write_text(SMALL)
-    summary = pipeline(config=config, home=ray_home.root, project=project, retries=0, model="reclmis")
+    summary = pipeline(config=config, home=ray_home.root, project=project, retries=0, model="reclmis", workers=1)
 
     assert [s["stage"] for s in summary["stages"]] == [1, 2]
     assert [s["name"] for s in summary["stages"]] == ["text_pretrain", "segmentation"]
