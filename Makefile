@@ -58,7 +58,7 @@ test: setup postgres
 	$(PY) -m pytest -n $(TEST_WORKERS) tests
 
 test-fast: setup
-	$(PY) -m pytest tests -m unit
+	$(PY) -m pytest -n $(TEST_WORKERS) tests -m unit
 
 clean-state:
 	rm -rf .medplib

@@ -1,4 +1,5 @@
-"""`pipeline`: ingest → validate → train stages I-IV → evaluate, register, promote; the step flows in order.
+"""`pipeline`: ingest → validate → train the model family's stages (MedPLIB's I-IV) → evaluate, register, promote;
+the step flows in order.
 
 A parent MLflow run records the request, config and data pointer (for `medplib reproduce`); the stage runs and
 the eval run are its children. Each pipeline run leaves a Prefect markdown artifact (`medplib-pipeline`) with the
@@ -18,7 +19,7 @@ from prefect.runtime import flow_run
 from flows import record
 from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
-from flows.train import STAGES, check_training, train_flow
+from flows.train import check_training, train_flow
 from flows.validate import validate_flow
 from medplib.config import RunContext
 from medplib.registry import Registry
@@ -43,7 +44,7 @@ def mark_trained(registry: Registry, run_id: str, data_version: str) -> None:
 @flow(name="medplib-pipeline")
 def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", config: Path | None = None,
              workers: int = 2, home: Path | None = None, project: Path | None = None,
-             stages: list[int] = list(STAGES), stage_overrides: dict[int, dict[str, Any]] | None = None,
+             stages: list[int] | None = None, stage_overrides: dict[int, dict[str, Any]] | None = None,
              seed: int | None = None, retries: int = 1, retry_delay_seconds: float = 10.0,
              only_if_data_changed: bool = False, force: bool = False, model: str = "medplib",
              profile: str = "local", context: RunContext | None = None) -> dict:
@@ -58,6 +59,7 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
     t0 = time.perf_counter()
     ctx = context or RunContext.resolve(preset, Path(config).resolve() if config else None, home, project, profile,
                                         model)
+    stages = list(ctx.family.stages) if stages is None else list(stages)  # default: the family's whole plan
     check_training(stages, ctx.cfg, stage_overrides, workers, ctx.model)  # a typo must not cost three stages
     logger = get_run_logger()
     retry = dict(retries=retries, retry_delay_seconds=retry_delay_seconds)

@@ -1,4 +1,4 @@
-"""The train step: MedPLIB's stages I → IV in order, each a task that launches one Ray Train job.
+"""The train step: the model family's stages in order (MedPLIB's I → IV), each a task that launches one Ray Train job.
 
 Ray workers write to Ray's session logs, not to the console nor to Prefect's logs, so each task logs what matters
 (steps, loss, time, the MLflow run) itself; the driver shows each stage's progress (medplib.train.launcher).
@@ -14,8 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from medplib.train.runner import train_stage
-from medplib.config import Config, RunContext
-from medplib.config.stages import STAGES, stage_spec
+from medplib.config import Config, RunContext, family_stage_spec
 from medplib.model.family import get_family
 
 
@@ -60,21 +59,23 @@ def check_training(stages: list[int], cfg: Config | str, stage_overrides: dict[i
     if list(stages) != sorted(set(stages)):
         raise ValueError(f"Stages {list(stages)} must be distinct and in order: each starts from the one before")
     for s in stages:
-        stage_spec(cfg, s, overrides.get(s))  # raises ConfigError naming a bad key or value
+        family_stage_spec(cfg, family, s, overrides.get(s))  # raises ConfigError naming a bad key or value
 
 
 @flow(name="train")
-def train_flow(stages: list[int] = list(STAGES), preset: str = "tiny", config: Path | None = None,
+def train_flow(stages: list[int] | None = None, preset: str = "tiny", config: Path | None = None,
                home: Path | None = None, project: Path | None = None, workers: int = 2,
                stage_overrides: dict[int, dict[str, Any]] | None = None, parent_run_id: str | None = None,
                retries: int = 0, retry_delay_seconds: float = 10.0, workspace: str | None = None,
                model: str = "medplib", profile: str = "local", context: RunContext | None = None) -> list[dict]:
-    """Train `stages` in order on `<project>/data`; outputs under `<home>/models/[<workspace>/]stage<N>`, one MLflow
-    run each (children of `parent_run_id`). Starts a local Ray if none is running and stops it at the end. A
-    `context` (the pipeline's) is used as given, its family included; without one, it is resolved here."""
+    """Train `stages` (default: the family's plan) in order on `<project>/data`; outputs under
+    `<home>/models/[<workspace>/]stage<N>`, one MLflow run each (children of `parent_run_id`). Starts a local Ray if
+    none is running and stops it at the end. A `context` (the pipeline's) is used as given, its family included;
+    without one, it is resolved here."""
     import ray
 
     ctx = context or RunContext.resolve(preset, config, home, project, profile, model)
+    stages = list(ctx.family.stages) if stages is None else list(stages)  # default: the family's whole plan
     check_training(stages, ctx.cfg, stage_overrides, workers, ctx.model)
     started_ray = not ray.is_initialized()
     run = train_stage_task.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)

@@ -155,16 +155,20 @@ PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.23.0", "tokenizers==0.23.3
 
 
 def log_pyfunc(model_dir: Path, artifact_path: str = "medplib", example_image: np.ndarray | None = None):
-    """Log a saved MedPLIB folder as an MLflow pyfunc in the active run; returns the ModelInfo."""
+    """Log a saved model folder (of any family: one request and response contract) as an MLflow pyfunc in the
+    active run, with its family's example request; returns the ModelInfo."""
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
+    from medplib.model.family import family_of
+
     image = example_image if example_image is not None else np.zeros((64, 64), np.uint8)
     h, w = image.shape[:2]
-    example = pd.DataFrame([{"image": encode_png(image), "question": "What is in <region>?",
-                             "point": f"{w // 2},{h // 2}"}])
+    request = (family_of(model_dir).example_request
+               or {"question": "What is in <region>?", "point": f"{w // 2},{h // 2}"})
+    example = pd.DataFrame([{"image": encode_png(image), **request}])
     # Written out, not inferred from the example: the pixel prompts are optional columns.
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", "image"), ColSpec("string", "question"),

@@ -149,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     csub = config.add_subparsers(dest="config_command", required=True)
     p = csub.add_parser("show", help="print the config a command would run with: the preset, then --config's "
                                      "overrides (stage specs included: train.stage1 … train.stage4), as YAML "
-                                     "(or JSON with --json)")
+                                     "(or JSON with --json); with --model NAME of a family with its own section, "
+                                     "that section resolved as families.NAME")
     _common(p)
+    p.add_argument("--model", default=None, help="also resolve this model family's own section (e.g. reclmis)")
 
     data = sub.add_parser("data", help="synthesise, ingest, validate and version datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -588,9 +590,15 @@ def run(args: argparse.Namespace) -> int:
 def _config_show(args: argparse.Namespace, cfg) -> int:
     import yaml
 
-    from medplib.config import to_dict
+    from medplib.config import family_settings, to_dict
 
     resolved = to_dict(cfg)
+    if getattr(args, "model", None):
+        from medplib.model.family import get_family
+
+        family = get_family(args.model)
+        if family.settings is not None:
+            resolved["families"][family.name] = to_dict(family_settings(cfg, family))
     if args.json:
         print(json.dumps(resolved, indent=1), file=getattr(args, "json_out", None) or sys.stdout)
     else:

@@ -52,7 +52,7 @@ class RunContext:
 
     def with_stage_overrides(self, overrides: dict[int, dict] | None) -> "RunContext":
         """This context with per-stage overrides ({3: {"epochs": 1}}) folded into the config's stage specs."""
-        return replace(self, cfg=with_stage_overrides(self.cfg, overrides)) if overrides else self
+        return replace(self, cfg=with_stage_overrides(self.cfg, overrides, self.family)) if overrides else self
 
     @classmethod
     def resolve(cls, preset: str = "tiny", config: Path | str | dict | Config | None = None,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -10,6 +11,10 @@ from medplib.config.base import ConfigError, from_dict, merge
 from medplib.config.model import ModelConfig
 from medplib.config.stages import TrainConfig, full_stages, stage_overrides_config, tiny_stages
 from medplib.data.schema import MODALITIES
+
+if TYPE_CHECKING:
+    from medplib.config.stages import StageSpec
+    from medplib.model.family import ModelFamily
 
 
 @dataclass
@@ -63,10 +68,16 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Model families other than MedPLIB keep their own keys here, over their preset's defaults (`families:
+    # {reclmis: {model: {...}, train: {stage2: {...}}}}`); the family checks them (`family_settings`).
+    families: dict[str, dict] = field(default_factory=dict)
 
     def validate(self, prefix: str = "") -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"Config key '{prefix}preset' = {self.preset!r} is not one of {sorted(PRESETS)}")
+        for name, section in self.families.items():
+            if not isinstance(section, dict):
+                raise ConfigError(f"Config key '{prefix}families.{name}' must be a mapping, got {section!r}")
 
 
 PRESETS = {
@@ -77,9 +88,42 @@ PRESETS = {
 }
 
 
-def with_stage_overrides(cfg: Config, overrides: dict[int, dict] | None) -> Config:
-    """`cfg` with per-stage overrides ({3: {"epochs": 1}}, what `--epochs` and flows pass) folded into `train`."""
-    return merge(cfg, stage_overrides_config(overrides)) if overrides else cfg
+def with_stage_overrides(cfg: Config, overrides: dict[int, dict] | None,
+                         family: "ModelFamily | None" = None) -> Config:
+    """`cfg` with per-stage overrides ({3: {"epochs": 1}}, what `--epochs` and flows pass) folded into the stage plan
+    of `family` (default MedPLIB's: `train`; another family's: `families.<name>.train`)."""
+    if not overrides:
+        return cfg
+    folded = stage_overrides_config(overrides)
+    if family is not None and family.settings is not None:
+        folded = {"families": {family.name: folded}}
+    return merge(cfg, folded)
+
+
+def family_settings(cfg: Config, family: "ModelFamily") -> Any:
+    """A family's own config section: its preset's defaults with `families.<name>` of `cfg` over them (keys checked
+    by the family's dataclasses, errors naming `families.<name>.…`). MedPLIB's (no `settings`): `cfg` itself, whose
+    `model` and `train` are MedPLIB's."""
+    if family.settings is None:
+        return cfg
+    return merge(family.settings.preset(cfg.preset), cfg.families.get(family.name, {}),
+                 prefix=f"families.{family.name}.")
+
+
+def family_stage_spec(cfg: Config | str, family: "ModelFamily", stage: int,
+                      overrides: dict | None = None) -> "StageSpec":
+    """Stage `stage` of `family`'s plan in `cfg` (a Config, or a preset name), with optional overrides validated key
+    by key."""
+    from medplib.config.stages import stage_spec
+
+    if isinstance(cfg, str):
+        cfg = load_config(cfg)
+    if family.settings is None:
+        return stage_spec(cfg, stage, overrides)
+    specs = family_settings(cfg, family).train.stages()
+    if stage not in specs:
+        raise ConfigError(f"Stage {stage} does not exist; model family {family.name!r} has stages {sorted(specs)}")
+    return merge(specs[stage], overrides or {}, prefix=f"families.{family.name}.train.stage{stage}.")
 
 
 def load_config(preset: str = "tiny", overrides: Path | dict | None = None) -> Config:

@@ -42,6 +42,11 @@ class Profile:
     ray_address: Optional[str] = None  # None: a local Ray per training job
     prefect_api_url: Optional[str] = None  # None: Prefect's ephemeral API
 
+    def __post_init__(self) -> None:
+        # "${VAR:-}" with VAR unset expands to "": the same as leaving the key null
+        self.ray_address = self.ray_address or None
+        self.prefect_api_url = self.prefect_api_url or None
+
     def validate(self, prefix: str = "") -> None:
         if self.prefect_api_url is not None and not self.prefect_api_url.startswith(("http://", "https://")):
             raise ConfigError(f"Config key '{prefix}prefect_api_url' = {self.prefect_api_url!r} must be a URL "

@@ -108,11 +108,20 @@ class TrackingConfig:
 
     def for_family(self, family: "str | ModelFamily" = "medplib") -> "TrackingConfig":
         """These settings with what `mlflow.yaml` leaves unset taken from the model family: its registered-model
-        name and its gate metric (which must be a registered task's headline metric)."""
+        name and its gate metric (which must be a registered task's headline metric). A family evaluated on some
+        tasks only (`ModelFamily.tasks`) keeps the floors on those tasks' metrics alone, and the family's own floors
+        apply where the file sets none for the metric."""
         from medplib.model.family import get_family
 
         f = get_family(family) if isinstance(family, str) else family
         gate = self.gate
+        if f.tasks is not None:  # a floor on a metric the family is never evaluated on could never be met
+            from medplib import tasks
+
+            measured = {key for t in tasks.resolve(f.tasks) for key in tasks.get(t).summary}
+            gate = replace(gate, floor={m: v for m, v in gate.floor.items() if m in measured})
+        if f.floor:
+            gate = replace(gate, floor={**f.floor, **gate.floor})
         if gate.primary_metric is None:
             gate = replace(gate, primary_metric=f.gate_metric)
             try:

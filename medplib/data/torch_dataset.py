@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from medplib import tasks as registry
 from medplib.data.images import read_image, read_mask
-from medplib.data.schema import MASK_RE, REGION_RE, Record
+from medplib.data.schema import IMAGE_TOKEN, MASK_RE, REGION_RE, Record
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 SAM_MEAN, SAM_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -184,3 +184,41 @@ def collate(samples: Sequence[Sample], pad_token_id: int) -> dict:
         "seg_masks": torch.cat([s.seg_masks for s in samples]),
         "records": [s.record for s in samples],
     }
+
+
+@dataclass
+class SegmentationSample:
+    pixel_values: torch.Tensor  # (3, S, S)
+    question: str  # the human turn, `<image>` removed
+    mask: torch.Tensor  # (S, S) float target, in the image's padded-square geometry
+    record: Record
+
+
+class SegmentationDataset(Dataset):
+    """Records whose answer is one mask (text-guided segmentation: a note → its mask) as an image, the question and
+    the target, for models that segment without generating text (RecLMIS). Tokenizing the question is the model's
+    job (its collate): this dataset needs no tokenizer."""
+
+    def __init__(self, data_dir: Path, image_size: int, mean: Sequence[float] = SAM_MEAN,
+                 std: Sequence[float] = SAM_STD, split: str | None = None, tasks: Sequence[str] | None = None,
+                 records: Sequence[Record] | None = None):
+        self.data_dir, self.image_size, self.mean, self.std = Path(data_dir), image_size, mean, std
+        recs = list(records) if records is not None else read_records(self.data_dir)
+        chosen = None if tasks is None else registry.resolve(tasks)
+        self.records = [r for r in recs if (split is None or r.split == split) and (chosen is None or r.task in chosen)]
+        for r in self.records:
+            if len(r.masks) != 1:
+                raise ValueError(f"Record {r.id} ({r.task}) has {len(r.masks)} masks: a segmentation dataset takes "
+                                 "records with exactly one target mask")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> SegmentationSample:
+        rec = self.records[i]
+        turns, _, masks = strip_paths(rec.conversations)
+        question = next(t["value"] for t in turns if t["from"] == "human").replace(IMAGE_TOKEN, " ").strip()
+        return SegmentationSample(
+            pixel_values=preprocess_image(read_image(self.data_dir / rec.image), self.image_size, self.mean, self.std),
+            question=question, mask=preprocess_mask(read_mask(self.data_dir / masks[0]), self.image_size).float(),
+            record=rec)

@@ -70,12 +70,18 @@ def generation_length(task: str, max_new_tokens: int | Mapping[str, int] | None 
 def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("val", "test", "zeroshot"),
              tasks: Sequence[str] | None = None, batch_size: int = 16,
              max_new_tokens: int | Mapping[str, int] | None = None, limit: int | None = None) -> EvalReport:
-    """Generate an answer (and masks) for every record of `splits`, score it, and aggregate per modality.
+    """Generate an answer (and masks) for every record of `splits`, score it, and aggregate per modality. `model` is
+    a loaded model of any family (MedPLIB, RecLMIS, …): what evaluation needs of it is `generate`.
 
-    `tasks` takes task names or groups; `max_new_tokens` (one length for all, or task → length over the tasks' own)
-    sets how long a batch generates: the longest length among its records' tasks.
+    `tasks` takes task names or groups (default: the tasks of the model's family, every task for MedPLIB);
+    `max_new_tokens` (one length for all, or task → length over the tasks' own) sets how long a batch generates: the
+    longest length among its records' tasks.
     """
+    from medplib.model.family import family_of_model
+
     data_dir = Path(data_dir)
+    if tasks is None:
+        tasks = family_of_model(model).tasks
     chosen = None if tasks is None else registry.resolve(tasks)
     records = [r for r in read_records(data_dir) if r.split in splits and (chosen is None or r.task in chosen)]
     records.sort(key=lambda r: (r.split, r.task, r.id))

@@ -16,7 +16,8 @@ from typing import Any
 CONFIG_FILE = "config.json"  # every family's saved folder has one, with a "format" key naming the family's format
 
 # family name → the module that registers it (imported on first use)
-FAMILY_MODULES = {"medplib": "medplib.model.model"}
+FAMILY_MODULES = {"medplib": "medplib.model.model", "reclmis": "medplib.model.reclmis"}
+MEDPLIB_PLAN = "medplib.train.runner:MedPLIBPlan"  # MedPLIB's stages: the config's top-level `model` and `train`
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,19 @@ class ModelFamily:
     recipe: str  # "module:Class" of the Ray Train worker recipe that trains a stage
     registered_model: str  # the default MLflow registered-model name (mlflow.yaml's registered_model overrides)
     gate_metric: str  # the default primary metric of the promotion gate (mlflow.yaml's gate.primary_metric)
+    # The tasks (names or groups) it reads and is evaluated on; None: every registered task. Evaluation reads only
+    # these, and the gate's floors on other tasks' metrics do not apply to it.
+    tasks: tuple[str, ...] | None = None
+    # Its own config section (`families.<name>` of the config, over `settings.preset(preset_name)`): a dataclass with
+    # `model` and `train` (whose `stages()` gives a StageSpec per stage). None: the config's top-level `model` and
+    # `train`, MedPLIB's.
+    settings: Any = None
+    plan: str = MEDPLIB_PLAN  # "module:Class" of the driver's stage plan (medplib.train.runner.StagePlan)
+    # The served pyfunc's input example besides its image (the request columns it shows); None: MedPLIB's, a
+    # question about a point prompt.
+    example_request: dict | None = None
+    # What its first champion must reach (metric → minimum) where mlflow.yaml's `gate.floor` names no floor for it.
+    floor: dict | None = None
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -75,6 +89,15 @@ def family_of(folder: Path | str) -> ModelFamily:
             return family
     raise ValueError(f"{path}: format {fmt!r} belongs to no model family (known formats: "
                      f"{', '.join(get_family(n).format for n in family_names())})")
+
+
+def family_of_model(model: Any) -> ModelFamily:
+    """The family a loaded model belongs to (an instance of its model class)."""
+    for name in family_names():
+        family = get_family(name)
+        if isinstance(model, family.model_class):
+            return family
+    raise ValueError(f"{type(model).__name__} is the model class of no model family ({', '.join(family_names())})")
 
 
 def load_pretrained(folder: Path | str, family: str | None = None):

@@ -408,8 +408,7 @@ class MedPLIB(nn.Module):
                                         encoding="utf-8")
         save_model(self, str(path / WEIGHTS_FILE))
         self.tokenizer.save_pretrained(path / TOKENIZER_DIR)
-        sums = {name: _sha256(path / name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
-        (path / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1) + "\n", encoding="utf-8")
+        _write_checksums(path)
         return path
 
     @classmethod
@@ -440,6 +439,12 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _write_checksums(path: Path) -> None:
+    """Record the SHA-256 of a saved folder's config and weights (`_verify_checksums` checks them before a load)."""
+    sums = {name: _sha256(path / name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
+    (path / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1) + "\n", encoding="utf-8")
 
 
 def _verify_checksums(path: Path) -> None:

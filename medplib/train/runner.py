@@ -1,24 +1,27 @@
 """Run one training stage end to end on the driver: inputs, the Ray job, MLflow child run, outputs.
 
 Stage outputs are HF-style folders under `<home>/models/stage<N>` (config + safetensors + tokenizer, LoRA merged),
-which the next stage loads: II from I; III from II; IV from II with experts from III (0) and II (1).
+which the next stage loads. What a stage starts from is the model family's *stage plan* (`ModelFamily.plan`, a
+`StagePlan`): MedPLIB's II from I; III from II; IV from II with experts from III (0) and II (1).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from medplib.config import Config, Home, RunContext, TrackingConfig, to_dict
+from medplib.config import Config, Home, RunContext, TrackingConfig, family_settings, family_stage_spec, to_dict
 from medplib.data.ingest import verify_data
 from medplib.data.torch_dataset import read_records, strip_paths
 from medplib.data.versioning import read_version
 from medplib.train.launcher import run_stage
-from medplib.config.stages import StageSpec, stage_spec
+from medplib.config.stages import StageSpec
 from medplib.train.worker import LoopConfig
 
 log = logging.getLogger(__name__)
@@ -101,18 +104,45 @@ def stage_inputs(stage: int, home: Home, base: Path | None,
     return start, grounding
 
 
+class StagePlan(Protocol):
+    """The driver's side of a family's stages: make what stage `stage` starts from (the initial model before the
+    first) and say it as the recipe's config beside its spec and data ({"base": folder, …}; also logged)."""
+
+    def prepare(self, stage: int, spec: StageSpec, ctx: RunContext, base: Path | None,
+                workspace: str | None) -> dict[str, str | None]: ...
+
+
+class MedPLIBPlan:
+    """MedPLIB's stages I-IV: I from the initial model (`build_init_model`), II from I, III from II, IV from II with
+    the grounding expert from III."""
+
+    def prepare(self, stage: int, spec: StageSpec, ctx: RunContext, base: Path | None,
+                workspace: str | None) -> dict[str, str | None]:
+        if stage == 1:
+            build_init_model(ctx.cfg, ctx.data_dir, stage_dir(ctx.home, "init", workspace), seed=spec.seed)
+        start, grounding = stage_inputs(stage, ctx.home, base, workspace)
+        return {"base": str(start), "grounding": str(grounding) if grounding else None}
+
+
+def stage_plan(path: str) -> StagePlan:
+    """The stage plan a family names ("module:Class")."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)()
+
+
 def _start_mlflow_run(t: TrackingConfig, spec: StageSpec, cfg: Config, data_version: str | None,
-                      parent_run_id: str | None, inputs: dict) -> tuple[str, str]:
+                      parent_run_id: str | None, inputs: dict, model_config: object,
+                      family: str) -> tuple[str, str]:
     from medplib.registry import Registry
 
     registry = Registry(t)  # one get-or-create of the experiment, safe when another process creates it first
     client, exp_id = registry.client, registry.experiment_id()
     tags = {"medplib.stage": str(spec.stage), "medplib.stage_name": spec.name, "medplib.preset": cfg.preset,
-            "medplib.data_version": data_version or "unversioned"}
+            "medplib.data_version": data_version or "unversioned", "medplib.model_family": family}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=f"stage{spec.stage}-{spec.name}-{int(time.time())}", tags=tags)
-    flat = _flatten({"stage": to_dict(spec), "model": to_dict(cfg.model), "inputs": inputs})
+    flat = _flatten({"stage": to_dict(spec), "model": to_dict(model_config), "inputs": inputs})
     from mlflow.entities import Param
 
     items = list(flat.items())
@@ -142,22 +172,21 @@ def train_stage(stage: int, ctx: RunContext, *, workers: int = 2, base: Path | N
     if stage not in family.stages:
         raise ValueError(f"Stage {stage} is not in model family {family.name!r}'s plan {list(family.stages)}")
     cfg, home, project = ctx.cfg, ctx.home, ctx.project
-    spec = stage_spec(cfg, stage, overrides)
+    spec = family_stage_spec(cfg, family, stage, overrides)
     data_dir = ctx.data_dir
     verify_data(data_dir)  # a corrupted or swapped file stops the stage before any worker reads it
-    if stage == 1:
-        build_init_model(cfg, data_dir, stage_dir(home, "init", workspace), seed=spec.seed)
-    start, grounding = stage_inputs(stage, home, base, workspace)
+    inputs = stage_plan(family.plan).prepare(stage, spec, ctx, base, workspace)
+    model_config = family_settings(cfg, family).model
     out = stage_dir(home, stage, workspace)
     data_version = ctx.data_version or read_version(project)
     run_id = tracking_uri = None
     if track:
         run_id, tracking_uri = _start_mlflow_run(ctx.tracking, spec, cfg, data_version, parent_run_id,
-                                                 {"base": str(start), "grounding": str(grounding)})
+                                                 {k: str(v) for k, v in inputs.items()}, model_config, family.name)
     loop = LoopConfig(
         recipe=family.recipe,
-        recipe_config={"spec": to_dict(spec), "data_dir": str(data_dir), "base": str(start),
-                       "grounding": str(grounding) if grounding else None},
+        # the family's model config as resolved now: a recipe may apply its training options to the loaded model
+        recipe_config={"spec": to_dict(spec), "data_dir": str(data_dir), **inputs, "model": to_dict(model_config)},
         out_dir=str(out), epochs=spec.epochs, micro_batch=spec.micro_batch, grad_accum=spec.grad_accum, lr=spec.lr,
         betas=tuple(spec.betas), weight_decay=spec.weight_decay, warmup_ratio=spec.warmup_ratio,
         grad_clip=spec.grad_clip, zero_stage=spec.zero_stage, use_gpu=torch.cuda.is_available(), seed=spec.seed,

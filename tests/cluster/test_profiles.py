@@ -19,7 +19,7 @@ def cluster_env(monkeypatch):
     return monkeypatch
 
 
-def test_local_profile_is_mlflow_yaml_and_the_state_folder(home):
+def test_local_profile_is_mlflow_yaml_and_the_state_folder(cluster_env, home):
     from medplib.data.versioning import remote_config
 
     ctx = RunContext.resolve(home=home)
@@ -27,6 +27,8 @@ def test_local_profile_is_mlflow_yaml_and_the_state_folder(home):
     assert ctx.tracking.tracking_uri == f"sqlite:///{home.root.resolve()}/mlflow.db" and ctx.tracking.auth is False
     assert remote_config(home, ctx.profile.dvc) == remote_config(home) == {"url": str(home.dvc_remote)}
     assert ctx.profile.ray_address is None
+    cluster_env.setenv("MEDPLIB_RAY_ADDRESS", "127.0.0.1:6380")  # a Ray already running on this machine
+    assert RunContext.resolve(home=home).profile.ray_address == "127.0.0.1:6380"
 
 
 def test_cluster_profile_switches_every_service(cluster_env, home):

@@ -1,7 +1,8 @@
 """Faults (issue 9): two pipelines run at once against the same state folder (one MLflow database, one DVC remote,
 one Prefect home), each on its own project. One-stage pipelines: the race is in the shared stores, not in how long
-each trains. Both finish; they register distinct versions, each with its own
-lineage and its own stage folders; the shared stores stay readable and consistent."""
+each trains. Both train on the session's Ray (`MEDPLIB_RAY_ADDRESS`) and report to the session's Prefect server, as
+a team's pipelines share a cluster: neither starts its own. Both finish; they register distinct versions, each with
+its own lineage and its own stage folders; the shared stores stay readable and consistent."""
 from __future__ import annotations
 
 import json
@@ -23,8 +24,13 @@ BIN = Path(sys.executable).parent
 
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
-def test_two_pipelines_at_once_on_one_home(home, tmp_path: Path):
-    env = {**os.environ, "MEDPLIB_HOME": str(home.root), "PYTHONPATH": str(REPO_ROOT)}
+def test_two_pipelines_at_once_on_one_home(ray_home, prefect_harness, tmp_path: Path):
+    import ray
+    from prefect.settings import PREFECT_API_URL
+
+    home = ray_home
+    env = {**os.environ, "MEDPLIB_HOME": str(home.root), "PYTHONPATH": str(REPO_ROOT),
+           "MEDPLIB_RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PREFECT_API_URL": PREFECT_API_URL.value()}
     procs = {}
     for name, seed in (("a", 1), ("b", 2)):
         project = tmp_path / name
@@ -32,8 +38,8 @@ def test_two_pipelines_at_once_on_one_home(home, tmp_path: Path):
         small = tmp_path / f"{name}.yaml"
         small.write_text(f"data:\n  synth_n: 16\n  synth_seed: {seed}\n")  # different data: different versions
         procs[name] = (project, subprocess.Popen(
-            [str(BIN / "medplib"), "pipeline", "--json", "--config", str(small), "--stages", "1", "--epochs", "1", "--retries", "0",
-             "--workers", "1", "--project", str(project)],
+            [str(BIN / "medplib"), "pipeline", "--json", "--config", str(small), "--stages", "1", "--epochs", "1",
+             "--retries", "0", "--workers", "1", "--project", str(project)],
             cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     summaries = {}
     for name, (project, p) in procs.items():

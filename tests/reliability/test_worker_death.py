@@ -25,8 +25,7 @@ def test_a_killed_worker_resumes_and_matches_the_undisturbed_run(toy_clean_run, 
     clean_dir, _ = toy_clean_run  # the session's undisturbed run of the same stage
     marker = tmp_path / "killed"
     run_stage(LoopConfig(**TOY_BASE, out_dir=str(tmp_path / "killed-run"),
-                         extra={"fail_once_at_step": 25, "fail_marker": str(marker), "fail_kind": "kill",
-                                "fail_rank": 1}),
+                         extra={"fail_once_at_step": 25, "fail_marker": str(marker), "fail_rank": 1}),
               ray_home, "worker-killed", workers=2, max_failures=1)
     assert marker.read_text() == "25"  # rank 1 did die at step 25
 

@@ -63,6 +63,19 @@ class Reader:
         return self.stage.__module__
 
 
+def stage_by_converting(kind: str, convert: Callable[[Path, Path], list[RecordError]]
+                        ) -> Callable[[Path | None, StagingContext], Staged]:
+    """The `stage` of a kind that has a `convert`: convert the folder into a fresh staging folder of its own. The
+    function counts as `convert`'s module's (`Reader.module`, whose source the ingest cache key hashes)."""
+    def stage(path: Path | None, ctx: StagingContext) -> Staged:
+        out = ctx.fresh_dir(kind, str(path))
+        out.mkdir(parents=True)
+        return out, convert(path, out), kind
+
+    stage.__module__ = convert.__module__
+    return stage
+
+
 _READERS: dict[str, Reader] = {}
 
 

@@ -44,7 +44,7 @@ from PIL import Image
 
 from medplib import tasks
 from medplib.data.images import link_or_copy
-from medplib.data.readers import Reader, Staged, StagingContext, register
+from medplib.data.readers import Reader, register, stage_by_converting
 from medplib.data.readers.dicom import first_line, safe_name
 from medplib.data.schema import MODALITIES, RecordError, modality_from_filename
 from medplib.data.synth import write_records
@@ -285,11 +285,6 @@ def convert_lvit(src: Path, out: Path) -> list[RecordError]:
     return errors
 
 
-def stage_lvit(path: Path | None, ctx: StagingContext) -> Staged:
-    out = ctx.fresh_dir(KIND, str(path))
-    out.mkdir(parents=True)
-    return out, convert_lvit(path, out), KIND
-
 
 class _FixedDateZip(zipfile.ZipFile):
     """A zip whose members carry one fixed date, so the same sheet is the same bytes (the synthetic generator's
@@ -337,5 +332,6 @@ def write_lvit_synth(root: Path, folder: Path, files: dict[str, list[dict]]) -> 
         write_sheet(sheet, [(row["Image"], row["Description"]) for row in rows])
 
 
-register(Reader(KIND, stage_lvit, describe="LViT layout (QaTa-COV19, MosMedData+): {Train,Val,Test}_Folder/{img,"
-                                           "labelcol,*_text.xlsx}", convert=convert_lvit, write_synth=write_lvit_synth))
+register(Reader(KIND, stage_by_converting(KIND, convert_lvit), convert=convert_lvit,
+                write_synth=write_lvit_synth,
+                describe="LViT layout (QaTa-COV19, MosMedData+): {Train,Val,Test}_Folder/{img,labelcol,*_text.xlsx}"))

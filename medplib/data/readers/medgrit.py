@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 
 from medplib import tasks
 from medplib.data import boxes
-from medplib.data.readers import Reader, Staged, StagingContext, register
+from medplib.data.readers import Reader, register, stage_by_converting
 from medplib.data.images import link_or_copy
 from medplib.data.schema import IMAGE_TOKEN, MODALITIES, RecordError, modality_from_filename
 from medplib.data.synth import write_records
@@ -182,11 +182,7 @@ def write_medgrit_synth(root: Path, folder: Path, files: dict[str, list[dict]]) 
         write_records(folder / rel, records)
 
 
-def stage_medgrit(path: Path | None, ctx: StagingContext) -> Staged:
-    out = ctx.fresh_dir(KIND, str(path))
-    out.mkdir(parents=True)
-    return out, convert_medgrit(path, out), KIND
 
-
-register(Reader(KIND, stage_medgrit, describe="Med-GRIT-270k (BiRD): JSON lists of [user, assistant] pairs + images/",
-                convert=convert_medgrit, write_synth=write_medgrit_synth))
+register(Reader(KIND, stage_by_converting(KIND, convert_medgrit), convert=convert_medgrit,
+                write_synth=write_medgrit_synth,
+                describe="Med-GRIT-270k (BiRD): JSON lists of [user, assistant] pairs + images/"))

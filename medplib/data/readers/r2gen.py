@@ -3,8 +3,8 @@
 Layout: `DIR/annotation.json` = `{"train": [...], "val": [...], "test": [...]}`, each record `{"id", "report",
 "image_path": [view, ...], "split"}` with the views relative to `DIR/images/`. IU X-Ray: two views (`<id>/0.png`,
 `<id>/1.png`); MIMIC-CXR: one `.jpg` and the record's `subject_id` / `study_id` besides.
-- One report record per annotation record, modality x, for the registered task whose `source_codes["iuxray"]` is
-  "report" (its `question` is asked; the report, trimmed, is the answer). The first view is the query image, a
+- One report record per annotation record, modality x, for the one registered task with a `source_codes["iuxray"]`
+  (its `question` is asked; the report, trimmed, is the answer). The first view is the query image, a
   second one its context image (`Record.context`).
 - Split: the list the record is in (R2Gen reads `ann[split]`; the record's own `split` field is not consulted);
   `val` is staged as the validation split, and ingest keeps it rather than carving one from train.
@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 
 from medplib import tasks
 from medplib.data.images import ImageReadError, link_or_copy, read_image, write_png
-from medplib.data.readers import Reader, Staged, StagingContext, register
+from medplib.data.readers import Reader, register, stage_by_converting
 from medplib.data.schema import IMAGE_TOKEN, RecordError, path_problem
 from medplib.progress import track
 
@@ -126,9 +126,11 @@ def convert_r2gen(src: Path, out: Path) -> list[RecordError]:
         raise FileNotFoundError(f"R2Gen source {src} has no {ANNOTATION}")
     if not (src / "images").is_dir():
         raise FileNotFoundError(f"R2Gen source {src} has no images/ folder")
-    task = tasks.for_source(KIND).get("report")
-    if task is None:
-        raise ValueError(f"No registered task takes R2Gen reports (a task with source_codes['{KIND}'] = 'report')")
+    by_code = tasks.for_source(KIND)  # R2Gen holds one kind of record: the task that claims the source takes them all
+    if len(by_code) != 1:
+        raise ValueError(f"R2Gen records are of one kind, so exactly one registered task may set "
+                         f"source_codes['{KIND}']; found {len(by_code)}: {sorted(t.name for t in by_code.values())}")
+    task = next(iter(by_code.values()))
     try:
         data = json.loads((src / ANNOTATION).read_bytes().decode("utf-8", errors="replace"))
     except json.JSONDecodeError as e:
@@ -174,11 +176,7 @@ def write_r2gen_synth(root: Path, folder: Path, files: dict[str, list[dict]]) ->
         write_annotation(folder / rel, records)
 
 
-def stage_r2gen(path: Path | None, ctx: StagingContext) -> Staged:
-    out = ctx.fresh_dir(KIND, str(path))
-    out.mkdir(parents=True)
-    return out, convert_r2gen(path, out), KIND
 
-
-register(Reader(KIND, stage_r2gen, describe="IU X-Ray / MIMIC-CXR in R2Gen's layout: annotation.json + images/",
-                convert=convert_r2gen, write_synth=write_r2gen_synth))
+register(Reader(KIND, stage_by_converting(KIND, convert_r2gen), convert=convert_r2gen,
+                write_synth=write_r2gen_synth,
+                describe="IU X-Ray / MIMIC-CXR in R2Gen's layout: annotation.json + images/"))
