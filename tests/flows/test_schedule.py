@@ -4,7 +4,7 @@ watched MeCoVQA folder, and each new data version is trained once. `medplib data
 event, the trigger runs the deployment: one retrain, which the gate rejects (a one-step model is below the first
 champion's floor); the next cron tick does not retrain; newer data in the folder: the next tick retrains once;
 `medplib retrain --force`: a retrain of the same version. The retrains are as small as the pipeline goes (16 images,
-stage I, one step, one worker).
+stage I, one step, one worker, on the session's Ray).
 The test does not wait for midnight: a tick is a backfill of the cron over one past midnight (the server schedules
 the same auto-scheduled run its scheduler service would, due at once); each tick takes another day."""
 from __future__ import annotations
@@ -118,7 +118,10 @@ class Served:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
-def test_data_triggered_deployment_trains_each_new_version_once(home, project, tmp_path: Path):
+def test_data_triggered_deployment_trains_each_new_version_once(ray_home, project, tmp_path: Path):
+    import ray
+
+    home = ray_home
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     # the server starts (10-20 s) while the test writes its data
@@ -139,7 +142,8 @@ def test_data_triggered_deployment_trains_each_new_version_once(home, project, t
 
         new_data(seed=1)
         registry = Registry(load_tracking_config().resolved(home))
-        env = _env(home.root, PREFECT_API_URL=api)
+        # the runs train on the session's Ray (as on a cluster's): none starts its own
+        env = _env(home.root, PREFECT_API_URL=api, MEDPLIB_RAY_ADDRESS=ray.get_runtime_context().gcs_address)
         deadline = time.monotonic() + 180
         while True:
             try:
