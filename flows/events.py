@@ -35,12 +35,13 @@ def emit_data_ingested(result: dict, project: Path, source: str, previous: str |
     configured (PREFECT_API_URL unset: an ephemeral API would start just to drop the event)."""
     if result["version"] == previous or not PREFECT_API_URL.value():
         return None
+    source = source_spec(source)
     event = emit_event(
         DATA_INGESTED,
         resource={"prefect.resource.id": f"medplib.dataset.{result['version']}",
                   "prefect.resource.name": f"dataset {result['version']}",
-                  "medplib.project": str(Path(project).resolve()), "medplib.source": source_spec(source)},
-        payload={"version": result["version"], "previous_version": previous, "source": source_spec(source),
+                  "medplib.project": str(Path(project).resolve()), "medplib.source": source},
+        payload={"version": result["version"], "previous_version": previous, "source": source,
                  **{k: result[k] for k in ("total", "valid", "quarantined")}})
     EventsWorker.drain_all(timeout=30, at_exit=False)  # sent before the command returns, not at interpreter exit
     return None if event is None else str(event.id)

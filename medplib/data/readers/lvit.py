@@ -285,7 +285,6 @@ def convert_lvit(src: Path, out: Path) -> list[RecordError]:
     return errors
 
 
-
 class _FixedDateZip(zipfile.ZipFile):
     """A zip whose members carry one fixed date, so the same sheet is the same bytes (the synthetic generator's
     promise); openpyxl would stamp each member with the time of writing (or its temporary file's)."""

@@ -182,7 +182,6 @@ def write_medgrit_synth(root: Path, folder: Path, files: dict[str, list[dict]]) 
         write_records(folder / rel, records)
 
 
-
 register(Reader(KIND, stage_by_converting(KIND, convert_medgrit), convert=convert_medgrit,
                 write_synth=write_medgrit_synth,
                 describe="Med-GRIT-270k (BiRD): JSON lists of [user, assistant] pairs + images/"))

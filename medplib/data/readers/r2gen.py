@@ -13,7 +13,7 @@ Layout: `DIR/annotation.json` = `{"train": [...], "val": [...], "test": [...]}`,
   object, a report that is missing or empty, `image_path` not a list of one or two paths, a view path that leaves
   `images/` (absolute, `..`, or through a link), a view file missing, a view that is not a PNG and cannot be
   decoded; a top-level key that is not a split R2Gen reads, and whatever the task's record check rejects.
-- Staged in the MeCoVQA layout under the home (the task's files, e.g. `val/R2Gen_report_val.json`); a view
+- Staged in the MeCoVQA layout under the home (in the claiming task's files, one per split); a view
   `<dir>/<name>.<ext>` becomes `images/<dir>/x_<name>.png` (the `x_` prefix names the modality): a PNG hard-linked
   (copied across file systems), any other format (MIMIC-CXR's JPEG) decoded and written as PNG.
 """
@@ -35,6 +35,7 @@ KIND = "iuxray"
 ANNOTATION = "annotation.json"
 SPLITS = {"train": "train", "val": "val", "test": "test"}  # R2Gen's split lists → ours
 MAX_VIEWS = 2  # IU X-Ray's frontal and lateral
+TEXT_FIELD = "report"  # the annotation record's key for its findings text (R2Gen's name, not a task's)
 
 
 def staged_image(view: str) -> str:
@@ -96,12 +97,13 @@ def _source_id(raw: dict, where: str) -> str:
 def read_record(raw: object, where: str, task: tasks.Task, views: _Views) -> dict:
     """The staged MeCoVQA record of one R2Gen record, or a RecordError saying why not."""
     if not isinstance(raw, dict):
-        raise RecordError(where, "record", raw, "expected {'id', 'report', 'image_path': [view, ...], 'split'}")
-    report = raw.get("report")
+        raise RecordError(where, "record", raw, f"expected {{'id', '{TEXT_FIELD}', 'image_path': [view, ...], "
+                                                "'split'}")
+    report = raw.get(TEXT_FIELD)
     if not isinstance(report, str):
-        raise RecordError(where, "report", report, "expected the report text")
+        raise RecordError(where, TEXT_FIELD, report, "expected the report text")
     if not report.strip():
-        raise RecordError(where, "report", report, "empty report")
+        raise RecordError(where, TEXT_FIELD, report, "empty report")
     paths = raw.get("image_path")
     if not isinstance(paths, list) or not 1 <= len(paths) <= MAX_VIEWS:
         raise RecordError(where, "image_path", paths, f"expected a list of 1 to {MAX_VIEWS} view paths "
@@ -110,7 +112,7 @@ def read_record(raw: object, where: str, task: tasks.Task, views: _Views) -> dic
     turns = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{task.question}"}, {"from": "gpt", "value": report.strip()}]
     problem = task.check(turns, [], [])
     if problem is not None:
-        raise RecordError(where, "report", *problem)
+        raise RecordError(where, TEXT_FIELD, *problem)
     for view in paths:
         views.link(view)
     record = {"id": _source_id(raw, where), "image": staged[0], "answer_type": "open", "conversations": turns}
@@ -170,11 +172,10 @@ def write_annotation(path: Path, records: list[dict]) -> None:
 
 def write_r2gen_synth(root: Path, folder: Path, files: dict[str, list[dict]]) -> None:
     """Write synthetic R2Gen files into `folder` (`Reader.write_synth`): each an `annotation.json` of the records
-    given for it; their views are already under `folder/images/` (the report task's `synth_images` made them)."""
+    given for it; their views are already under `folder/images/` (the claiming task's `synth_images` made them)."""
     for rel, records in sorted(files.items()):
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         write_annotation(folder / rel, records)
-
 
 
 register(Reader(KIND, stage_by_converting(KIND, convert_r2gen), convert=convert_r2gen,
