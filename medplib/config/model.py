@@ -126,6 +126,29 @@ class MoEConfig:
 
 
 @dataclass
+class TISRConfig:
+    """TISR's plug-in (REFERENCE §6): textual inversion maps the image to `num_pseudo_words` embeddings in the LLM's
+    input space, put before the prompt; self-supervised refinement pulls them toward the answer text's embedding
+    with an image–text contrastive loss (weight `refine_weight`, temperature `temperature`) on the samples of
+    `refine_tasks` (the reports). Off by default; a model that has it keeps it (it is saved with the weights)."""
+
+    enabled: bool = False
+    num_pseudo_words: int = 4
+    refine_weight: float = 0.1
+    temperature: float = 0.07
+    refine_tasks: tuple[str, ...] = ("report",)
+    seed: int = 0  # the plug-in's init when it is attached to a model that was trained without it
+
+    def validate(self, prefix: str = "") -> None:
+        if self.num_pseudo_words < 1:
+            raise ConfigError(f"Config key '{prefix}num_pseudo_words' = {self.num_pseudo_words} must be >= 1")
+        if self.refine_weight < 0:
+            raise ConfigError(f"Config key '{prefix}refine_weight' = {self.refine_weight} must be >= 0")
+        if self.temperature <= 0:
+            raise ConfigError(f"Config key '{prefix}temperature' = {self.temperature} must be > 0")
+
+
+@dataclass
 class ModelConfig:
     """The composed MedPLIB model: CLIP tower, projector, LLaMA (+MoE), region adapter, SAM grounding path."""
 
@@ -133,6 +156,7 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     sam: SamConfig = field(default_factory=SamConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    tisr: TISRConfig = field(default_factory=TISRConfig)  # the report plug-in (off unless enabled)
     projector: str = "mlp2x_gelu"
     region_max_points: int = 512
     point_prompt_size: int = 41  # side of the square a point prompt becomes, at 336 px

@@ -85,6 +85,7 @@ class StageSpec:
 NORMS = "llm.*norm*"
 EMBED = ("llm.model.embed_tokens.*", "llm.lm_head.*")
 GROUNDING = ("sam.mask_decoder.*", "text_hidden_fcs.*")
+TISR = "tisr.*"  # TISR's plug-in, when the model has it (config model.tisr): trains with the VL data
 
 
 def full_stages() -> dict[int, StageSpec]:
@@ -92,13 +93,14 @@ def full_stages() -> dict[int, StageSpec]:
     return {
         1: StageSpec(1, "align", tasks=("alignment",), train=("projector.*",), lr=1e-3, epochs=1, max_len=2048),
         2: StageSpec(2, "vl_expert", tasks=("vl",),
-                     train=("projector.*", "region_encoder.*", NORMS, *EMBED), lora=LoraSpec(16, 32, 0.05, LLM_ALL),
+                     train=("projector.*", "region_encoder.*", NORMS, *EMBED, TISR),
+                     lora=LoraSpec(16, 32, 0.05, LLM_ALL),
                      lr=1e-4, epochs=3, max_len=2048, gradient_checkpointing=True),
         3: StageSpec(3, "grounding_expert", tasks=("pixel",), train=GROUNDING, lora=LoraSpec(8, 16, 0.05, FFN),
                      loss=LossSpec(ce=1.0, bce=1.0, dice=5.0), lr=3e-4, epochs=10, max_len=2048,
                      gradient_checkpointing=True),
         4: StageSpec(4, "moe", tasks=("vl", "pixel"),
-                     train=("*.router.*", *EMBED, *GROUNDING, "region_encoder.*"),
+                     train=("*.router.*", *EMBED, *GROUNDING, "region_encoder.*", TISR),
                      lora=LoraSpec(8, 16, 0.05, ("gate_proj", "up_proj", "down_proj", "q_proj", "v_proj")),
                      loss=LossSpec(ce=1.0, bce=2.0, dice=0.5), lr=3e-4, epochs=3, max_len=1024,
                      gradient_checkpointing=True),
@@ -123,15 +125,15 @@ def tiny_stages() -> dict[int, StageSpec]:
     cpu = dict(micro_batch=16, grad_accum=1, max_len=512, warmup_ratio=0.05, checkpoint_every=50)
     return {
         1: StageSpec(1, "align", tasks=("alignment", "vqa"),
-                     train=("vision_tower.*", "projector.*", "llm.*"), lr=2e-3, epochs=1, **cpu),
+                     train=("vision_tower.*", "projector.*", "llm.*", TISR), lr=2e-3, epochs=1, **cpu),
         2: StageSpec(2, "vl_expert", tasks=("vl",),
-                     train=("vision_tower.*", "projector.*", "region_encoder.*", NORMS, *EMBED),
+                     train=("vision_tower.*", "projector.*", "region_encoder.*", NORMS, *EMBED, TISR),
                      lora=LoraSpec(16, 32, 0.0, LLM_ALL), lr=2e-3, epochs=4, **cpu),
         3: StageSpec(3, "grounding_expert", tasks=("pixel",), train=(*GROUNDING, "sam.*"),
                      lora=LoraSpec(8, 16, 0.0, FFN), loss=LossSpec(ce=1.0, bce=1.0, dice=5.0), lr=1e-3, epochs=14,
                      **{**cpu, "micro_batch": 8}),
         4: StageSpec(4, "moe", tasks=("vl", "pixel"),
-                     train=("*.router.*", *EMBED, *GROUNDING, "region_encoder.*"),
+                     train=("*.router.*", *EMBED, *GROUNDING, "region_encoder.*", TISR),
                      lora=LoraSpec(8, 16, 0.0, ("gate_proj", "up_proj", "down_proj", "q_proj", "v_proj")),
                      loss=LossSpec(ce=1.0, bce=2.0, dice=0.5), lr=1e-3, epochs=1, **cpu),
     }

@@ -4,6 +4,7 @@ CLIP vision tower → `mlp2x_gelu` projector → image features scattered into t
 pixel prompts → patch-grid pooling → region adapter → one embedding per `<region>`;
 LLaMA (every MLP optionally a top-1 MoE) → answer tokens; last hidden state at `<SEG>` → `text_hidden_fcs` →
 SAM sparse prompt → SAM mask decoder (single mask) on the SAM image encoder's embedding.
+Optional: TISR's plug-in (`model.tisr`, medplib/model/tisr.py) puts pseudo-words from the image before the prompt.
 """
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ from transformers import (
 from transformers.initialization import no_init_weights
 
 from medplib.config.base import from_dict, to_dict
-from medplib.config.model import ModelConfig
+from medplib.config.model import ModelConfig, TISRConfig
 from medplib.data.torch_dataset import (
     CLIP_MEAN, CLIP_STD, SAM_MEAN, SAM_STD, preprocess_image, preprocess_mask, unsquare,
 )
 from medplib.model.losses import IGNORE_INDEX, LossWeights, answer_cross_entropy, mask_bce, soft_dice_loss
 from medplib.model.moe import MoEFeedForward, upcycle
 from medplib.model.prompts import PromptError, freeform_prompt_mask
+from medplib.model.tisr import TextualInversion, prepend, refine_rows, refinement_loss, text_embedding
 from medplib.model.tokenizer import IMAGE_TOKEN, REGION_TOKEN, MedTokenizer
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "tokenizer"
@@ -153,6 +155,7 @@ class MedPLIBOutput:
     mask_bce: torch.Tensor | None = None
     mask_dice: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    tisr_loss: torch.Tensor | None = None  # TISR's refinement loss (with the plug-in, on a batch with 2+ reports)
     logits: torch.Tensor | None = None  # (B, L, V), only without labels
     mask_logits: torch.Tensor | None = None  # (S, Ss, Ss), one per <SEG> in row-major order
     seg_batch_index: torch.Tensor | None = None  # (S,) sample of each mask
@@ -186,6 +189,9 @@ class MedPLIB(nn.Module):
         self.text_hidden_fcs = nn.Sequential(nn.Linear(config.llm.hidden_size, config.llm.hidden_size), nn.ReLU(),
                                              nn.Linear(config.llm.hidden_size, config.sam.hidden_size))
         self.sam = sam or SamModel(sam_config(config))
+        self.tisr: TextualInversion | None = None
+        if config.tisr.enabled:
+            self.attach_tisr(config.tisr)
         if config.moe.num_experts > 1:  # a fresh or loaded MoE model: experts start as copies of the dense FFN
             self._to_moe([[layer.mlp for layer in self.layers]] * config.moe.num_experts)
         if config.vision.freeze:
@@ -196,6 +202,29 @@ class MedPLIB(nn.Module):
     @property
     def layers(self) -> nn.ModuleList:
         return self.llm.model.layers
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.llm.get_input_embeddings()
+
+    def attach_tisr(self, config: TISRConfig) -> None:
+        """Add TISR's plug-in (a new, seeded textual-inversion module) to this model; it is saved with it."""
+        if self.tisr is not None:
+            raise ValueError("The model already has TISR's plug-in")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.tisr = TextualInversion(self.config.vision.hidden_size, self.config.llm.hidden_size,
+                                         config.num_pseudo_words)
+        self.tisr.to(next(self.projector.parameters()).dtype)
+        self.config.tisr = copy.deepcopy(config)
+        self.config.tisr.enabled = True
+
+    def _with_pseudo_words(self, patch_features: torch.Tensor, embeds: torch.Tensor,
+                           attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """With TISR's plug-in: the pseudo-words before the prompt (embeddings, mask, the pseudo-words)."""
+        if self.tisr is None:
+            return embeds, attention_mask, None
+        pseudo = self.tisr(patch_features)
+        return *prepend(pseudo, embeds, attention_mask), pseudo
 
     # --- inputs ----------------------------------------------------------------------------------------------
     def embed_inputs(self, input_ids: torch.Tensor, patch_features: torch.Tensor,
@@ -254,13 +283,15 @@ class MedPLIB(nn.Module):
                 records: Sequence | None = None) -> MedPLIBOutput:
         """Teacher-forced pass; with `labels` (and `seg_masks` for `<SEG>` tokens) it returns the weighted loss.
 
-        `records` is ignored: it lets a collated batch be passed as `model(**batch)`.
+        `records` (a collated batch's) name each sample's task: TISR's refinement reads the reports among them.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         patch_features = self.vision_tower(pixel_values)
         embeds = self.embed_inputs(input_ids, patch_features, region_masks, region_batch_index)
-        hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        embeds, full_mask, pseudo = self._with_pseudo_words(patch_features, embeds, attention_mask)
+        hidden = self.llm.model(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
+        hidden = hidden[:, embeds.shape[1] - input_ids.shape[1]:]  # the prompt's positions (after any pseudo-words)
         out = MedPLIBOutput()
 
         seg_positions = (input_ids == self.tokenizer.seg_token_id) & attention_mask.bool()
@@ -288,6 +319,12 @@ class MedPLIB(nn.Module):
             out.mask_bce = mask_bce(out.mask_logits, seg_masks)
             out.mask_dice = soft_dice_loss(out.mask_logits, seg_masks)
             loss = loss + loss_weights.bce * out.mask_bce + loss_weights.dice * out.mask_dice
+        if pseudo is not None and self.config.tisr.refine_weight > 0:
+            rows = refine_rows(records, self.config.tisr, len(input_ids)).to(pseudo.device)
+            out.tisr_loss = refinement_loss(pseudo[rows], text_embedding(self, labels[rows]),
+                                            self.config.tisr.temperature)
+            if out.tisr_loss is not None:
+                loss = loss + self.config.tisr.refine_weight * out.tisr_loss
         moe = self.moe_layers()
         if moe and self.config.moe.aux_loss_weight > 0:
             out.aux_loss = torch.stack([m.aux_loss for m in moe]).mean()
@@ -332,10 +369,12 @@ class MedPLIB(nn.Module):
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)  # left padding
         attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
+        patch_features = self.vision_tower(pixel_values)
         embeds = self.embed_inputs(
-            input_ids, self.vision_tower(pixel_values),
+            input_ids, patch_features,
             torch.stack(region_masks).to(device) if region_masks else None,
             torch.tensor(region_index, device=device) if region_masks else None)
+        embeds, attention_mask, _ = self._with_pseudo_words(patch_features, embeds, attention_mask)
 
         batch = len(images)
         positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)

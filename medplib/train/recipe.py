@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from medplib.config import from_dict
+from medplib.config.model import TISRConfig
 from medplib.tasks import resolve
 from medplib.data.torch_dataset import MedDataset, collate as collate_samples
 from medplib.model import LossWeights, MedPLIB
@@ -14,10 +15,14 @@ from medplib.train.lora import apply_lora, merge_lora, set_trainable
 from medplib.config.stages import StageSpec
 
 
-def build_stage_model(spec: StageSpec, base: Path, grounding: Path | None = None) -> MedPLIB:
+def build_stage_model(spec: StageSpec, base: Path, grounding: Path | None = None,
+                      tisr: TISRConfig | None = None) -> MedPLIB:
     """Stage I–III: the previous stage's folder (LoRA already merged). Stage IV: MedPLIB's upcycling, expert 0 =
-    the grounding model's FFNs (stage III), expert 1 = the VL model's (stage II), grounding path from stage III."""
+    the grounding model's FFNs (stage III), expert 1 = the VL model's (stage II), grounding path from stage III.
+    `tisr` enabled (the config's `model.tisr`) and a base without TISR's plug-in: the plug-in is attached."""
     model = MedPLIB.from_pretrained(base)
+    if tisr is not None and tisr.enabled and model.tisr is None:
+        model.attach_tisr(tisr)
     if spec.stage == 4:
         if grounding is None:
             raise ValueError("Stage 4 needs the grounding expert (stage 3 output) as well as stage 2's model")
@@ -41,10 +46,12 @@ class StageRecipe:
         self.data_dir = Path(config["data_dir"])
         self.base = Path(config["base"])
         self.grounding = Path(config["grounding"]) if config.get("grounding") else None
+        tisr = (config.get("model") or {}).get("tisr")
+        self.tisr = from_dict(TISRConfig, tisr, "model.tisr.") if tisr else None
         self.model: MedPLIB | None = None
 
     def build_model(self) -> MedPLIB:
-        self.model = build_stage_model(self.spec, self.base, self.grounding)
+        self.model = build_stage_model(self.spec, self.base, self.grounding, self.tisr)
         return self.model
 
     def train_dataset(self) -> MedDataset:
@@ -71,6 +78,8 @@ class StageRecipe:
         parts = {"ce": float(out.ce_loss.detach())}
         if out.mask_bce is not None:
             parts |= {"bce": float(out.mask_bce.detach()), "dice_loss": float(out.mask_dice.detach())}
+        if out.tisr_loss is not None:
+            parts["tisr"] = float(out.tisr_loss.detach())
         return loss, parts
 
     def save(self, module: MedPLIB, out_dir: Path) -> None:
