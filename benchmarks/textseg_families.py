@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -23,7 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from medplib.config import RunContext  # noqa: E402
-from medplib.eval.compare import compare_segmenters, comparison_markdown  # noqa: E402
+from medplib.eval.compare import (  # noqa: E402
+    comparison_markdown, comparison_run, compare_segmenters, log_comparison,
+)
 
 
 def main() -> None:
@@ -34,9 +35,6 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--task", default="textseg")
     args = parser.parse_args()
-
-    import pandas as pd
-    from mlflow.entities import Metric
 
     from medplib.data.versioning import read_version
     from medplib.registry import Registry
@@ -54,24 +52,12 @@ def main() -> None:
     table = comparison_markdown(rows, args.split, args.task)
     print(table)
 
-    client = registry.client
-    run = client.create_run(registry.experiment_id(), run_name="textseg-families",
-                            tags={"medplib.kind": "comparison",
-                                  "medplib.data_version": read_version(ctx.project) or "unversioned",
-                                  "medplib.split": args.split, "medplib.task": args.task})
-    run_id, status = run.info.run_id, "FAILED"
-    try:
+    tags = {"medplib.data_version": read_version(ctx.project) or "unversioned", "medplib.split": args.split,
+            "medplib.task": args.task}
+    with comparison_run(registry, "textseg-families", tags) as run_id:
         for i, item in enumerate(args.model):
-            client.log_param(run_id, f"model.{i}", item[:6000])
-        client.log_table(run_id, pd.DataFrame(rows), "textseg_families.json")
-        client.log_text(run_id, table, "textseg_families.md")
-        # MLflow metric names: letters, digits, _ - . space : / only
-        metrics = [Metric(f"{re.sub(r'[^A-Za-z0-9_. -]+', '_', r['model']).strip('_')}.{k}", float(v), 0, 0)
-                   for r in rows for k, v in r.items() if k != "model"]
-        client.log_batch(run_id, metrics=metrics)
-        status = "FINISHED"
-    finally:
-        client.set_terminated(run_id, status=status)
+            registry.client.log_param(run_id, f"model.{i}", item[:6000])
+        log_comparison(registry.client, run_id, rows, "textseg_families", table, key="model")
     print(json.dumps({"mlflow_run_id": run_id, "rows": rows, "load_1min": os.getloadavg()[0]}))
 
 

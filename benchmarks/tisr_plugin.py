@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from medplib.config import RunContext  # noqa: E402
+from medplib.eval.compare import comparison_run, log_comparison  # noqa: E402
 
 METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
 
@@ -78,33 +79,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
-    import pandas as pd
-    from mlflow.entities import Metric
-
     from medplib.data.versioning import read_version
     from medplib.registry import Registry
 
     ctx = RunContext.resolve(home=args.home, project=args.project)
     ctx = ctx.with_data_version(read_version(ctx.project))
     registry = Registry(ctx.tracking)
-    client = registry.client
-    run = client.create_run(registry.experiment_id(), run_name="tisr-plugin",
-                            tags={"medplib.kind": "comparison", "medplib.data_version": ctx.data_version or "unversioned",
-                                  "medplib.task": "report"})
-    run_id, status = run.info.run_id, "FAILED"
-    try:
-        client.log_param(run_id, "epochs", args.epochs)
-        client.log_param(run_id, "base", str(args.base or "stage I trained here"))
+    tags = {"medplib.data_version": ctx.data_version or "unversioned", "medplib.task": "report"}
+    with comparison_run(registry, "tisr-plugin", tags) as run_id:
+        registry.client.log_param(run_id, "epochs", args.epochs)
+        registry.client.log_param(run_id, "base", str(args.base or "stage I trained here"))
         rows = compare(ctx, run_id, args.base, args.epochs, args.workers)
         tables = "\n\n".join(markdown(rows, split) for split in ("val", "test"))
         print(tables)
-        client.log_table(run_id, pd.DataFrame(rows), "tisr_plugin.json")
-        client.log_text(run_id, tables, "tisr_plugin.md")
-        client.log_batch(run_id, metrics=[Metric(f"{r['tisr']}.{k}", float(v), 0, 0) for r in rows
-                                          for k, v in r.items() if isinstance(v, (int, float)) and k != "tisr"])
-        status = "FINISHED"
-    finally:
-        client.set_terminated(run_id, status=status)
+        log_comparison(registry.client, run_id, rows, "tisr_plugin", tables, key="tisr")
     print(json.dumps({"mlflow_run_id": run_id, "rows": rows, "load_1min": os.getloadavg()[0]}))
 
 

@@ -3,7 +3,9 @@
 all-foreground and an empty mask) on the same targets."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import re
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -113,3 +115,31 @@ def comparison_markdown(rows: Sequence[dict], split: str, task: str) -> str:
               for r in rows]
     return "\n".join(lines) + "\n"
 
+
+
+@contextmanager
+def comparison_run(registry, name: str, tags: Mapping[str, str]) -> Iterator[str]:
+    """An MLflow run of kind `comparison` (a benchmark's side-by-side table), FINISHED when the block ends cleanly,
+    FAILED when it raises."""
+    client = registry.client
+    run_id = client.create_run(registry.experiment_id(), run_name=name,
+                               tags={"medplib.kind": "comparison", **tags}).info.run_id
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status=status)
+
+
+def log_comparison(client, run_id: str, rows: Sequence[dict], name: str, text: str, key: str) -> None:
+    """A comparison's rows as an MLflow table (`NAME.json`), its markdown (`NAME.md`) and one metric per numeric cell,
+    named `<the row's KEY value>.<column>` (cleaned to MLflow's metric-name characters)."""
+    import pandas as pd
+    from mlflow.entities import Metric
+
+    client.log_table(run_id, pd.DataFrame(list(rows)), f"{name}.json")
+    client.log_text(run_id, text, f"{name}.md")
+    label = lambda r: re.sub(r"[^A-Za-z0-9_. -]+", "_", str(r[key])).strip("_")  # noqa: E731
+    client.log_batch(run_id, metrics=[Metric(f"{label(r)}.{k}", float(v), 0, 0) for r in rows for k, v in r.items()
+                                      if k != key and isinstance(v, (int, float)) and not isinstance(v, bool)])
