@@ -21,7 +21,8 @@ def publish_model(model_dir: Path, ctx: RunContext, parent_run_id: str | None,
     stage overrides the model was trained with."""
     digest = config_digest(ctx.with_stage_overrides(stage_overrides).cfg)
     return publish(model_dir, ctx.data_dir, ctx.data_version, ctx.tracking, config_digest=digest,
-                   parent_run_id=parent_run_id, max_new_tokens=ctx.cfg.eval.max_new_tokens)
+                   parent_run_id=parent_run_id, max_new_tokens=ctx.cfg.eval.max_new_tokens, dataset=ctx.dataset(),
+                   preset=ctx.cfg.preset)
 
 
 @flow(name="evaluate")

@@ -88,7 +88,8 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
                                      ctx.model)
     parent = record.start_run(registry, f"pipeline-{summary['flow_run']}", "pipeline", request, ctx.cfg,
                               summary["data_version"], ctx.project,
-                              tags={"medplib.prefect_flow_run_id": str(summary["flow_run_id"])})
+                              tags={"medplib.prefect_flow_run_id": str(summary["flow_run_id"])},
+                              dataset=ctx.dataset())
     summary["pipeline_run_id"] = parent
     status = "FAILED"
     try:

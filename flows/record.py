@@ -12,7 +12,7 @@ import yaml
 from mlflow.entities import Metric, Param
 
 from medplib.config import Config, TrackingConfig, to_dict
-from medplib.registry import Registry
+from medplib.registry import Registry, log_dataset
 
 KIND_TAG = "medplib.kind"
 REQUEST_ARTIFACT = "pipeline/request.json"
@@ -43,8 +43,9 @@ class PipelineRequest:
 
 
 def start_run(registry: Registry, name: str, kind: str, request: PipelineRequest, cfg: Config, data_version: str,
-              project: Path, tags: dict[str, str] | None = None) -> str:
-    """Create the parent run (RUNNING) with the request, config and `data.dvc` as artifacts; returns its id."""
+              project: Path, tags: dict[str, str] | None = None, dataset: dict | None = None) -> str:
+    """Create the parent run (RUNNING) with the request, config and `data.dvc` as artifacts, and the data version as
+    its dataset input (`dataset`: `RunContext.dataset()`); returns its id."""
     client = registry.client
     run = client.create_run(registry.experiment_id(), run_name=name, tags={
         KIND_TAG: kind, "medplib.data_version": data_version, "medplib.source": request.source,
@@ -57,6 +58,7 @@ def start_run(registry: Registry, name: str, kind: str, request: PipelineRequest
     client.log_text(run_id, request.to_json(), REQUEST_ARTIFACT)
     client.log_text(run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), CONFIG_ARTIFACT)
     client.log_text(run_id, (Path(project) / "data.dvc").read_text(encoding="utf-8"), POINTER_ARTIFACT)
+    log_dataset(client, run_id, dataset, "training")
     return run_id
 
 

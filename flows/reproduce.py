@@ -87,7 +87,9 @@ def evaluate_model(model_dir: Path, ctx: RunContext, parent_run_id: str) -> dict
     report, run_id = evaluate_and_log(load_pretrained(model_dir).eval(), ctx.data_dir,
                                       ctx.data_version or read_version(ctx.project), Registry(ctx.tracking),
                                       run_name="evaluate-reproduction", model_ref=str(model_dir),
-                                      parent_run_id=parent_run_id, max_new_tokens=ctx.cfg.eval.max_new_tokens)
+                                      parent_run_id=parent_run_id, max_new_tokens=ctx.cfg.eval.max_new_tokens,
+                                      dataset=ctx.with_data_version(ctx.data_version or read_version(ctx.project))
+                                      .dataset())
     return {"metrics": dict(report.summary), "eval_run_id": run_id}
 
 
@@ -132,7 +134,8 @@ def reproduce(model_uri: str, home: Path | None = None, project: Path | None = N
         ctx = ctx.with_data_version(out["restored_data_version"])
         run_id = record.start_run(registry, f"reproduce-v{version}", "reproduce", request, ctx.cfg,
                                   out["restored_data_version"], ctx.project,
-                                  tags={"medplib.reproduces_version": version, "medplib.reproduces_run": parent_id})
+                                  tags={"medplib.reproduces_version": version, "medplib.reproduces_run": parent_id},
+                                  dataset=ctx.dataset())
         out["reproduce_run_id"] = run_id
         status = "FAILED"
         try:

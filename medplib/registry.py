@@ -63,6 +63,9 @@ TAG_ROLLED_BACK_REASON = "medplib.rollback_reason"
 TAG_RESTORED_RUN = "medplib.restored_by_run_id"
 TAG_TRAINED_DATA_VERSION = "medplib.trained_data_version"  # on a pipeline run whose training finished
 TAG_REGISTERED_MODEL = "medplib.registered_model"
+# MLflow 3's experiment kind: its UI opens a "custom model development" experiment on the training runs, not on the
+# GenAI overview (traces, tokens)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 _MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))")
 _EPS = 1e-12  # float slack so that 0.75 - 0.70 counts as a delta of 0.05
@@ -320,6 +323,16 @@ def gate(challenger: EvalMetrics, champion: EvalMetrics | None, cfg: GateConfig)
 _READY_STORES: set[tuple[str, str]] = set()
 
 
+def log_dataset(client: MlflowClient, run_id: str, dataset: dict | None, context: str) -> None:
+    """Record the data version a run used as its MLflow dataset input (`dataset`: `RunContext.dataset()`, None: no
+    version known, nothing logged); `context` ("training", "evaluation") is the input's `mlflow.data.context` tag."""
+    if not dataset:
+        return
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    client.log_inputs(run_id, [DatasetInput(Dataset(**dataset), tags=[InputTag("mlflow.data.context", context)])])
+
+
 def _client(cfg: TrackingConfig) -> MlflowClient:
     """An MlflowClient whose sqlite databases, if new, are created (migrated) under an exclusive file lock. Two
     processes opening a new database at once otherwise race in MLflow's alembic migrations ("table
@@ -473,12 +486,16 @@ class Registry:
         self.client.set_tag(run_id, TAG_TRAINED_DATA_VERSION, data_version)
 
     def experiment_id(self) -> str:
-        """The experiment's id, creating it with the configured artifact location if absent."""
+        """The experiment's id, creating it with the configured artifact location if absent; it is marked as model
+        training (`mlflow.experimentKind`)."""
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before the tag was set, or by another tool
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         try:
-            return self.client.create_experiment(self.cfg.experiment, artifact_location=self.cfg.artifact_location)
+            return self.client.create_experiment(self.cfg.experiment, artifact_location=self.cfg.artifact_location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as e:  # created meanwhile by another process
             if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
                 raise

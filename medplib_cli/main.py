@@ -485,7 +485,8 @@ def _evaluate(args, ctx: RunContext) -> int:
     report, run_id = evaluate_and_log(model, data_dir, data_version, registry, run_name="evaluate",
                                       model_ref=model_ref, splits=splits, limit=args.limit, batch_size=args.batch_size,
                                       tags={"medplib.evaluated_version": version} if version else None,
-                                      max_new_tokens=ctx.cfg.eval.max_new_tokens)
+                                      max_new_tokens=ctx.cfg.eval.max_new_tokens,
+                                      dataset=ctx.with_data_version(data_version).dataset())
     recorded = None
     if version and data_version and "val" in splits:  # the gate reads validation
         metrics = report_metrics(report, data_version, eval_split(args.limit),

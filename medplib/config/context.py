@@ -47,6 +47,15 @@ class RunContext:
 
         return get_family(self.model)
 
+    def dataset(self) -> dict | None:
+        """The data version as an MLflow dataset input (`medplib.data.versioning.dataset_record`); None before one is
+        known."""
+        if not self.data_version:
+            return None
+        from medplib.data.versioning import dataset_record
+
+        return dataset_record(self.project, self.home, self.data_version, self.profile.dvc)
+
     def with_data_version(self, version: str | None) -> "RunContext":
         return replace(self, data_version=version)
 

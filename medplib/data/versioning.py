@@ -5,8 +5,10 @@ the same hash on any machine.
 """
 from __future__ import annotations
 
+import json
 import os
 import logging
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -17,6 +19,7 @@ from medplib.config import Home
 from medplib.config.profile import DvcProfile
 
 REMOTE_NAME = "local"
+DATASET_NAME = "medplib-data"  # how MLflow runs name the dataset they used (its digest is the version)
 
 
 def _dvc_env(home: Home) -> None:
@@ -103,3 +106,24 @@ def checkout_version(project: Path, home: Home, remote: DvcProfile | None = None
     project = Path(project).resolve()
     with open_repo(project, home, remote) as repo:
         repo.pull(targets=[str(project / "data.dvc")], force=True)
+
+
+def dataset_record(project: Path, home: Home, data_version: str, remote: DvcProfile | None = None) -> dict:
+    """The DVC version of `<project>/data` as an MLflow dataset input: name, digest (the DVC hash), source (the DVC
+    remote, the path it versions, the pointer file) and profile (records per split and per task, from
+    `records.jsonl`), for `medplib.registry.log_dataset`."""
+    project = Path(project)
+    splits: Counter[str] = Counter()
+    tasks: Counter[str] = Counter()
+    records = project / "data" / "records.jsonl"
+    if records.is_file():
+        for line in records.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                r = json.loads(line)
+                splits[r.get("split", "?")] += 1
+                tasks[r.get("task", "?")] += 1
+    source = {"remote": remote_config(home, remote)["url"], "path": "data", "pointer": str(project / "data.dvc")}
+    profile = {"records": sum(splits.values()), "splits": dict(sorted(splits.items())),
+               "tasks": dict(sorted(tasks.items()))}
+    return {"name": DATASET_NAME, "digest": data_version, "source_type": "dvc", "source": json.dumps(source),
+            "profile": json.dumps(profile)}

@@ -19,8 +19,9 @@ import yaml
 from medplib import tasks
 from medplib.config import Config, TrackingConfig, to_dict
 from medplib.config.home import REPO_ROOT
+from medplib.eval.card import model_card
 from medplib.eval.runner import EvalReport, evaluate, log_report, summarise
-from medplib.registry import TAG_DECISION_RUN, TAG_EVAL_RUN, EvalMetrics, Registry, use_tracking
+from medplib.registry import TAG_DECISION_RUN, TAG_EVAL_RUN, EvalMetrics, Registry, log_dataset, use_tracking
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +96,12 @@ def _resumed_run(tracking: TrackingConfig, run_id: str) -> Iterator[None]:
 def evaluate_and_log(model, data_dir: Path, data_version: str | None, registry: Registry, *, run_name: str,
                      model_ref: str, parent_run_id: str | None = None, splits: Sequence[str] = ("val", "test", "zeroshot"),
                      limit: int | None = None, batch_size: int = 16, tags: dict[str, str] | None = None,
-                     log_model_dir: Path | None = None,
-                     max_new_tokens: Mapping[str, int] | None = None) -> tuple[EvalReport, str]:
+                     log_model_dir: Path | None = None, max_new_tokens: Mapping[str, int] | None = None,
+                     dataset: dict | None = None) -> tuple[EvalReport, str]:
     """Evaluate a loaded model into a new MLflow run (child of `parent_run_id`); with `log_model_dir`, also log
     that folder as the pyfunc `medplib` in the run; `max_new_tokens` (task → generation length, the config's
-    `eval.max_new_tokens`) over the tasks' own. Returns (report, run id); the run is FAILED on an error."""
+    `eval.max_new_tokens`) over the tasks' own; `dataset` (`RunContext.dataset()`) is the run's dataset input. Returns
+    (report, run id); the run is FAILED on an error."""
     from mlflow.entities import Param
 
     client = registry.client
@@ -114,6 +116,7 @@ def evaluate_and_log(model, data_dir: Path, data_version: str | None, registry: 
             ("model", model_ref[:6000]), ("data_dir", str(data_dir)), ("splits", ",".join(splits)),
             ("limit", limit), ("batch_size", batch_size),
             *((("max_new_tokens", json.dumps(dict(max_new_tokens), sort_keys=True)),) if max_new_tokens else ()))])
+        log_dataset(client, run_id, dataset, "evaluation")
         report = evaluate(model, data_dir, splits=splits, limit=limit, batch_size=batch_size,
                           max_new_tokens=max_new_tokens)
         log_report(report, client, run_id, data_version)
@@ -130,7 +133,8 @@ def evaluate_and_log(model, data_dir: Path, data_version: str | None, registry: 
 
 def reevaluate_champion(registry: Registry, data_dir: Path, data_version: str, *, limit: int | None = None,
                         batch_size: int = 16, parent_run_id: str | None = None,
-                        skip_version: str | None = None, max_new_tokens: Mapping[str, int] | None = None) -> str | None:
+                        skip_version: str | None = None, max_new_tokens: Mapping[str, int] | None = None,
+                        dataset: dict | None = None) -> str | None:
     """If the champion's recorded metrics are not on (`data_version`, `eval_split(limit)`), evaluate it there and
     record them, so the gate can compare. Returns the evaluation run id, or None when nothing had to be done."""
     from medplib.serve import load_model
@@ -149,7 +153,8 @@ def reevaluate_champion(registry: Registry, data_dir: Path, data_version: str, *
     report, run_id = evaluate_and_log(model, data_dir, data_version, registry,
                                       run_name=f"evaluate-champion-v{champion}", model_ref=ref,
                                       parent_run_id=parent_run_id, limit=limit, batch_size=batch_size,
-                                      tags={"medplib.evaluated_version": champion}, max_new_tokens=max_new_tokens)
+                                      tags={"medplib.evaluated_version": champion}, max_new_tokens=max_new_tokens,
+                                      dataset=dataset)
     registry.record_eval(champion, report_metrics(report, data_version, split, registry.cfg.gate.primary_metric),
                          eval_run_id=run_id)
     return run_id
@@ -158,13 +163,15 @@ def reevaluate_champion(registry: Registry, data_dir: Path, data_version: str, *
 def publish(model_dir: Path, data_dir: Path, data_version: str, tracking: TrackingConfig, *,
             config_digest: str, git_commit: str | None = None, parent_run_id: str | None = None,
             limit: int | None = None, batch_size: int = 16, tags: dict[str, str] | None = None,
-            max_new_tokens: Mapping[str, int] | None = None) -> dict:
+            max_new_tokens: Mapping[str, int] | None = None, dataset: dict | None = None,
+            preset: str = "unknown") -> dict:
     """Evaluate the saved model in `model_dir` on the validation, test and zero-shot splits of `data_dir` (DVC version
     `data_version`; generation lengths `max_new_tokens`, task → tokens, over the tasks' own, the champion's
     re-evaluation alike), log the report and the pyfunc in one run (child of `parent_run_id`), register the version with
     its lineage as `challenger` of `tracking`'s registered model (a RunContext's: the family's), record its metrics,
-    re-evaluate the champion if it was measured on other data, and run the promotion gate. Returns a JSON-able
-    summary of what happened."""
+    re-evaluate the champion if it was measured on other data, and run the promotion gate. `dataset`
+    (`RunContext.dataset()`) is the evaluation runs' dataset input. The version's description is its model card
+    (`medplib.eval.card`; `preset` names what trained it). Returns a JSON-able summary of what happened."""
     from medplib.model import load_pretrained
 
     if not data_version:
@@ -181,7 +188,8 @@ def publish(model_dir: Path, data_dir: Path, data_version: str, tracking: Tracki
     model = load_pretrained(model_dir).eval()
     report, run_id = evaluate_and_log(model, data_dir, data_version, registry, run_name="evaluate-register",
                                       model_ref=str(model_dir), parent_run_id=parent_run_id, limit=limit,
-                                      batch_size=batch_size, log_model_dir=model_dir, max_new_tokens=max_new_tokens)
+                                      batch_size=batch_size, log_model_dir=model_dir, max_new_tokens=max_new_tokens,
+                                      dataset=dataset)
     metrics = report_metrics(report, data_version, split, primary)
     table = gate_table(primary)
     if metrics.primary(primary) is None:
@@ -198,13 +206,14 @@ def publish(model_dir: Path, data_dir: Path, data_version: str, tracking: Tracki
     def remeasure_champion(version: str) -> None:
         champion_runs.append(reevaluate_champion(registry, data_dir, data_version, limit=limit,
                                                  batch_size=batch_size, parent_run_id=parent_run_id,
-                                                 skip_version=version, max_new_tokens=max_new_tokens))
+                                                 skip_version=version, max_new_tokens=max_new_tokens,
+                                                 dataset=dataset))
 
     version, decision = registry.register_and_gate(
         run_id, ARTIFACT_PATH, metrics, git_commit=git_commit, data_version=data_version, config_digest=config_digest,
         parent_run_id=parent_run_id, tags=version_tags, before_gate=remeasure_champion)
     champion_run = champion_runs[0] if champion_runs else None
-    return {
+    out = {
         "version": version, "model_uri": f"models:/{registry.name}/{version}", "promoted": decision.promote,
         "decision": "promoted" if decision.promote else "rejected", "reason": decision.reason,
         "primary_metric": primary, "challenger_metric": decision.challenger, "champion_metric": decision.champion,
@@ -218,3 +227,38 @@ def publish(model_dir: Path, data_dir: Path, data_version: str, tracking: Tracki
         "eval_run_id": run_id, "champion_eval_run_id": champion_run,
         "decision_run_id": registry.version_tags(version).get(TAG_DECISION_RUN),
     }
+    registry.client.update_model_version(registry.name, version, description=model_card(
+        name=registry.name, version=version, preset=preset, data_version=data_version,
+        stages=stage_rows(registry, parent_run_id), val=report.val_summary, test=report.summary,
+        per_modality=headline_per_modality(report), decision=out))
+    return out
+
+
+def stage_rows(registry: Registry, parent_run_id: str | None) -> list[dict]:
+    """The stage runs under a pipeline run, in stage order: {stage, name, first_loss, last_loss, steps}."""
+    if not parent_run_id:
+        return []
+    client = registry.client
+    runs = client.search_runs([registry.experiment_id()],
+                              f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`medplib.stage` != ''")
+    rows = []
+    for run in sorted(runs, key=lambda r: int(r.data.tags["medplib.stage"])):
+        history = client.get_metric_history(run.info.run_id, "loss")
+        if history:
+            history.sort(key=lambda m: m.step)
+            rows.append({"stage": run.data.tags["medplib.stage"], "name": run.data.tags.get("medplib.stage_name", ""),
+                         "first_loss": history[0].value, "last_loss": history[-1].value, "steps": history[-1].step})
+    return rows
+
+
+def headline_per_modality(report: EvalReport) -> dict[str, dict[str, float]]:
+    """Each task's first headline metric on test, per modality (what the model card shows)."""
+    out: dict[str, dict[str, float]] = {}
+    seen: set[str] = set()
+    for key, (table, metric) in tasks.summary_keys().items():
+        if table.startswith("test/") and table not in seen and key in report.summary:
+            seen.add(table)
+            values = report.per_modality(table, metric)
+            if values:
+                out[key] = values
+    return out

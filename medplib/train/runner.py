@@ -132,8 +132,8 @@ def stage_plan(path: str) -> StagePlan:
 
 def _start_mlflow_run(t: TrackingConfig, spec: StageSpec, cfg: Config, data_version: str | None,
                       parent_run_id: str | None, inputs: dict, model_config: object,
-                      family: str) -> tuple[str, str]:
-    from medplib.registry import Registry
+                      family: str, dataset: dict | None = None) -> tuple[str, str]:
+    from medplib.registry import Registry, log_dataset
 
     registry = Registry(t)  # one get-or-create of the experiment, safe when another process creates it first
     client, exp_id = registry.client, registry.experiment_id()
@@ -148,6 +148,7 @@ def _start_mlflow_run(t: TrackingConfig, spec: StageSpec, cfg: Config, data_vers
     items = list(flat.items())
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in items[i:i + 100]])
+    log_dataset(client, run.info.run_id, dataset, "training")
     return run.info.run_id, t.tracking_uri
 
 
@@ -182,7 +183,8 @@ def train_stage(stage: int, ctx: RunContext, *, workers: int = 2, base: Path | N
     run_id = tracking_uri = None
     if track:
         run_id, tracking_uri = _start_mlflow_run(ctx.tracking, spec, cfg, data_version, parent_run_id,
-                                                 {k: str(v) for k, v in inputs.items()}, model_config, family.name)
+                                                 {k: str(v) for k, v in inputs.items()}, model_config, family.name,
+                                                 ctx.with_data_version(data_version).dataset())
     loop = LoopConfig(
         recipe=family.recipe,
         # the family's model config as resolved now: a recipe may apply its training options to the loaded model

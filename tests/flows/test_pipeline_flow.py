@@ -6,6 +6,7 @@ version 2 from its recorded data version, stages and config.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from uuid import UUID
 
@@ -77,11 +78,33 @@ def test_mlflow_runs_hang_under_the_pipeline_run(two_runs, registry):
         children = [s["mlflow_run_id"] for s in summary["stages"]] + [summary["evaluation"]["eval_run_id"]]
         for run_id in children:
             assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == summary["pipeline_run_id"]
+        # every run shows the DVC version it used as its dataset input (the MLflow UI's Dataset column)
+        for run_id, context in ([(summary["pipeline_run_id"], "training")] + [(s["mlflow_run_id"], "training")
+                                for s in summary["stages"]] + [(summary["evaluation"]["eval_run_id"], "evaluation")]):
+            [given] = client.get_run(run_id).inputs.dataset_inputs
+            assert given.dataset.digest == summary["data_version"], run_id
+            assert json.loads(given.dataset.profile)["records"] == summary["ingest"]["valid"]
+            assert {t.key: t.value for t in given.tags}["mlflow.data.context"] == context
         tags = registry.version_tags(version)
         assert tags[TAG_PARENT_RUN] == summary["pipeline_run_id"]
         assert tags[TAG_DATA_VERSION] == summary["data_version"]
         primary = summary["evaluation"]["primary_metric"]
         assert parent.data.metrics[primary] == pytest.approx(summary["evaluation"]["metrics"][primary])
+
+
+def test_each_version_carries_its_model_card(two_runs, registry):
+    """The registry's version page says what the version is and how good it is (its description)."""
+    _, _, first, second = two_runs
+    for summary in (first, second):
+        ev = summary["evaluation"]
+        card = registry.client.get_model_version(registry.name, ev["version"]).description
+        assert card.startswith(f"**medplib version {ev['version']}** (tiny preset), trained and evaluated on data "
+                               f"version `{summary['data_version']}`.")
+        for s in summary["stages"]:
+            assert f"- {s['stage']} {s['name']}: loss " in card
+        p = ev["primary_metric"]
+        assert f"| {p} (gate) | {ev['val_metrics'][p]:.3f} | {ev['metrics'][p]:.3f} | – |" in card
+        assert f"Gate: **rejected**: {ev['reason']}" in card and "Known limits:" in card
 
 
 def test_each_run_left_a_markdown_report(two_runs):

@@ -408,3 +408,38 @@ def test_trained_on_sees_registered_versions_and_finished_trainings_of_this_mode
     # another model family's registered model shares the experiment but not what was trained for it
     reclmis = Registry(replace(registry.cfg, registered_model="reclmis"))
     assert reclmis.trained_on(other) is None and reclmis.trained_on(DATA) is None
+
+
+def test_the_experiment_is_marked_as_model_training_and_runs_record_their_dataset(registry: Registry, tmp_path):
+    """MLflow's UI opens a `custom_model_development` experiment on its training runs; a run's dataset input is the
+    DVC version it used (digest = the hash), with its records per split and task."""
+    import json
+
+    from medplib.config import resolve_home
+    from medplib.data.versioning import DATASET_NAME, dataset_record
+    from medplib.registry import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, log_dataset
+
+    exp_id = registry.experiment_id()
+    assert registry.client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    registry.client.delete_experiment_tag(exp_id, EXPERIMENT_KIND_TAG)  # an experiment made before the tag
+    assert registry.experiment_id() == exp_id
+    assert registry.client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    rows = [{"split": "train", "task": "grounding"}, {"split": "train", "task": "report"},
+            {"split": "test", "task": "grounding"}]
+    (project / "data" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    version = "0123456789abcdef0123456789abcdef.dir"
+    dataset = dataset_record(project, resolve_home(tmp_path / "home"), version)
+    run_id = registry.client.create_run(exp_id, run_name="stage1-align").info.run_id
+    log_dataset(registry.client, run_id, dataset, "training")
+    log_dataset(registry.client, run_id, None, "training")  # no version known: nothing logged
+    [given] = registry.client.get_run(run_id).inputs.dataset_inputs
+    assert (given.dataset.name, given.dataset.digest, given.dataset.source_type) == (DATASET_NAME, version, "dvc")
+    assert json.loads(given.dataset.profile) == {"records": 3, "splits": {"test": 1, "train": 2},
+                                                 "tasks": {"grounding": 2, "report": 1}}
+    source = json.loads(given.dataset.source)
+    assert source["path"] == "data" and source["pointer"] == str(project / "data.dvc")
+    assert source["remote"].endswith("dvc-remote")
+    assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", "training")]
