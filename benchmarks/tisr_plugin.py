@@ -63,7 +63,8 @@ def compare(ctx: RunContext, parent_run_id: str, base: Path | None, epochs: int,
 
 def markdown(rows: list[dict], split: str = "test") -> str:
     off, on = rows
-    lines = [f"| metric ({split}, {off[f'{split}.n']} reports) | TISR off | TISR on | on − off |", "|---|---|---|---|"]
+    lines = [f"| metric ({split}, {off[f'{split}.n']} reports) | TISR off | TISR on | on − off |",
+             "|---|---|---|---|"]
     for k in METRICS:
         a, b = off[f"{split}.{k}"], on[f"{split}.{k}"]
         lines.append(f"| {k} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")

@@ -176,9 +176,9 @@ ONE_EPOCH = {stage: {"epochs": 1} for stage in (1, 2, 3, 4)}
 
 @pytest.fixture(scope="session")
 def pipeline_runs(prefect_harness, _ray_state, tmp_path_factory):
-    """The session's tiny pipeline, run twice on one home and project (48 synthetic images, one epoch a stage):
-    the first trains stages I-IV and registers version 1; the second finds ingest cached, trains stage I only and
-    registers version 2 (a one-stage pipeline keeps `reproduce` of it cheap). Returns (home, project, first,
+    """The session's tiny pipeline, run twice on one home and project (48 synthetic images, one epoch a stage, one Ray
+    worker): the first trains stages I-IV and registers version 1; the second finds ingest cached, trains stage I
+    only and registers version 2 (a one-stage pipeline keeps `reproduce` of it cheap). Returns (home, project, first,
     second)."""
     from flows.pipeline import pipeline
     from medplib.config import resolve_home
@@ -195,7 +195,9 @@ def pipeline_runs(prefect_harness, _ray_state, tmp_path_factory):
     os.environ["MEDPLIB_HOME"] = str(home.root)
     os.environ["DVC_SITE_CACHE_DIR"] = str(home.root / "dvc-site-cache")
     try:
-        kwargs = dict(config=small, home=home.root, project=project, retries=0)
+        # one Ray worker a stage: the distributed loop (2 workers, 2 nodes, a killed worker) is tested on the toy
+        # recipe in tests/train and tests/reliability; here a second worker would only add its start-up to each job
+        kwargs = dict(config=small, home=home.root, project=project, retries=0, workers=1)
         first = pipeline(**kwargs, stage_overrides=ONE_EPOCH)
         second = pipeline(**kwargs, stages=[1], stage_overrides={1: ONE_EPOCH[1]})
     finally:
