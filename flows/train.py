@@ -60,6 +60,8 @@ def check_training(stages: list[int], cfg: Config | str, stage_overrides: dict[i
         raise ValueError(f"Stages {list(stages)} must be distinct and in order: each starts from the one before")
     for s in stages:
         family_stage_spec(cfg, family, s, overrides.get(s))  # raises ConfigError naming a bad key or value
+    if family.settings is None and 1 in stages and isinstance(cfg, Config) and cfg.preset == "full":
+        cfg.model.require_weights()  # MedPLIB's stage I builds the initial model from them (a preset name: in stage I)
 
 
 @flow(name="train")

@@ -83,9 +83,12 @@ def _ints(value: Any, n: int, row: int, field: str) -> list[int]:
     return nums
 
 
-def parse_request(row: dict, i: int = 0) -> tuple[np.ndarray, str, list[np.ndarray]]:
-    """(image, question, region masks) of one request row, with clear errors for bad fields."""
-    from medplib.model.prompts import PromptError, box_prompt_mask, freeform_prompt_mask, point_prompt_mask
+def parse_request(row: dict, i: int = 0, point_side: int | None = None) -> tuple[np.ndarray, str, list[np.ndarray]]:
+    """(image, question, region masks) of one request row, with clear errors for bad fields. A point becomes a square
+    of `point_side` px at 336 px (the model config's `point_prompt_size`; default MedPLIB's 41)."""
+    from medplib.model.prompts import (
+        POINT_SIDE_AT_336, PromptError, box_prompt_mask, freeform_prompt_mask, point_prompt_mask,
+    )
 
     unknown = sorted(k for k in row if k not in REQUEST_COLUMNS and row[k] is not None)
     if unknown:
@@ -104,7 +107,7 @@ def parse_request(row: dict, i: int = 0) -> tuple[np.ndarray, str, list[np.ndarr
     try:
         if given == ["point"]:
             x, y = _ints(row["point"], 2, i, "point")
-            regions.append(point_prompt_mask(x, y, h, w))
+            regions.append(point_prompt_mask(x, y, h, w, point_side or POINT_SIDE_AT_336))
         elif given == ["box"]:
             regions.append(box_prompt_mask(*_ints(row["box"], 4, i, "box"), h, w))
         elif given == ["region"]:
@@ -144,7 +147,8 @@ class MedPLIBPyfunc(mlflow.pyfunc.PythonModel):
 
 def answer_rows(model, rows: list[dict], max_new_tokens: int = 24) -> list[dict]:
     """Answer request rows with a loaded MedPLIB model: [{"answer": str, "masks": [base64 PNG, ...]}]."""
-    parsed = [parse_request(r, i) for i, r in enumerate(rows)]
+    side = getattr(getattr(model, "config", None), "point_prompt_size", None)  # a family without pixel prompts: None
+    parsed = [parse_request(r, i, side) for i, r in enumerate(rows)]
     outs = model.generate([p[0] for p in parsed], [p[1] for p in parsed], [p[2] for p in parsed],
                           max_new_tokens=int(max_new_tokens))
     return [{"answer": o.text, "masks": [encode_png(m) for m in o.masks]} for o in outs]

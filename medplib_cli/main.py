@@ -68,6 +68,10 @@ MODEL_TO_LOAD_HELP = ("a model family NAME (its champion: models:/<its registere
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medplib", description=__doc__)
+    # `medplib --profile NAME COMMAND` (docs/scaling-out.md) as well as `medplib COMMAND --profile NAME`: its own dest,
+    # since a subcommand's default would overwrite a shared one
+    parser.add_argument("--profile", dest="global_profile", default=None, metavar="NAME",
+                        help="where the services are, for any command (as COMMAND --profile NAME; that one wins)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pipeline", help="the whole pipeline as a Prefect flow: ingest → validate → train stages "
@@ -576,7 +580,7 @@ def _predict(args, ctx: RunContext) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    profile = apply_profile(getattr(args, "profile", None))
+    profile = apply_profile(getattr(args, "profile", None) or getattr(args, "global_profile", None))
     cmd = " ".join([args.command] + [getattr(args, f"{args.command}_command", None) or ""]).strip()
     if cmd == "config show":  # reads and prints: no state folder, nothing to log
         return _config_show(args, load_config(args.preset, args.config))

@@ -66,3 +66,18 @@ def test_ingest_validate_status_and_corruption_fails_gate(tmp_path: Path):
     assert bad["path"] == first["image"] and bad["readable"] is False and "not a readable image" in bad["error"]
     st = json.loads(run(["data", "status", "--json"], proj, home).stdout)
     assert st["in_sync"] is False
+
+
+def test_the_profile_goes_before_or_after_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    """`medplib --profile NAME COMMAND` (as docs/scaling-out.md writes it) and `medplib COMMAND --profile NAME`; the
+    command's own flag wins."""
+    from medplib_cli.main import main
+
+    monkeypatch.setenv("MEDPLIB_HOME", str(tmp_path / "h"))
+    monkeypatch.delenv("MEDPLIB_PROFILE", raising=False)
+    assert main(["--profile", "nowhere", "data", "status", "--project", str(tmp_path)]) == 2
+    assert "Profile 'nowhere' does not exist" in capsys.readouterr().err
+    assert main(["--profile", "nowhere", "data", "status", "--project", str(tmp_path), "--profile", "elsewhere"]) == 2
+    assert "Profile 'elsewhere' does not exist" in capsys.readouterr().err
+    assert main(["--profile", "local", "data", "status", "--project", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] is None  # nothing ingested in this project

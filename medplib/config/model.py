@@ -170,6 +170,15 @@ class ModelConfig:
         if self.point_prompt_size < 1:
             raise ConfigError(f"Config key '{prefix}point_prompt_size' = {self.point_prompt_size} must be >= 1")
 
+    def require_weights(self, prefix: str = "model.") -> None:
+        """The full preset loads CLIP, LLaVA and SAM(-Med2D) from local folders and never random-initialises them: a
+        ConfigError names every weight key left unset."""
+        missing = [f"{prefix}{part}.weights" for part in ("vision", "llm", "sam") if not getattr(self, part).weights]
+        if missing:
+            raise ConfigError(f"The full preset needs local weight folders (no download is possible, and a randomly "
+                              f"initialised 7B model is of no use): set {', '.join(missing)} in a --config file "
+                              "(README: Configuration and state, Presets)")
+
     @classmethod
     def tiny(cls) -> "ModelConfig":
         return cls()

@@ -64,6 +64,8 @@ def build_init_model(cfg: Config, data_dir: Path, out: Path, seed: int = 42) -> 
     is seeded random init; without a tokenizer folder a BPE is trained on the train split's text (tiny)."""
     from medplib.model.loaders import build_model, load_tokenizer
 
+    if cfg.preset == "full":
+        cfg.model.require_weights()
     texts = None
     if not (cfg.model.llm.tokenizer or cfg.model.llm.weights):
         texts = [t["value"] for r in read_records(data_dir) if r.split == "train"

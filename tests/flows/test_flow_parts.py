@@ -132,3 +132,18 @@ def test_report_of_a_failed_run_says_where_it_stopped():
     md = report_markdown(failed | {"error": "RuntimeError: Ray worker died"})
     assert "**Failed** after ingest, validation:" in md and "RuntimeError: Ray worker died" in md
     assert "## Promotion" not in md and "p" * 32 in md
+
+
+def test_the_full_preset_refuses_to_train_without_its_weight_folders(tmp_path: Path):
+    """`--preset full` names every weight key left unset before any stage runs (it never random-initialises 7B)."""
+    from medplib.train.runner import build_init_model
+
+    full = load_config("full")
+    with pytest.raises(ConfigError, match=r"set model\.vision\.weights, model\.llm\.weights, model\.sam\.weights"):
+        check_training([1, 2, 3, 4], full, None, 2)
+    with pytest.raises(ConfigError, match=r"set model\.sam\.weights in a --config file"):
+        build_init_model(load_config("full", {"model": {"vision": {"weights": "/w/clip"},
+                                                         "llm": {"weights": "/w/llava"}}}),
+                         tmp_path / "data", tmp_path / "init")
+    check_training([2, 3], full, None, 2)  # later stages start from a saved model, not from the weight folders
+    check_training([1], load_config("tiny"), None, 2)

@@ -51,6 +51,32 @@ def test_parse_request_builds_prompt_masks_and_appends_region():
     assert regions == [] and question == "Segment the liver."  # empty dataframe cells are "no prompt"
 
 
+def test_a_point_becomes_the_square_the_model_config_says():
+    """`model.point_prompt_size` (side at 336 px) sizes a served point prompt; MedPLIB's 41 when a model has none."""
+    from types import SimpleNamespace
+
+    from medplib.serve import answer_rows
+
+    image, _ = phantom(20, 20)
+    seen = []
+
+    class Recorder:
+        def __init__(self, side):
+            self.config = SimpleNamespace(point_prompt_size=side) if side else SimpleNamespace()
+
+        def generate(self, images, questions, regions, max_new_tokens):
+            seen.append(regions[0][0])
+            return [SimpleNamespace(text="It is the liver.", masks=[])]
+
+    row = {"image": encode_png(image), "question": "What is this?", "point": "30,30"}
+    for side in (101, None):
+        assert answer_rows(Recorder(side), [row]) == [{"answer": "It is the liver.", "masks": []}]
+    wide, default = seen
+    np.testing.assert_array_equal(wide, point_prompt_mask(30, 30, SIZE, SIZE, 101))
+    np.testing.assert_array_equal(default, point_prompt_mask(30, 30, SIZE, SIZE))
+    assert wide.sum() > default.sum()
+
+
 @pytest.mark.parametrize("row, message", [
     ({"question": "q"}, "field 'image' is missing"),
     ({"image": "IMG", "question": " "}, "field 'question' must be non-empty text, got ' '"),
