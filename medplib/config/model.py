@@ -130,13 +130,14 @@ class TISRConfig:
     """TISR's plug-in (REFERENCE §6): textual inversion maps the image to `num_pseudo_words` embeddings in the LLM's
     input space, put before the prompt; self-supervised refinement pulls them toward the answer text's embedding
     with an image–text contrastive loss (weight `refine_weight`, temperature `temperature`) on the samples of
-    `refine_tasks` (the reports). Off by default; a model that has it keeps it (it is saved with the weights)."""
+    `refine_tasks` (task names or groups; the reports by default). Off by default; a model that has it keeps it (it
+    is saved with the weights)."""
 
     enabled: bool = False
     num_pseudo_words: int = 4
     refine_weight: float = 0.1
     temperature: float = 0.07
-    refine_tasks: tuple[str, ...] = ("report",)
+    refine_tasks: tuple[str, ...] = ("reports",)  # task names or groups: the report tasks declare group `reports`
     seed: int = 0  # the plug-in's init when it is attached to a model that was trained without it
 
     def validate(self, prefix: str = "") -> None:
@@ -146,6 +147,12 @@ class TISRConfig:
             raise ConfigError(f"Config key '{prefix}refine_weight' = {self.refine_weight} must be >= 0")
         if self.temperature <= 0:
             raise ConfigError(f"Config key '{prefix}temperature' = {self.temperature} must be > 0")
+        from medplib import tasks  # the registry: a task module may add a group
+
+        try:
+            tasks.resolve(self.refine_tasks)
+        except ValueError as e:
+            raise ConfigError(f"Config key '{prefix}refine_tasks' = {list(self.refine_tasks)}: {e}") from None
 
 
 @dataclass

@@ -82,7 +82,11 @@ def refinement_loss(pseudo_words: torch.Tensor, text: torch.Tensor, temperature:
 
 
 def refine_rows(records: Sequence | None, config: TISRConfig, batch: int) -> torch.Tensor:
-    """Which samples of a batch the refinement reads: those of `config.refine_tasks` (by each record's task)."""
+    """Which samples of a batch the refinement reads: those of `config.refine_tasks` (task names or groups, by each
+    record's task)."""
     if records is None:
         return torch.zeros(batch, dtype=torch.bool)
-    return torch.tensor([getattr(r, "task", None) in config.refine_tasks for r in records], dtype=torch.bool)
+    from medplib import tasks
+
+    chosen = set(tasks.resolve(config.refine_tasks))
+    return torch.tensor([getattr(r, "task", None) in chosen for r in records], dtype=torch.bool)

@@ -27,7 +27,7 @@ SECOND_VIEW_SHIFT = 3  # pixels: the second view is the phantom mirrored and mov
 
 class ReportGeneration(Task):
     name = "report"
-    groups = ("vl",)  # the visual-language stages (II and IV)
+    groups = ("vl", "reports")  # the visual-language stages (II and IV); TISR's refinement reads `reports`
     family = "r2gen_report"
     files = {"train": "train/R2Gen_report.json", "val": "val/R2Gen_report_val.json",
              "test": "test/R2Gen_report_test.json"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from medplib import tasks
+from medplib.config.model import TISRConfig
 from medplib.eval.runner import aggregate, summarise
 
 REPORTS = ["The heart size is normal. The lungs are clear. No pneumothorax or pleural effusion.",
@@ -47,7 +48,8 @@ def test_reports_get_bleu_meteor_rouge_l_and_cider_with_the_four_summary_keys():
 
 def test_report_is_a_vl_task_with_its_headline_and_cider_range():
     report = tasks.get("report")
-    assert report.groups == ("vl",) and "report" in tasks.groups()["vl"]
+    assert report.groups == ("vl", "reports") and "report" in tasks.groups()["vl"]  # `reports`: TISR's refinement
+    assert tasks.resolve(TISRConfig().refine_tasks) == ("report",)
     assert set(report.summary) == KEYS and report.headline_metric() == "report_bleu4"
     assert tasks.metric_range("report_cider") == 10.0 and tasks.metric_range("report_bleu4") == 1.0
     assert "report_bleu4" in tasks.headline_metrics()  # guarded by the promotion gate like every task's headline

@@ -139,7 +139,8 @@ def test_the_stage_recipe_attaches_it_when_the_config_enables_it(tiny_model: Med
     set_trainable(plain, ("tisr.*", "projector.*"))  # a pattern with no match in a model without it is harmless
 
 
-@pytest.mark.parametrize("key, value", [("num_pseudo_words", 0), ("refine_weight", -1.0), ("temperature", 0.0)])
+@pytest.mark.parametrize("key, value", [("num_pseudo_words", 0), ("refine_weight", -1.0), ("temperature", 0.0),
+                                        ("refine_tasks", ["no_such_task"])])
 def test_bad_tisr_config_names_the_key(key, value):
     with pytest.raises(ConfigError, match=f"model.tisr.{key}"):
         from_dict(TISRConfig, {key: value}, "model.tisr.")
