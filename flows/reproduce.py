@@ -84,12 +84,11 @@ def evaluate_model(model_dir: Path, ctx: RunContext, parent_run_id: str) -> dict
     """Evaluate on the test and zero-shot splits into a child run of `parent_run_id`; no registration."""
     from medplib.model import load_pretrained
 
-    report, run_id = evaluate_and_log(load_pretrained(model_dir).eval(), ctx.data_dir,
-                                      ctx.data_version or read_version(ctx.project), Registry(ctx.tracking),
-                                      run_name="evaluate-reproduction", model_ref=str(model_dir),
-                                      parent_run_id=parent_run_id, max_new_tokens=ctx.cfg.eval.max_new_tokens,
-                                      dataset=ctx.with_data_version(ctx.data_version or read_version(ctx.project))
-                                      .dataset())
+    ctx = ctx.with_data_version(ctx.data_version or read_version(ctx.project))
+    report, run_id = evaluate_and_log(load_pretrained(model_dir).eval(), ctx.data_dir, ctx.data_version,
+                                      Registry(ctx.tracking), run_name="evaluate-reproduction",
+                                      model_ref=str(model_dir), parent_run_id=parent_run_id,
+                                      max_new_tokens=ctx.cfg.eval.max_new_tokens, dataset=ctx.dataset())
     return {"metrics": dict(report.summary), "eval_run_id": run_id}
 
 
