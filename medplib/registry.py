@@ -420,6 +420,11 @@ class Registry:
             raise
         return {alias: str(version) for alias, version in rm.aliases.items()}
 
+    def versions(self) -> list[str]:
+        """Every version of the registered model, newest first; empty if it is not registered yet."""
+        found = self.client.search_model_versions(f"name='{self.name}'")
+        return [str(v) for v in sorted((int(mv.version) for mv in found), reverse=True)]
+
     def champion_version(self) -> str | None:
         """The version the `champion` alias points at, or None."""
         return self.aliases().get(self.cfg.aliases.champion)

@@ -101,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefect-port", type=int, default=4200, help="Prefect server port (default: 4200)")
     p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (default: 5000)")
 
+    p = sub.add_parser("demo", help="serve a page on 127.0.0.1: draw a point, box or shape on an image, ask, and see "
+                                    "the answer and the grounded mask of a registered model (alias or version)")
+    _common(p)
+    p.add_argument("--model", default=None, help="the model chosen first: models:/medplib@champion (default), "
+                                                 "models:/medplib/N or a saved model folder; the page also "
+                                                 "lists every alias and version of the registered model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit (default: 48)")
+
     p = sub.add_parser("reproduce", help="restore a model version's recorded data and config, re-run, compare metrics")
     _common(p)
     p.add_argument("model", help="models:/medplib/N (or models:/medplib@champion)")
@@ -579,13 +589,36 @@ def _predict(args, ctx: RunContext) -> int:
     return 0
 
 
+def _demo(args, ctx: RunContext) -> int:
+    import uvicorn
+
+    from medplib.demo import Demo, build_app
+    from medplib.registry import Registry
+    from medplib.serve import load_model
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: need at least 1")
+    t = ctx.tracking
+    registry = Registry(t)
+    model = getattr(args, "load", None) or f"models:/{t.registered_model}@{t.aliases.champion}"
+    if not model.startswith(("models:/", "runs:/")) and not Path(model).is_dir():
+        raise FileNotFoundError(f"--model '{model}' is neither an MLflow URI nor a folder")
+    _quiet_downloads()
+    demo = Demo(model, registry, ctx.data_dir, lambda uri: load_model(uri, t), args.max_new_tokens)
+    print(f"medplib demo on http://{args.host}:{args.port} (model {model}; {len(demo.samples)} sample images from "
+          f"{ctx.data_dir}); Ctrl-C stops it", file=sys.stderr)
+    uvicorn.run(build_app(demo), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     profile = apply_profile(getattr(args, "profile", None) or getattr(args, "global_profile", None))
     cmd = " ".join([args.command] + [getattr(args, f"{args.command}_command", None) or ""]).strip()
     if cmd == "config show":  # reads and prints: no state folder, nothing to log
         return _config_show(args, load_config(args.preset, args.config))
     model = getattr(args, "model", None) or "medplib"
-    if cmd in ("evaluate", "predict", "reproduce"):  # --model names what to load, which selects the family
+    if cmd in ("evaluate", "predict", "reproduce") or (cmd == "demo" and args.model):
+        # --model names what to load, which selects the family
         model, args.load, args.load_family = _model_to_load(args.model, profile)
     ctx = RunContext.resolve(args.preset, args.config, args.home, args.project, profile, model)  # once per command
     with run_log(ctx.home, cmd) as args.run_log:
@@ -679,6 +712,8 @@ def _run_command(args: argparse.Namespace, cmd: str, ctx: RunContext) -> int:
         return _rollback(args, ctx)
     if cmd == "predict":
         return _predict(args, ctx)
+    if cmd == "demo":
+        return _demo(args, ctx)
     raise AssertionError(f"unhandled command {cmd}")  # argparse only lets known commands through
 
 

@@ -241,3 +241,80 @@ def test_cli_predict_names_bad_inputs(home, tmp_path: Path, capsys: pytest.Captu
         assert main(base + args) == 2, args
         err = capsys.readouterr().err
         assert "medplib: error: " in err and message in err, (args, err)
+
+
+# ---- medplib demo -------------------------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_demo_page_answers_a_drawn_box_with_the_mask_overlay(champion_home, tmp_path: Path):
+    from fastapi.testclient import TestClient
+
+    from medplib.demo import Demo, OVERLAY_RGB, build_app
+
+    from .tiny_grounder import write_phantom_dataset
+
+    home, tracking, _ = champion_home
+    write_phantom_dataset(tmp_path / "data", {"test": [("ct", 30, 34), ("mr", 20, 20)]})
+    registry = Registry(tracking)
+    demo = Demo("models:/medplib@champion", registry, tmp_path / "data", lambda uri: load_model(uri, tracking))
+    client = TestClient(build_app(demo))
+    page = client.get("/")
+    assert page.status_code == 200 and "<canvas" in page.text and "Name what is in the drawn box" in page.text
+    models = client.get("/api/models").json()["models"]
+    assert [m["uri"] for m in models] == [
+        "models:/medplib@champion", "models:/medplib@challenger", "models:/medplib/1"], models
+    assert [s["modality"] for s in client.get("/api/samples").json()["samples"]] == ["ct", "mr"]
+    assert client.get("/api/samples/0.png").content[:4] == b"\x89PNG"
+
+    cx, cy = HELD_OUT
+    with one_thread():
+        r = client.post("/api/ask", json={"model": "models:/medplib/1", "sample": 0, "task": "ask", "text": QUESTION,
+                                          "box": f"{cx - 8},{cy - 8},{cx + 8},{cy + 8}"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["answer"] == ANSWER and len(out["masks"]) == 1 and out["boxes"] == []
+    mask = _png(out["masks"][0]) > 0
+    assert dice_iou(mask, phantom(cx, cy)[1])[0] > 0.7
+    tinted = _png(out["overlay"])
+    assert tinted.shape == (SIZE, SIZE, 3)
+    red = (tinted[..., 0] > tinted[..., 1] + 60)  # the overlay's red tint lies exactly on the mask
+    assert (red == mask).mean() > 0.99 and OVERLAY_RGB[0] == 255
+
+    bad = client.post("/api/ask", json={"sample": 0, "task": "ask", "text": QUESTION, "point": "99,2"})
+    assert bad.status_code == 400 and "field 'point': Point (99, 2) is outside" in bad.json()["error"]
+    assert client.post("/api/ask", content=b"{not json").json()["error"].startswith("The request body is not JSON")
+
+
+@pytest.mark.integration
+def test_cli_demo_serves_the_page_on_loopback(champion_home, tmp_path: Path):
+    import json
+    import time
+    import urllib.request
+
+    from medplib.serve import free_port
+
+    home, _, _ = champion_home
+    port = free_port()
+    env = {**os.environ, "MEDPLIB_HOME": str(home.root), "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "demo.log", "wb") as log:
+        proc = subprocess.Popen([MEDPLIB, "demo", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            try:
+                page = urllib.request.urlopen(url + "/", timeout=2).read().decode()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "demo.log").read_text()
+                time.sleep(0.5)
+        assert "medplib demo" in page
+        cx, cy = HELD_OUT
+        body = json.dumps({"image": encode_png(phantom(cx, cy)[0]), "text": QUESTION, "point": f"{cx},{cy}"})
+        req = urllib.request.Request(url + "/api/ask", data=body.encode(), headers={"Content-Type": "application/json"})
+        out = json.loads(urllib.request.urlopen(req, timeout=120).read())
+        assert out["answer"] == ANSWER and out["model"] == "models:/medplib@champion" and len(out["masks"]) == 1
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+    assert "medplib demo on http://127.0.0.1:" in (tmp_path / "demo.log").read_text()

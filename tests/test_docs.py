@@ -1,0 +1,67 @@
+"""The docs cannot drift from the code: every `medplib …` command in README.md and docs/*.md parses with the CLI as
+written, the quickstart's example files exist after its own commands, and the architecture page names real paths."""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from medplib_cli.main import build_parser
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK_RE = re.compile(r"```(?:bash|sh)\n(.*?)```", re.S)
+
+
+def commands(path: Path) -> list[str]:
+    """The `medplib …` lines of a page's bash blocks, continuations joined, comments and a trailing `&` dropped."""
+    out = []
+    for block in BLOCK_RE.findall(path.read_text(encoding="utf-8")):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip().rstrip("&").strip()
+            if line.startswith("medplib "):
+                out.append(line)
+    return out
+
+
+def test_the_docs_pages_are_there():
+    names = {p.name for p in DOCS}
+    assert {"architecture.md", "quickstart.md", "scaling-out.md", "reliability.md"} <= names
+    assert len(commands(ROOT / "docs/quickstart.md")) >= 12
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: p.name)
+def test_every_documented_command_parses(page: Path):
+    parser = build_parser()
+    for line in commands(page):
+        try:
+            parser.parse_args(shlex.split(line)[1:])
+        except SystemExit as e:
+            raise AssertionError(f"{page.name}: `{line}` does not parse (exit {e.code})") from None
+
+
+def test_the_quickstart_predicts_on_an_image_its_synth_line_writes(tmp_path: Path):
+    from medplib.data.synth import generate
+
+    lines = commands(ROOT / "docs/quickstart.md")
+    synth = next(shlex.split(line) for line in lines if line.startswith("medplib data synth"))
+    predict = next(shlex.split(line) for line in lines if line.startswith("medplib predict"))
+    out = Path(synth[synth.index("--out") + 1])
+    image = Path(predict[predict.index("--image") + 1])
+    generate(tmp_path, n=int(synth[synth.index("--n") + 1]))
+    assert (tmp_path / image.relative_to(out)).is_file(), image
+
+
+def test_the_architecture_page_names_real_files():
+    text = (ROOT / "docs/architecture.md").read_text(encoding="utf-8")
+    paths = set(re.findall(r"`((?:medplib|flows|tests|infra|profiles|benchmarks)[\w/.]*)`", text))
+    assert len(paths) >= 15
+    def exists(p: str) -> bool:  # a path, or a dotted module name (`medplib.model`)
+        dotted = p.replace(".", "/") if "/" not in p else p
+        return (ROOT / p).exists() or (ROOT / dotted).is_dir() or (ROOT / f"{dotted}.py").is_file()
+
+    missing = sorted(p for p in paths if not exists(p))
+    assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
