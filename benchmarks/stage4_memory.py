@@ -7,7 +7,8 @@ streaming, measured side by side in one run on a mid-size config, with the full 
 - after: `build_stage_model`'s way: the VL model read tensor by tensor, the grounding model's FFNs, SAM and
   `text_hidden_fcs` streamed from its safetensors file (`MedPLIB.upcycle_from_saved`), never built.
 Each way runs in a fresh Python process: its peak anonymous memory (RssAnon sampled every 2 ms, minus the value after
-imports; the peak RSS with the mmapped files' page cache is printed beside it); both give the same weights (tests/model/test_moe.py). The full preset's peak is extrapolated from the measured peak per byte of the
+imports; the peak RSS with the mmapped files' page cache is printed beside it); both give the same weights
+(tests/model/test_moe.py). The full preset's peak is extrapolated from the measured peak per byte of the
 resulting MoE model, whose size on the full preset is counted on the `meta` device. The last line printed is JSON.
 """
 from __future__ import annotations

@@ -165,5 +165,5 @@ def test_a_saved_model_loads_in_bf16_and_names_a_file_that_does_not_fit(tiny_con
     weights.pop("projector.0.weight")
     save_file(weights, folder / WEIGHTS_FILE)
     (folder / CHECKSUMS_FILE).unlink()
-    with pytest.raises(ValueError, match=r"model.safetensors does not fit the config: missing \['projector.0.weight'\]"):
+    with pytest.raises(ValueError, match=r"safetensors does not fit the config: missing \['projector.0.weight'\]"):
         MedPLIB.from_pretrained(folder)
