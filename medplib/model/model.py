@@ -8,19 +8,22 @@ Optional: TISR's plug-in (`model.tisr`, medplib/model/tisr.py) puts pseudo-words
 """
 from __future__ import annotations
 
+import collections
 import copy
 import hashlib
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors import safe_open
+from safetensors.torch import save_model
 from transformers import (
     CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, SamConfig as HFSamConfig, SamMaskDecoderConfig,
     SamModel, SamPromptEncoderConfig, SamVisionConfig,
@@ -451,25 +454,94 @@ class MedPLIB(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, path: Path | str) -> "MedPLIB":
-        """Load a folder written by `save_pretrained`; every weight must be present."""
+    def from_pretrained(cls, path: Path | str, dtype: torch.dtype | None = None) -> "MedPLIB":
+        """Load a folder written by `save_pretrained`; every weight must be present. Weights are read one tensor at a
+        time into the model's own (uninitialised) parameters, so loading holds one copy of the model, not two; with
+        `dtype` (bf16 on a GPU) the model is built in it and each tensor is cast as it is read."""
         path = Path(path)
-        if not (path / CONFIG_FILE).exists():
-            raise FileNotFoundError(f"{path / CONFIG_FILE} does not exist: not a saved MedPLIB model folder")
-        _verify_checksums(path)
-        meta = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        if meta.get("format") != "medplib":
-            raise ValueError(f"{path / CONFIG_FILE} is not a MedPLIB config (format = {meta.get('format')!r})")
-        config = from_dict(ModelConfig, meta["model"])
+        config = _read_config(path)
         tokenizer = MedTokenizer.from_pretrained(path / TOKENIZER_DIR)
-        with no_init_weights():  # every weight is overwritten below
+        with no_init_weights(), _default_dtype(dtype):  # every weight is overwritten below
             model = cls(config, tokenizer)
         model.sam.tie_weights()  # no_init_weights skips tying; SAM shares its positional embedding
-        missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path / WEIGHTS_FILE} does not fit the config: missing {sorted(missing)[:3]}, "
-                             f"unexpected {sorted(unexpected)[:3]}")
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+            _stream_into(model, f, "", path / WEIGHTS_FILE, strict=True)
         return model
+
+    def upcycle_from_saved(self, grounding: Path | str) -> None:
+        """MedPLIB's stage IV from this dense model (stage II's: expert 1) and the saved grounding model (stage III's:
+        expert 0, and its SAM and `text_hidden_fcs`), streamed: the grounding model is never built. Its FFNs are read
+        layer by layer from its safetensors file; this model's own FFNs become expert 1. The same weights as
+        `upcycle([grounding_model, copy.deepcopy(self)])` plus loading its grounding path, in about a third of the
+        memory (benchmarks/stage4_memory.py)."""
+        grounding = Path(grounding)
+        theirs = _read_config(grounding)
+        if to_dict(theirs.llm) != to_dict(self.config.llm):
+            raise ValueError(f"The grounding model {grounding} has another LLM config than this model's: "
+                             f"{to_dict(theirs.llm)} vs {to_dict(self.config.llm)}")
+        if self.moe_layers():
+            raise ValueError(f"The model already has {self.config.moe.num_experts} experts per layer")
+        names = {id(m): n for n, m in self.named_modules()}
+        with safe_open(str(grounding / WEIGHTS_FILE), framework="pt") as f:
+            for layer in self.layers:
+                ffn = copy.deepcopy(layer.mlp)  # one layer's FFN at a time, filled with the grounding model's
+                _stream_into(ffn, f, names[id(layer.mlp)] + ".", grounding / WEIGHTS_FILE, strict=True)
+                m = self.config.moe
+                upcycle([layer], [[ffn], [layer.mlp]], self.config.llm.hidden_size, m.capacity_factor_train,
+                        m.capacity_factor_eval, m.straight_through)
+            _stream_into(self.sam, f, "sam.", grounding / WEIGHTS_FILE, strict=True)
+            _stream_into(self.text_hidden_fcs, f, "text_hidden_fcs.", grounding / WEIGHTS_FILE, strict=True)
+        self.config.moe.num_experts = 2
+
+
+def _read_config(path: Path) -> ModelConfig:
+    """The model config of a saved folder, after its checksums are verified."""
+    if not (path / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"{path / CONFIG_FILE} does not exist: not a saved MedPLIB model folder")
+    _verify_checksums(path)
+    meta = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    if meta.get("format") != "medplib":
+        raise ValueError(f"{path / CONFIG_FILE} is not a MedPLIB config (format = {meta.get('format')!r})")
+    return from_dict(ModelConfig, meta["model"])
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    before = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+@torch.no_grad()
+def _stream_into(module: nn.Module, f, prefix: str, file: Path, strict: bool) -> None:
+    """Copy the tensors `prefix + name` of an open safetensors file into `module`'s parameters and buffers, one at a
+    time (cast to each one's dtype). A tensor that shares its storage with another one is written once, as
+    safetensors saves it; with `strict`, a missing name or, for a whole model (`prefix` ""), an extra one is an
+    error."""
+    state = module.state_dict(keep_vars=True)
+    owners = collections.Counter(t.data_ptr() for t in state.values())
+    in_file = set(f.keys())
+    absent, done = [], set()
+    for name, target in state.items():
+        key = prefix + name
+        if key not in in_file:
+            absent.append(name)
+            continue
+        source = f.get_tensor(key)
+        if source.shape != target.shape:
+            raise ValueError(f"{file}: '{key}' is {tuple(source.shape)} but the model's is {tuple(target.shape)}")
+        target.data.copy_(source)
+        done.add(target.data_ptr())
+    # a shared tensor is saved under one of its names only: absent under another is fine once it was written
+    missing = [prefix + n for n in absent if owners[state[n].data_ptr()] < 2 or state[n].data_ptr() not in done]
+    unexpected = sorted(in_file - {prefix + n for n in state}) if prefix == "" else []
+    if strict and (missing or unexpected):
+        raise ValueError(f"{file} does not fit the config: missing {sorted(missing)[:3]}, unexpected "
+                         f"{unexpected[:3]}")
 
 
 def _sha256(path: Path) -> str:

@@ -1,7 +1,6 @@
 """The MedPLIB stage recipe the Ray worker loop runs: which model a stage starts from, what trains, its data."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -16,20 +15,18 @@ from medplib.config.stages import StageSpec
 
 
 def build_stage_model(spec: StageSpec, base: Path, grounding: Path | None = None,
-                      tisr: TISRConfig | None = None) -> MedPLIB:
+                      tisr: TISRConfig | None = None, dtype: torch.dtype | None = None) -> MedPLIB:
     """Stage I–III: the previous stage's folder (LoRA already merged). Stage IV: MedPLIB's upcycling, expert 0 =
-    the grounding model's FFNs (stage III), expert 1 = the VL model's (stage II), grounding path from stage III.
-    `tisr` enabled (the config's `model.tisr`) and a base without TISR's plug-in: the plug-in is attached."""
-    model = MedPLIB.from_pretrained(base)
+    the grounding model's FFNs (stage III), expert 1 = the VL model's (stage II), grounding path from stage III,
+    streamed from stage III's file (its model is never built). `tisr` enabled (the config's `model.tisr`) and a base
+    without TISR's plug-in: the plug-in is attached. `dtype`: the weights' dtype in memory (bf16 on a GPU)."""
+    model = MedPLIB.from_pretrained(base, dtype)
     if tisr is not None and tisr.enabled and model.tisr is None:
         model.attach_tisr(tisr)
     if spec.stage == 4:
         if grounding is None:
             raise ValueError("Stage 4 needs the grounding expert (stage 3 output) as well as stage 2's model")
-        g = MedPLIB.from_pretrained(grounding)
-        model.upcycle([g, copy.deepcopy(model)])
-        model.sam.load_state_dict(g.sam.state_dict())
-        model.text_hidden_fcs.load_state_dict(g.text_hidden_fcs.state_dict())
+        model.upcycle_from_saved(grounding)
     if spec.lora is not None:
         apply_lora(model.llm, spec.lora)
     set_trainable(model, spec.train)

@@ -106,3 +106,64 @@ def test_moe_model_saves_and_loads(tiny_config, tokenizer, tmp_path):
     counts = parameter_counts(model)
     ffn = sum(p.numel() for p in model.layers[0].mlp.experts[0].parameters())
     assert counts["total"] - counts["active"] == ffn * tiny_config.llm.num_layers
+
+
+def test_stage4_streamed_from_the_saved_grounding_model_equals_the_in_memory_upcycle(tiny_config, tokenizer,
+                                                                                      tmp_path):
+    """`upcycle_from_saved` (stage IV as the recipe builds it, never holding the grounding model) gives exactly the
+    weights of the in-memory way: expert 0 = grounding FFNs, expert 1 = VL FFNs, SAM + text_hidden_fcs from
+    grounding, everything else from the VL model, the same routers for the same seed."""
+    from medplib.config.stages import tiny_stages
+    from medplib.train.recipe import build_stage_model
+
+    torch.manual_seed(1)
+    grounding = MedPLIB(tiny_config, tokenizer)
+    torch.manual_seed(2)
+    vl = MedPLIB(tiny_config, tokenizer)
+    g_dir, vl_dir = grounding.save_pretrained(tmp_path / "stage3"), vl.save_pretrained(tmp_path / "stage2")
+
+    torch.manual_seed(3)
+    expected = copy.deepcopy(vl)
+    expected.upcycle([grounding, vl])
+    expected.sam.load_state_dict(grounding.sam.state_dict())
+    expected.text_hidden_fcs.load_state_dict(grounding.text_hidden_fcs.state_dict())
+    streamed = MedPLIB.from_pretrained(vl_dir)
+    torch.manual_seed(3)
+    streamed.upcycle_from_saved(g_dir)
+    want, got = expected.state_dict(), streamed.state_dict()
+    assert sorted(got) == sorted(want) and streamed.config.moe.num_experts == 2
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    assert not torch.equal(streamed.layers[0].mlp.experts[0].up_proj.weight, vl.layers[0].mlp.up_proj.weight)
+
+    torch.manual_seed(3)
+    built = build_stage_model(tiny_stages()[4], vl_dir, g_dir)  # what stage IV's workers build (LoRA on top)
+    assert len(built.moe_layers()) == tiny_config.llm.num_layers
+    with pytest.raises(ValueError, match="already has 2 experts"):
+        streamed.upcycle_from_saved(g_dir)
+    other = MedPLIB(merge(tiny_config, {"llm": {"intermediate_size": 96}}), tokenizer)
+    with pytest.raises(ValueError, match="has another LLM config than this model's"):
+        other.upcycle_from_saved(g_dir)
+
+
+def test_a_saved_model_loads_in_bf16_and_names_a_file_that_does_not_fit(tiny_config, tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = MedPLIB(tiny_config, tokenizer)
+    folder = model.save_pretrained(tmp_path / "m")
+    half = MedPLIB.from_pretrained(folder, torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16} and torch.get_default_dtype() == torch.float32
+    torch.testing.assert_close(half.llm.lm_head.weight.float(), model.llm.lm_head.weight, atol=1e-2, rtol=1e-2)
+    exact = MedPLIB.from_pretrained(folder)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(exact.state_dict()[name], tensor), name
+
+    from safetensors.torch import load_file, save_file
+
+    from medplib.model.model import CHECKSUMS_FILE, WEIGHTS_FILE
+
+    weights = load_file(folder / WEIGHTS_FILE)
+    weights.pop("projector.0.weight")
+    save_file(weights, folder / WEIGHTS_FILE)
+    (folder / CHECKSUMS_FILE).unlink()
+    with pytest.raises(ValueError, match=r"safetensors does not fit the config: missing \['projector.0.weight'\]"):
+        MedPLIB.from_pretrained(folder)
