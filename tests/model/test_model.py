@@ -108,6 +108,58 @@ def test_region_and_seg_mismatches_are_errors(tiny_model: MedPLIB, tokenizer):
                    seg_masks=torch.zeros(2, 64, 64))
 
 
+def test_the_mask_is_read_from_the_state_that_emits_seg(tiny_model: MedPLIB, tokenizer):
+    """LISA / MedPLIB: the grounding head reads the hidden state whose LM head predicts `<SEG>`, not the one at it."""
+    ids, _, mask = _encode(tokenizer, [(Q_SEG, A_SEG)])
+    x, s = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    fed = []  # what the grounding head reads
+    tiny_model.text_hidden_fcs.register_forward_hook(lambda module, args, out: fed.append(args[0]))
+    before = tiny_model(ids, x, mask, sam_pixel_values=s).mask_logits
+    seg_at = int((ids[0] == tokenizer.seg_token_id).nonzero())
+    embeddings = tiny_model.get_input_embeddings().weight
+    with torch.no_grad():  # the <SEG> embedding itself cannot reach the state before it (causal attention)
+        embeddings[tokenizer.seg_token_id] += 5.0
+    torch.testing.assert_close(tiny_model(ids, x, mask, sam_pixel_values=s).mask_logits, before, atol=0, rtol=0)
+    torch.testing.assert_close(fed[1], fed[0], atol=0, rtol=0)
+    with torch.no_grad():  # ...while the token that emits it does
+        embeddings[ids[0, seg_at - 1]] += 5.0
+    after = tiny_model(ids, x, mask, sam_pixel_values=s).mask_logits
+    assert (fed[2] - fed[0]).abs().max() > 0.1 and not torch.equal(after, before)
+
+
+def test_generated_seg_masks_agree_with_the_teacher_forced_ones(tiny_model: MedPLIB, tokenizer):
+    from medplib.data.torch_dataset import CLIP_MEAN, CLIP_STD, SAM_MEAN, SAM_STD, preprocess_image
+
+    _force_next_token(tiny_model, tokenizer.seg_token_id)
+    fed = []  # the states the grounding head reads
+    tiny_model.text_hidden_fcs.register_forward_hook(lambda module, args, out: fed.append(args[0]))
+    image = np.random.default_rng(2).integers(0, 255, (64, 64), dtype=np.uint8)
+    generated = tiny_model.generate([image], ["Segment the liver."], max_new_tokens=2)[0]
+    assert generated.text == "<SEG><SEG>"
+    prompt = tokenizer.encode_prompt("<image>\nSegment the liver.")
+    ids = torch.tensor([prompt + [tokenizer.seg_token_id] * 2])
+    forced = tiny_model(ids, preprocess_image(image, 64, CLIP_MEAN, CLIP_STD)[None],
+                        sam_pixel_values=preprocess_image(image, 64, SAM_MEAN, SAM_STD)[None]).mask_logits
+    assert forced.shape == (2, 64, 64)
+    # the first mask from the prompt's last state, the second from the first <SEG>'s: two different states
+    torch.testing.assert_close(fed[0], fed[1], atol=1e-4, rtol=1e-4)
+    assert (fed[1][0] - fed[1][1]).abs().max() > 0.1
+    torch.testing.assert_close(torch.stack(generated.mask_logits), forced, atol=1e-5, rtol=1e-3)
+
+
+def test_a_seg_without_a_token_before_it_is_an_error(tiny_model: MedPLIB, tokenizer):
+    ids, _, mask = _encode(tokenizer, [(Q_SEG, A_SEG)])
+    first = ids.clone()
+    first[0, 0] = tokenizer.seg_token_id
+    with pytest.raises(ValueError, match=r"Sample\(s\) \[0\] have a <SEG> with no real token before it"):
+        tiny_model(first, torch.randn(1, 3, 64, 64), mask, sam_pixel_values=torch.randn(1, 3, 64, 64))
+    padded = torch.cat([torch.full((1, 1), tokenizer.pad_token_id), first[:, 1:]], dim=1)  # a <SEG> after padding
+    padded[0, 1] = tokenizer.seg_token_id
+    with pytest.raises(ValueError, match="at position 0 or after padding"):
+        tiny_model(padded, torch.randn(1, 3, 64, 64), torch.cat([torch.zeros(1, 1, dtype=torch.long), mask[:, 1:]], 1),
+                   sam_pixel_values=torch.randn(1, 3, 64, 64))
+
+
 # --- pixel prompts and region pooling --------------------------------------------------------------------------------
 def test_region_pooling_is_exactly_the_mean_of_covered_patches():
     enc = RegionEncoder(vision_hidden=5, llm_hidden=3, patch_size=8, max_points=512)
