@@ -156,6 +156,7 @@ class MedPLIBOutput:
     mask_bce: torch.Tensor | None = None
     mask_dice: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    moe_drop_rate: torch.Tensor | None = None  # with MoE layers: the mean over them of the tokens past capacity
     tisr_loss: torch.Tensor | None = None  # TISR's refinement loss (with the plug-in, on a batch with 2+ reports)
     logits: torch.Tensor | None = None  # (B, L, V), only without labels
     mask_logits: torch.Tensor | None = None  # (S, Ss, Ss), one per <SEG> in row-major order
@@ -311,6 +312,9 @@ class MedPLIB(nn.Module):
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
         hidden = hidden[:, embeds.shape[1] - input_ids.shape[1]:]  # the prompt's positions (after any pseudo-words)
         out = MedPLIBOutput()
+        moe = self.moe_layers()
+        if moe:
+            out.moe_drop_rate = torch.stack([m.last_drop_rate for m in moe]).mean()
 
         emitting = self.seg_emitting_positions(input_ids, attention_mask)
         if emitting.any():
@@ -343,7 +347,6 @@ class MedPLIB(nn.Module):
                                             self.config.tisr.temperature)
             if out.tisr_loss is not None:
                 loss = loss + self.config.tisr.refine_weight * out.tisr_loss
-        moe = self.moe_layers()
         if moe and self.config.moe.aux_loss_weight > 0:
             out.aux_loss = torch.stack([m.aux_loss for m in moe]).mean()
             loss = loss + self.config.moe.aux_loss_weight * out.aux_loss

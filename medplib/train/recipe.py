@@ -80,6 +80,8 @@ class StageRecipe:
             parts |= {"bce": float(out.mask_bce.detach()), "dice_loss": float(out.mask_dice.detach())}
         if out.tisr_loss is not None:
             parts["tisr"] = float(out.tisr_loss.detach())
+        if out.moe_drop_rate is not None:
+            parts["moe_drop_rate"] = float(out.moe_drop_rate)
         return loss, parts
 
     def save(self, module: MedPLIB, out_dir: Path) -> None:
