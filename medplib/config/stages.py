@@ -52,6 +52,8 @@ class StageSpec:
     loss: LossSpec = field(default_factory=LossSpec)
     lr: float = 1e-4
     epochs: int = 1
+    # positions the LLM sees a sample: text tokens with <image> expanded to its patches (as LLaVA's model_max_length
+    # after expansion), plus TISR's pseudo-words; a longer conversation loses context, never an answer (encode_within)
     max_len: int = 2048
     warmup_ratio: float = 0.01
     betas: tuple[float, float] = (0.9, 0.95)
@@ -70,6 +72,8 @@ class StageSpec:
             raise ConfigError(f"Config key '{prefix}stage' = {self.stage} must be 1, 2, 3 or 4")
         if self.lr <= 0 or self.epochs < 1:
             raise ConfigError(f"Config key '{prefix}lr' / '{prefix}epochs' = {self.lr} / {self.epochs} must be > 0")
+        if self.max_len < 1:
+            raise ConfigError(f"Config key '{prefix}max_len' = {self.max_len} must be >= 1 (positions a sample)")
         if self.max_steps < 0:
             raise ConfigError(f"Config key '{prefix}max_steps' = {self.max_steps} must be >= 0 (0 = no cap)")
         if not self.train and self.lora is None:

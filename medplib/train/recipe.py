@@ -58,8 +58,9 @@ class StageRecipe:
         if self.model is None:
             raise RuntimeError("build_model() first: the dataset uses the model's tokenizer")
         cfg = self.model.config
+        pseudo_words = cfg.tisr.num_pseudo_words if self.model.tisr is not None else 0  # TISR's, before the prompt
         ds = MedDataset(self.data_dir, self.model.tokenizer, cfg.vision.image_size, cfg.sam.image_size,
-                        split="train", tasks=self.spec.tasks)
+                        split="train", tasks=self.spec.tasks, max_len=self.spec.max_len - pseudo_words)
         if len(ds) == 0:
             raise ValueError(f"Stage {self.spec.stage} ({self.spec.name}) has no train records of tasks "
                              f"{list(self.spec.tasks)} ({', '.join(resolve(self.spec.tasks))}) in {self.data_dir}")
