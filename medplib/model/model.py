@@ -33,7 +33,9 @@ from medplib.config.model import ModelConfig, TISRConfig
 from medplib.data.torch_dataset import (
     CLIP_MEAN, CLIP_STD, SAM_MEAN, SAM_STD, preprocess_image, preprocess_mask, unsquare,
 )
-from medplib.model.losses import IGNORE_INDEX, LossWeights, answer_cross_entropy, mask_bce, soft_dice_loss
+from medplib.model.losses import (
+    IGNORE_INDEX, LossWeights, answer_cross_entropy, mask_bce, sigmoid_focal_loss, soft_dice_loss,
+)
 from medplib.model.moe import MoEFeedForward, upcycle
 from medplib.model.prompts import PromptError, freeform_prompt_mask
 from medplib.model.tisr import TextualInversion, prepend, refine_rows, refinement_loss, text_embedding
@@ -155,6 +157,7 @@ class MedPLIBOutput:
     ce_loss: torch.Tensor | None = None
     mask_bce: torch.Tensor | None = None
     mask_dice: torch.Tensor | None = None
+    mask_focal: torch.Tensor | None = None  # sigmoid focal loss (alpha 0.25, gamma 2), reported at any weight
     aux_loss: torch.Tensor | None = None
     moe_drop_rate: torch.Tensor | None = None  # with MoE layers: the mean over them of the tokens past capacity
     tisr_loss: torch.Tensor | None = None  # TISR's refinement loss (with the plug-in, on a batch with 2+ reports)
@@ -340,7 +343,10 @@ class MedPLIB(nn.Module):
                                  f"{tuple(out.mask_logits.shape[-2:])} (the SAM input size)")
             out.mask_bce = mask_bce(out.mask_logits, seg_masks)
             out.mask_dice = soft_dice_loss(out.mask_logits, seg_masks)
+            out.mask_focal = sigmoid_focal_loss(out.mask_logits, seg_masks)
             loss = loss + loss_weights.bce * out.mask_bce + loss_weights.dice * out.mask_dice
+            if loss_weights.focal:  # weight 0 leaves the loss as it was, to the bit
+                loss = loss + loss_weights.focal * out.mask_focal
         if pseudo is not None and self.config.tisr.refine_weight > 0:
             rows = refine_rows(records, self.config.tisr, len(input_ids)).to(pseudo.device)
             out.tisr_loss = refinement_loss(pseudo[rows], text_embedding(self, labels[rows]),

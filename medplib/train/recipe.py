@@ -78,7 +78,8 @@ class StageRecipe:
         loss = out.loss + 0.0 * anchor
         parts = {"ce": float(out.ce_loss.detach())}
         if out.mask_bce is not None:
-            parts |= {"bce": float(out.mask_bce.detach()), "dice_loss": float(out.mask_dice.detach())}
+            parts |= {"bce": float(out.mask_bce.detach()), "dice_loss": float(out.mask_dice.detach()),
+                      "focal": float(out.mask_focal.detach())}
         if out.tisr_loss is not None:
             parts["tisr"] = float(out.tisr_loss.detach())
         if out.moe_drop_rate is not None:

@@ -1,6 +1,8 @@
 """Shapes, errors, region pooling, tokenizer template, generation and save/load of the tiny MedPLIB."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 from medplib.model import (
     LossWeights, MedPLIB, MedTokenizer, PromptError, box_prompt_mask, freeform_prompt_mask, point_prompt_mask,
 )
+from medplib.model.losses import mask_bce, sigmoid_focal_loss
 from medplib.model.model import RegionEncoder
 from medplib.model.tokenizer import IGNORE_INDEX
 
@@ -76,6 +79,42 @@ def test_forward_shapes_losses_and_gradients(tiny_model: MedPLIB, tokenizer):
     out = tiny_model.eval()(ids, torch.randn(2, 3, 64, 64), mask, region_masks=region,
                             region_batch_index=torch.tensor([1]), sam_pixel_values=torch.randn(2, 3, 64, 64))
     assert out.logits.shape == (2, ids.shape[1], len(tokenizer)) and out.loss is None
+
+
+def test_sigmoid_focal_loss_matches_a_hand_computation():
+    logits, targets = torch.tensor([[0.0, 2.0], [-1.0, 3.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+
+    def sigmoid(x: float) -> float:
+        return 1 / (1 + math.exp(-x))
+
+    # alpha_t * BCE * (1 - p_t)^2 per pixel: alpha_t = 0.25 on foreground, 0.75 on background
+    pixels = [0.25 * math.log(2) * 0.5 ** 2, 0.75 * math.log(1 + math.exp(2)) * sigmoid(2) ** 2,
+              0.75 * math.log(1 + math.exp(-1)) * sigmoid(-1) ** 2,
+              0.25 * math.log(1 + math.exp(-3)) * sigmoid(-3) ** 2]
+    assert float(sigmoid_focal_loss(logits, targets)) == pytest.approx(sum(pixels) / 4, rel=1e-6)
+    # gamma 0 and alpha 0.5: half the BCE
+    assert float(sigmoid_focal_loss(logits, targets, alpha=0.5, gamma=0.0)) == pytest.approx(
+        0.5 * float(mask_bce(logits, targets)), rel=1e-6)
+
+
+def test_focal_weight_zero_leaves_the_loss_unchanged_and_the_recipe_reports_it(tiny_model: MedPLIB, tokenizer):
+    from medplib.config.base import to_dict
+    from medplib.config.stages import tiny_stages
+    from medplib.train.recipe import StageRecipe
+
+    ids, labels, mask = _encode(tokenizer, [(Q_SEG, A_SEG)])
+    target = torch.zeros(1, 64, 64)
+    target[0, 20:40, 20:40] = 1
+    batch = {"input_ids": ids, "pixel_values": torch.randn(1, 3, 64, 64), "attention_mask": mask, "labels": labels,
+             "sam_pixel_values": torch.randn(1, 3, 64, 64), "seg_masks": target}
+    off = tiny_model(**batch, loss_weights=LossWeights(ce=1.0, bce=2.0, dice=0.5, focal=0.0))
+    assert torch.equal(off.loss, off.ce_loss + 2.0 * off.mask_bce + 0.5 * off.mask_dice)
+    assert float(off.mask_focal) == pytest.approx(float(sigmoid_focal_loss(off.mask_logits, target)), rel=1e-6)
+    on = tiny_model(**batch, loss_weights=LossWeights(ce=1.0, bce=2.0, dice=0.5, focal=3.0))
+    torch.testing.assert_close(on.loss, off.loss + 3.0 * off.mask_focal)
+    recipe = StageRecipe({"spec": to_dict(tiny_stages()[3]), "data_dir": "unused", "base": "unused"})
+    _, parts = recipe.loss(tiny_model, batch)
+    assert parts["focal"] == pytest.approx(float(off.mask_focal), rel=1e-6) and {"bce", "dice_loss"} <= set(parts)
 
 
 def test_vision_tower_is_clips_second_to_last_layer_without_cls(tiny_model: MedPLIB):
