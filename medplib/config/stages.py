@@ -6,7 +6,8 @@ They are part of the config (`train.stage1` … `train.stage4`), so a YAML file 
 `full` keeps MedPLIB's values. `tiny` scales epochs and batches to CPU minutes and differs where a randomly
 initialised model must: there is no pre-trained CLIP / LLaMA / LLaVA / SAM, so stage I trains the vision tower,
 the projector and the LLM on captions and the VQA text (it stands in for CLIP, Vicuna and LLaVA-1.5 training),
-and the SAM image encoder trains in stage III.
+and the SAM image encoder trains in stage III. Tiny stage III leaves the focal term at 0: its measured numbers
+(below and in the README) predate the term.
 Bugs of the public code are not copied: the region adapter trains in stage II, booleans are real booleans.
 """
 from __future__ import annotations
@@ -37,9 +38,17 @@ class LoraSpec:
 
 @dataclass
 class LossSpec:
+    """Weights of the loss terms (medplib.model.LossWeights): answer tokens, mask BCE, soft Dice, sigmoid focal."""
+
     ce: float = 1.0
     bce: float = 1.0
     dice: float = 1.0
+    focal: float = 0.0  # on the mask logits, alpha 0.25, gamma 2 (MedPLIB's stage III: 1)
+
+    def validate(self, prefix: str = "") -> None:
+        for key, weight in vars(self).items():
+            if weight < 0:
+                raise ConfigError(f"Config key '{prefix}{key}' = {weight} must be >= 0 (a loss weight)")
 
 
 @dataclass
@@ -52,6 +61,8 @@ class StageSpec:
     loss: LossSpec = field(default_factory=LossSpec)
     lr: float = 1e-4
     epochs: int = 1
+    # positions the LLM sees a sample: text tokens with <image> expanded to its patches (as LLaVA's model_max_length
+    # after expansion), plus TISR's pseudo-words; a longer conversation loses context, never an answer (encode_within)
     max_len: int = 2048
     warmup_ratio: float = 0.01
     betas: tuple[float, float] = (0.9, 0.95)
@@ -70,6 +81,8 @@ class StageSpec:
             raise ConfigError(f"Config key '{prefix}stage' = {self.stage} must be 1, 2, 3 or 4")
         if self.lr <= 0 or self.epochs < 1:
             raise ConfigError(f"Config key '{prefix}lr' / '{prefix}epochs' = {self.lr} / {self.epochs} must be > 0")
+        if self.max_len < 1:
+            raise ConfigError(f"Config key '{prefix}max_len' = {self.max_len} must be >= 1 (positions a sample)")
         if self.max_steps < 0:
             raise ConfigError(f"Config key '{prefix}max_steps' = {self.max_steps} must be >= 0 (0 = no cap)")
         if not self.train and self.lora is None:
@@ -97,7 +110,7 @@ def full_stages() -> dict[int, StageSpec]:
                      lora=LoraSpec(16, 32, 0.05, LLM_ALL),
                      lr=1e-4, epochs=3, max_len=2048, gradient_checkpointing=True),
         3: StageSpec(3, "grounding_expert", tasks=("pixel",), train=GROUNDING, lora=LoraSpec(8, 16, 0.05, FFN),
-                     loss=LossSpec(ce=1.0, bce=1.0, dice=5.0), lr=3e-4, epochs=10, max_len=2048,
+                     loss=LossSpec(ce=1.0, bce=1.0, dice=5.0, focal=1.0), lr=3e-4, epochs=10, max_len=2048,
                      gradient_checkpointing=True),
         4: StageSpec(4, "moe", tasks=("vl", "pixel"),
                      train=("*.router.*", *EMBED, *GROUNDING, "region_encoder.*", TISR),

@@ -22,6 +22,7 @@ SPLITS = ("train", "val", "test", "zeroshot")  # val: the source's own, else car
 
 IMAGE_TOKEN = "<image>"
 SEG_TOKEN = "<SEG>"
+REGION_TOKEN = "<region>"  # a pixel prompt in the text: `<region>PATH</region>` in a record
 REGION_RE = re.compile(r"<region>(.*?)</region>", re.S)
 MASK_RE = re.compile(r"<mask>(.*?)</mask>", re.S)
 

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from medplib import tasks as registry
 from medplib.data.images import read_image, read_mask
-from medplib.data.schema import IMAGE_TOKEN, MASK_RE, REGION_RE, Record
+from medplib.data.schema import IMAGE_TOKEN, MASK_RE, REGION_RE, REGION_TOKEN, SEG_TOKEN, Record, RecordError
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 SAM_MEAN, SAM_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -95,6 +95,71 @@ def strip_paths(turns: Sequence[dict]) -> tuple[list[dict], list[str], list[str]
     return out, regions, masks
 
 
+def encode_within(turns: Sequence[dict], regions: Sequence[str], tokenizer: ConversationTokenizer,
+                  max_len: int | None, record_id: str) -> tuple[list[int], list[int], list[str]]:
+    """Ids, labels and region paths of a conversation (`strip_paths`' output) in at most `max_len` positions.
+
+    A length counts the positions the LLM sees: text tokens with `<image>` expanded to its patch positions (LLaVA
+    cuts at `model_max_length` after that expansion too). Only the context side is cut, never an answer's `<SEG>`:
+    first the earliest question/answer pairs whose answer has no `<SEG>` (the last pair stays; the `<image>` moves to
+    the next question, a dropped question's region prompts go with it), then words from the middle of the questions,
+    longest first (placeholders such as `<region></region>` stay). A record that still does not fit (its answers,
+    `<SEG>`s and image alone overflow) is a RecordError naming it and the lengths.
+    """
+    ids, labels = tokenizer.encode_conversation(turns)
+    if max_len is None or len(ids) <= max_len:
+        return ids, labels, list(regions)
+    full = len(ids)
+    pairs = [[dict(turns[k]), dict(turns[k + 1])] for k in range(0, len(turns), 2)]
+    counts = [sum(t["value"].count(REGION_TOKEN) for t in pair) for pair in pairs]
+    owned = [list(regions[sum(counts[:k]): sum(counts[:k + 1])]) for k in range(len(pairs))]  # each pair's regions
+
+    def encode() -> tuple[list[int], list[int]]:
+        return tokenizer.encode_conversation([t for pair in pairs for t in pair])
+
+    while len(ids) > max_len:
+        droppable = [k for k, (_, answer) in enumerate(pairs[:-1]) if SEG_TOKEN not in answer["value"]]
+        if not droppable:
+            break
+        k = droppable[0]
+        question, _ = pairs.pop(k)
+        owned.pop(k)
+        if IMAGE_TOKEN in question["value"] and IMAGE_TOKEN not in pairs[k][0]["value"]:
+            pairs[k][0]["value"] = f"{IMAGE_TOKEN}\n{pairs[k][0]['value']}"
+        ids, labels = encode()
+
+    while len(ids) > max_len:
+        k = max(range(len(pairs)), key=lambda j: len(_cuttable(pairs[j][0]["value"])))
+        question = pairs[k][0]["value"]
+        if not _cuttable(question):
+            answer = sum(lab != IGNORE_INDEX for lab in labels)
+            raise RecordError(f"record {record_id}", "conversations", f"{full} positions",
+                              f"with its context cut it still takes {len(ids)} positions ({answer} of them answer "
+                              f"tokens, the rest its image and template), more than max_len {max_len}: raise the "
+                              "stage's max_len or leave the record out")
+        lo, hi = 1, len(_cuttable(question))  # the fewest words to cut, by bisection on the encoded length
+        while lo < hi:
+            mid = (lo + hi) // 2
+            pairs[k][0]["value"] = _without_middle(question, mid)
+            lo, hi = (lo, mid) if len(encode()[0]) <= max_len else (mid + 1, hi)
+        pairs[k][0]["value"] = _without_middle(question, lo)
+        ids, labels = encode()
+    return ids, labels, [path for paths in owned for path in paths]
+
+
+def _cuttable(question: str) -> list[int]:
+    """Indices of the words (split at spaces) of `question` that may be cut: not a placeholder such as `<image>`."""
+    return [i for i, w in enumerate(question.split(" ")) if "<" not in w]
+
+
+def _without_middle(question: str, n: int) -> str:
+    """`question` without the middle `n` of its cuttable words (no marker: it would cost tokens)."""
+    cuttable = _cuttable(question)
+    start = (len(cuttable) - n) // 2
+    gone = set(cuttable[start: start + n])
+    return " ".join(w for i, w in enumerate(question.split(" ")) if i not in gone)
+
+
 def read_records(data_dir: Path) -> list[Record]:
     path = Path(data_dir) / "records.jsonl"
     if not path.exists():
@@ -122,9 +187,10 @@ class MedDataset(Dataset):
 
     def __init__(self, data_dir: Path, tokenizer: ConversationTokenizer, image_size: int, sam_image_size: int,
                  split: str | None = None, tasks: Sequence[str] | None = None,
-                 records: Sequence[Record] | None = None):
+                 records: Sequence[Record] | None = None, max_len: int | None = None):
+        """`max_len`: at most this many positions a sample (see `encode_within`); None keeps every conversation."""
         self.data_dir = Path(data_dir)
-        self.tokenizer = tokenizer
+        self.tokenizer, self.max_len = tokenizer, max_len
         self.image_size, self.sam_image_size = image_size, sam_image_size
         recs = list(records) if records is not None else read_records(self.data_dir)
         chosen = None if tasks is None else registry.resolve(tasks)  # task names and/or groups (`vl`)
@@ -137,7 +203,7 @@ class MedDataset(Dataset):
         rec = self.records[i]
         image = read_image(self.data_dir / rec.image)
         turns, regions, masks = strip_paths(rec.conversations)
-        ids, labels = self.tokenizer.encode_conversation(turns)
+        ids, labels, regions = encode_within(turns, regions, self.tokenizer, self.max_len, rec.id)
         region_masks = [preprocess_mask(read_mask(self.data_dir / p), self.image_size, keep_any=True) for p in regions]
         seg_masks = [preprocess_mask(read_mask(self.data_dir / p), self.sam_image_size).float() for p in masks]
         return Sample(

@@ -1,4 +1,4 @@
-"""MedPLIB's training losses: token cross-entropy on answers, mask BCE and soft Dice (REFERENCE §3)."""
+"""MedPLIB's training losses: token cross-entropy on answers, mask BCE, soft Dice and sigmoid focal (REFERENCE §3)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,11 +11,13 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the loss terms; a stage config sets them (stage III: ce 1, dice 5, bce 1; stage IV: 1, 0.5, 2)."""
+    """Weights of the loss terms; a stage config sets them (stage III: ce 1, dice 5, bce 1, focal 1; stage IV: ce 1,
+    dice 0.5, bce 2)."""
 
     ce: float = 1.0
     bce: float = 1.0
     dice: float = 1.0
+    focal: float = 0.0
 
 
 def answer_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -36,6 +38,18 @@ def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 
     t = targets.float().flatten(-2)
     dice = (2 * (p * t).sum(-1) + smooth) / (p.sum(-1) + t.sum(-1) + smooth)
     return (1 - dice).mean()
+
+
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
+                       gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss (Lin et al.) of sigmoid(logits) against binary targets, the mean over pixels and masks, as
+    `torchvision.ops.sigmoid_focal_loss(reduction="mean")`: BCE scaled by α_t (1 − p_t)^γ, so easy pixels count less."""
+    logits, targets = logits.float(), targets.float()
+    p = torch.sigmoid(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return (alpha_t * bce * (1 - p_t) ** gamma).mean()
 
 
 def dice_score(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 CLIP vision tower → `mlp2x_gelu` projector → image features scattered into the LLaMA input at `<image>`;
 pixel prompts → patch-grid pooling → region adapter → one embedding per `<region>`;
-LLaMA (every MLP optionally a top-1 MoE) → answer tokens; last hidden state at `<SEG>` → `text_hidden_fcs` →
-SAM sparse prompt → SAM mask decoder (single mask) on the SAM image encoder's embedding.
+LLaMA (every MLP optionally a top-1 MoE) → answer tokens; the last hidden state that emits `<SEG>` (the one before
+it, as LISA / MedPLIB read it) → `text_hidden_fcs` → SAM sparse prompt → SAM mask decoder (single mask) on the SAM
+image encoder's embedding.
 Optional: TISR's plug-in (`model.tisr`, medplib/model/tisr.py) puts pseudo-words from the image before the prompt.
 """
 from __future__ import annotations
@@ -35,7 +36,9 @@ from medplib.config.model import ModelConfig, TISRConfig
 from medplib.data.torch_dataset import (
     CLIP_MEAN, CLIP_STD, SAM_MEAN, SAM_STD, preprocess_image, preprocess_mask, unsquare,
 )
-from medplib.model.losses import IGNORE_INDEX, LossWeights, answer_cross_entropy, mask_bce, soft_dice_loss
+from medplib.model.losses import (
+    IGNORE_INDEX, LossWeights, answer_cross_entropy, mask_bce, sigmoid_focal_loss, soft_dice_loss,
+)
 from medplib.model.moe import MoEFeedForward, upcycle
 from medplib.model.prompts import PromptError, freeform_prompt_mask
 from medplib.model.tisr import TextualInversion, prepend, refine_rows, refinement_loss, text_embedding
@@ -157,7 +160,9 @@ class MedPLIBOutput:
     ce_loss: torch.Tensor | None = None
     mask_bce: torch.Tensor | None = None
     mask_dice: torch.Tensor | None = None
+    mask_focal: torch.Tensor | None = None  # sigmoid focal loss (alpha 0.25, gamma 2), reported at any weight
     aux_loss: torch.Tensor | None = None
+    moe_drop_rate: torch.Tensor | None = None  # with MoE layers: the mean over them of the tokens past capacity
     tisr_loss: torch.Tensor | None = None  # TISR's refinement loss (with the plug-in, on a batch with 2+ reports)
     logits: torch.Tensor | None = None  # (B, L, V), only without labels
     mask_logits: torch.Tensor | None = None  # (S, Ss, Ss), one per <SEG> in row-major order
@@ -262,9 +267,26 @@ class MedPLIB(nn.Module):
         return embeds
 
     # --- grounding -------------------------------------------------------------------------------------------
+    def seg_emitting_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: the positions whose hidden state emits a `<SEG>`, i.e. the token before each one.
+
+        LISA and MedPLIB read `hidden[input_ids[:, 1:] == seg]` (the state whose LM head predicts `<SEG>`), so
+        generation needs no extra forward for it and released grounding heads fit.
+        """
+        real = attention_mask.bool()
+        seg = (input_ids == self.tokenizer.seg_token_id) & real
+        orphan = seg[:, 0] | (seg[:, 1:] & ~real[:, :-1]).any(dim=1)
+        if orphan.any():
+            raise ValueError(f"Sample(s) {orphan.nonzero().flatten().tolist()} have a <SEG> with no real token "
+                             "before it (at position 0 or after padding): its mask is read from the state that "
+                             "emits it, so a <SEG> must follow a prompt")
+        emitting = torch.zeros_like(seg)
+        emitting[:, :-1] = seg[:, 1:]
+        return emitting
+
     def segment(self, sam_pixel_values: torch.Tensor, seg_hidden: torch.Tensor,
                 seg_batch_index: torch.Tensor) -> torch.Tensor:
-        """`<SEG>` hidden states (S, H) and their images → mask logits (S, Ss, Ss) at the SAM input size."""
+        """States that emit `<SEG>` (S, H) and their images → mask logits (S, Ss, Ss) at the SAM input size."""
         used, inverse = torch.unique(seg_batch_index, return_inverse=True)
         image_embeddings = self.sam.vision_encoder(sam_pixel_values[used]).last_hidden_state[inverse]
         n = seg_hidden.shape[0]
@@ -296,13 +318,16 @@ class MedPLIB(nn.Module):
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
         hidden = hidden[:, embeds.shape[1] - input_ids.shape[1]:]  # the prompt's positions (after any pseudo-words)
         out = MedPLIBOutput()
+        moe = self.moe_layers()
+        if moe:
+            out.moe_drop_rate = torch.stack([m.last_drop_rate for m in moe]).mean()
 
-        seg_positions = (input_ids == self.tokenizer.seg_token_id) & attention_mask.bool()
-        if seg_positions.any():
+        emitting = self.seg_emitting_positions(input_ids, attention_mask)
+        if emitting.any():
             if sam_pixel_values is None:
-                raise ValueError(f"The input has {int(seg_positions.sum())} <SEG> token(s) but no sam_pixel_values")
-            out.seg_batch_index = seg_positions.nonzero()[:, 0]
-            out.mask_logits = self.segment(sam_pixel_values, hidden[seg_positions], out.seg_batch_index)
+                raise ValueError(f"The input has {int(emitting.sum())} <SEG> token(s) but no sam_pixel_values")
+            out.seg_batch_index = emitting.nonzero()[:, 0]
+            out.mask_logits = self.segment(sam_pixel_values, hidden[emitting], out.seg_batch_index)
 
         if labels is None:
             out.logits = self.llm.lm_head(hidden)
@@ -321,14 +346,16 @@ class MedPLIB(nn.Module):
                                  f"{tuple(out.mask_logits.shape[-2:])} (the SAM input size)")
             out.mask_bce = mask_bce(out.mask_logits, seg_masks)
             out.mask_dice = soft_dice_loss(out.mask_logits, seg_masks)
+            out.mask_focal = sigmoid_focal_loss(out.mask_logits, seg_masks)
             loss = loss + loss_weights.bce * out.mask_bce + loss_weights.dice * out.mask_dice
+            if loss_weights.focal:  # weight 0 leaves the loss as it was, to the bit
+                loss = loss + loss_weights.focal * out.mask_focal
         if pseudo is not None and self.config.tisr.refine_weight > 0:
             rows = refine_rows(records, self.config.tisr, len(input_ids)).to(pseudo.device)
             out.tisr_loss = refinement_loss(pseudo[rows], text_embedding(self, labels[rows]),
                                             self.config.tisr.temperature)
             if out.tisr_loss is not None:
                 loss = loss + self.config.tisr.refine_weight * out.tisr_loss
-        moe = self.moe_layers()
         if moe and self.config.moe.aux_loss_weight > 0:
             out.aux_loss = torch.stack([m.aux_loss for m in moe]).mean()
             loss = loss + self.config.moe.aux_loss_weight * out.aux_loss
@@ -388,23 +415,23 @@ class MedPLIB(nn.Module):
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         generated: list[list[int]] = [[] for _ in range(batch)]
         seg_hidden: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             token = self.llm.lm_head(hidden).argmax(dim=-1)
             token = torch.where(finished, torch.full_like(token, pad), token)
             for b in (~finished).nonzero().flatten().tolist():
                 generated[b].append(int(token[b]))
+            # the state that emitted a <SEG> is its grounding state, as in training (seg_emitting_positions)
+            for b in ((token == self.tokenizer.seg_token_id) & ~finished).nonzero().flatten().tolist():
+                seg_hidden[b].append(hidden[b])
             was_finished = finished
             finished = finished | (token == self.tokenizer.eos_token_id)
-            # Feed every new token once, so a generated <SEG> has its own last hidden state (as in training).
+            if finished.all() or step == max_new_tokens - 1:
+                break
             attention_mask = torch.cat([attention_mask, (~was_finished).long()[:, None]], dim=1)
             out = self.llm.model(inputs_embeds=self.llm.get_input_embeddings()(token[:, None]),
                                  attention_mask=attention_mask, position_ids=next_position[:, None],
                                  past_key_values=cache, use_cache=True)
             cache, hidden, next_position = out.past_key_values, out.last_hidden_state[:, -1], next_position + 1
-            for b in ((token == self.tokenizer.seg_token_id) & ~was_finished).nonzero().flatten().tolist():
-                seg_hidden[b].append(hidden[b])
-            if finished.all():
-                break
 
         results = [Generation(text=self.tokenizer.decode(ids)) for ids in generated]
         seg_index = [b for b in range(batch) for _ in seg_hidden[b]]

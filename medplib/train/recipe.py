@@ -55,8 +55,9 @@ class StageRecipe:
         if self.model is None:
             raise RuntimeError("build_model() first: the dataset uses the model's tokenizer")
         cfg = self.model.config
+        pseudo_words = cfg.tisr.num_pseudo_words if self.model.tisr is not None else 0  # TISR's, before the prompt
         ds = MedDataset(self.data_dir, self.model.tokenizer, cfg.vision.image_size, cfg.sam.image_size,
-                        split="train", tasks=self.spec.tasks)
+                        split="train", tasks=self.spec.tasks, max_len=self.spec.max_len - pseudo_words)
         if len(ds) == 0:
             raise ValueError(f"Stage {self.spec.stage} ({self.spec.name}) has no train records of tasks "
                              f"{list(self.spec.tasks)} ({', '.join(resolve(self.spec.tasks))}) in {self.data_dir}")
@@ -74,9 +75,12 @@ class StageRecipe:
         loss = out.loss + 0.0 * anchor
         parts = {"ce": float(out.ce_loss.detach())}
         if out.mask_bce is not None:
-            parts |= {"bce": float(out.mask_bce.detach()), "dice_loss": float(out.mask_dice.detach())}
+            parts |= {"bce": float(out.mask_bce.detach()), "dice_loss": float(out.mask_dice.detach()),
+                      "focal": float(out.mask_focal.detach())}
         if out.tisr_loss is not None:
             parts["tisr"] = float(out.tisr_loss.detach())
+        if out.moe_drop_rate is not None:
+            parts["moe_drop_rate"] = float(out.moe_drop_rate)
         return loss, parts
 
     def save(self, module: MedPLIB, out_dir: Path) -> None:

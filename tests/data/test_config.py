@@ -82,6 +82,8 @@ def test_a_config_file_overrides_any_stage_key(tmp_path: Path):
     ("train:\n  stage5:\n    lr: 1\n", "Unknown config key 'train.stage5'"),
     ("train:\n  stage2:\n    stage: 3\n", "'train.stage2.stage' = 3 must be 2"),
     ("train:\n  stage1:\n    max_steps: -1\n", "'train.stage1.max_steps' = -1"),
+    ("train:\n  stage2:\n    max_len: 0\n", "'train.stage2.max_len' = 0 must be >= 1"),
+    ("train:\n  stage3:\n    loss:\n      focal: -1\n", "'train.stage3.loss.focal' = -1.0 must be >= 0"),
     ("train:\n  stage4:\n    lora:\n      targets: [mlp]\n", "'train.stage4.lora.targets' has 'mlp'"),
     ("eval:\n  max_new_tokens: {reports: 100}\n", "'eval.max_new_tokens' names 'reports', not a registered task"),
     ("eval:\n  max_new_tokens: {report: 0}\n", "'eval.max_new_tokens.report' = 0 must be an integer >= 1"),

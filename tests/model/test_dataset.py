@@ -10,8 +10,13 @@ import torch
 from medplib.data.images import read_mask
 from medplib.data.ingest import build_dataset
 from medplib.data.synth import generate
-from medplib.data.torch_dataset import MedDataset, preprocess_mask, read_records, strip_paths, unsquare
+from medplib.data.schema import RecordError
+from medplib.data.torch_dataset import (
+    MedDataset, encode_within, preprocess_mask, read_records, strip_paths, unsquare,
+)
 from medplib.model.tokenizer import IGNORE_INDEX
+
+from .conftest import conversation
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +66,63 @@ def test_geometry_of_non_square_images_round_trips():
     back = unsquare(square.float() * 20 - 10, 40, 64)
     assert back.shape == (40, 64)
     assert ((back > 0).numpy() == mask).mean() > 0.97
+
+
+def _answers(ids: list[int], labels: list[int]) -> list[int]:
+    return [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+
+
+def test_max_len_cuts_the_earliest_turns_without_seg_first(tokenizer):
+    region = ("<image>\nWhat is in <region></region>?", "It is the kidney.")
+    seg, last = ("Segment the liver.", "It is the liver. <SEG>"), ("How many structures are visible?", "two.")
+    turns = [t for q, a in (region, seg, last) for t in conversation(q, a)]
+    ids, labels = tokenizer.encode_conversation(turns)
+    assert encode_within(turns, ["r.png"], tokenizer, len(ids), "rec") == (ids, labels, ["r.png"])
+    cut_ids, cut_labels, regions = encode_within(turns, ["r.png"], tokenizer, len(ids) - 1, "rec")
+    # the first pair goes with its region prompt; its <image> moves on; the <SEG> answer stays
+    kept = [("<image>\n" + seg[0], seg[1]), last]
+    assert (cut_ids, cut_labels) == tokenizer.encode_conversation([t for q, a in kept for t in conversation(q, a)])
+    assert regions == [] and cut_ids.count(tokenizer.image_token_id) == 64
+    assert tokenizer.seg_token_id in _answers(cut_ids, cut_labels)
+
+
+def test_max_len_cuts_the_middle_of_a_question_never_the_answer_or_placeholders(tokenizer):
+    filler = " ".join(f"word{i}" for i in range(40))
+    turns = conversation(f"<image>\nWhat is in <region></region>? {filler} Answer briefly.", "It is the kidney.")
+    ids, labels = tokenizer.encode_conversation(turns)
+    max_len = len(ids) - 20
+    cut_ids, cut_labels, regions = encode_within(turns, ["r.png"], tokenizer, max_len, "rec")
+    assert max_len - 8 <= len(cut_ids) <= max_len  # the fewest words go: a word is a few tokens
+    assert _answers(cut_ids, cut_labels) == _answers(ids, labels)
+    assert regions == ["r.png"] and cut_ids.count(tokenizer.region_token_id) == 1
+    assert cut_ids.count(tokenizer.image_token_id) == 64
+    text = tokenizer.hf.decode(cut_ids)
+    assert "What is in" in text and "word0 " in text and "word39 Answer briefly." in text and "word20" not in text
+
+
+def test_a_record_whose_answer_and_image_overflow_max_len_is_an_error(tokenizer):
+    turns = conversation("<image>\nSegment the liver.", "It is the liver. <SEG>")
+    with pytest.raises(RecordError, match=r"record rec-7: field 'conversations' = '\d+ positions': with its context "
+                                          r"cut it still takes \d+ positions \(\d+ of them answer tokens.*max_len 60"):
+        encode_within(turns, [], tokenizer, 60, "rec-7")  # the image alone takes 64 positions
+
+
+def test_the_stage_recipe_gives_the_dataset_its_max_len(data_dir: Path, tiny_model, tokenizer):
+    from medplib.config.base import to_dict
+    from medplib.config.model import TISRConfig
+    from medplib.config.stages import tiny_stages
+    from medplib.train.recipe import StageRecipe
+
+    recipe = StageRecipe({"spec": to_dict(tiny_stages()[2]), "data_dir": str(data_dir), "base": "unused"})
+    recipe.model = tiny_model
+    assert recipe.train_dataset().max_len == 512
+    tiny_model.attach_tisr(TISRConfig(enabled=True, num_pseudo_words=4))
+    assert recipe.train_dataset().max_len == 512 - 4  # TISR's pseudo-words take positions before the prompt
+    for task in ("grounding", "region_vqa"):  # a question word goes; the answer, <SEG> and <region> stay
+        record = MedDataset(data_dir, tokenizer, 64, 64, tasks=(task,)).records[0]
+        full = MedDataset(data_dir, tokenizer, 64, 64, records=[record])[0]
+        short = MedDataset(data_dir, tokenizer, 64, 64, records=[record], max_len=len(full.input_ids) - 1)[0]
+        assert len(short.input_ids) < len(full.input_ids)
+        assert _answers(short.input_ids.tolist(), short.labels.tolist()) == _answers(full.input_ids.tolist(),
+                                                                                     full.labels.tolist())
+        assert (len(short.region_masks), len(short.seg_masks)) == (len(full.region_masks), len(full.seg_masks))

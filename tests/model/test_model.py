@@ -1,6 +1,8 @@
 """Shapes, errors, region pooling, tokenizer template, generation and save/load of the tiny MedPLIB."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 from medplib.model import (
     LossWeights, MedPLIB, MedTokenizer, PromptError, box_prompt_mask, freeform_prompt_mask, point_prompt_mask,
 )
+from medplib.model.losses import mask_bce, sigmoid_focal_loss
 from medplib.model.model import RegionEncoder
 from medplib.model.tokenizer import IGNORE_INDEX
 
@@ -78,6 +81,42 @@ def test_forward_shapes_losses_and_gradients(tiny_model: MedPLIB, tokenizer):
     assert out.logits.shape == (2, ids.shape[1], len(tokenizer)) and out.loss is None
 
 
+def test_sigmoid_focal_loss_matches_a_hand_computation():
+    logits, targets = torch.tensor([[0.0, 2.0], [-1.0, 3.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+
+    def sigmoid(x: float) -> float:
+        return 1 / (1 + math.exp(-x))
+
+    # alpha_t * BCE * (1 - p_t)^2 per pixel: alpha_t = 0.25 on foreground, 0.75 on background
+    pixels = [0.25 * math.log(2) * 0.5 ** 2, 0.75 * math.log(1 + math.exp(2)) * sigmoid(2) ** 2,
+              0.75 * math.log(1 + math.exp(-1)) * sigmoid(-1) ** 2,
+              0.25 * math.log(1 + math.exp(-3)) * sigmoid(-3) ** 2]
+    assert float(sigmoid_focal_loss(logits, targets)) == pytest.approx(sum(pixels) / 4, rel=1e-6)
+    # gamma 0 and alpha 0.5: half the BCE
+    assert float(sigmoid_focal_loss(logits, targets, alpha=0.5, gamma=0.0)) == pytest.approx(
+        0.5 * float(mask_bce(logits, targets)), rel=1e-6)
+
+
+def test_focal_weight_zero_leaves_the_loss_unchanged_and_the_recipe_reports_it(tiny_model: MedPLIB, tokenizer):
+    from medplib.config.base import to_dict
+    from medplib.config.stages import tiny_stages
+    from medplib.train.recipe import StageRecipe
+
+    ids, labels, mask = _encode(tokenizer, [(Q_SEG, A_SEG)])
+    target = torch.zeros(1, 64, 64)
+    target[0, 20:40, 20:40] = 1
+    batch = {"input_ids": ids, "pixel_values": torch.randn(1, 3, 64, 64), "attention_mask": mask, "labels": labels,
+             "sam_pixel_values": torch.randn(1, 3, 64, 64), "seg_masks": target}
+    off = tiny_model(**batch, loss_weights=LossWeights(ce=1.0, bce=2.0, dice=0.5, focal=0.0))
+    assert torch.equal(off.loss, off.ce_loss + 2.0 * off.mask_bce + 0.5 * off.mask_dice)
+    assert float(off.mask_focal) == pytest.approx(float(sigmoid_focal_loss(off.mask_logits, target)), rel=1e-6)
+    on = tiny_model(**batch, loss_weights=LossWeights(ce=1.0, bce=2.0, dice=0.5, focal=3.0))
+    torch.testing.assert_close(on.loss, off.loss + 3.0 * off.mask_focal)
+    recipe = StageRecipe({"spec": to_dict(tiny_stages()[3]), "data_dir": "unused", "base": "unused"})
+    _, parts = recipe.loss(tiny_model, batch)
+    assert parts["focal"] == pytest.approx(float(off.mask_focal), rel=1e-6) and {"bce", "dice_loss"} <= set(parts)
+
+
 def test_vision_tower_is_clips_second_to_last_layer_without_cls(tiny_model: MedPLIB):
     x = torch.randn(2, 3, 64, 64)
     ref = tiny_model.vision_tower.clip(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
@@ -106,6 +145,58 @@ def test_region_and_seg_mismatches_are_errors(tiny_model: MedPLIB, tokenizer):
     with pytest.raises(ValueError, match="tokens: 1, masks: 2"):
         tiny_model(ids, torch.randn(1, 3, 64, 64), mask, labels, torch.randn(1, 3, 64, 64),
                    seg_masks=torch.zeros(2, 64, 64))
+
+
+def test_the_mask_is_read_from_the_state_that_emits_seg(tiny_model: MedPLIB, tokenizer):
+    """LISA / MedPLIB: the grounding head reads the hidden state whose LM head predicts `<SEG>`, not the one at it."""
+    ids, _, mask = _encode(tokenizer, [(Q_SEG, A_SEG)])
+    x, s = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    fed = []  # what the grounding head reads
+    tiny_model.text_hidden_fcs.register_forward_hook(lambda module, args, out: fed.append(args[0]))
+    before = tiny_model(ids, x, mask, sam_pixel_values=s).mask_logits
+    seg_at = int((ids[0] == tokenizer.seg_token_id).nonzero())
+    embeddings = tiny_model.get_input_embeddings().weight
+    with torch.no_grad():  # the <SEG> embedding itself cannot reach the state before it (causal attention)
+        embeddings[tokenizer.seg_token_id] += 5.0
+    torch.testing.assert_close(tiny_model(ids, x, mask, sam_pixel_values=s).mask_logits, before, atol=0, rtol=0)
+    torch.testing.assert_close(fed[1], fed[0], atol=0, rtol=0)
+    with torch.no_grad():  # ...while the token that emits it does
+        embeddings[ids[0, seg_at - 1]] += 5.0
+    after = tiny_model(ids, x, mask, sam_pixel_values=s).mask_logits
+    assert (fed[2] - fed[0]).abs().max() > 0.1 and not torch.equal(after, before)
+
+
+def test_generated_seg_masks_agree_with_the_teacher_forced_ones(tiny_model: MedPLIB, tokenizer):
+    from medplib.data.torch_dataset import CLIP_MEAN, CLIP_STD, SAM_MEAN, SAM_STD, preprocess_image
+
+    _force_next_token(tiny_model, tokenizer.seg_token_id)
+    fed = []  # the states the grounding head reads
+    tiny_model.text_hidden_fcs.register_forward_hook(lambda module, args, out: fed.append(args[0]))
+    image = np.random.default_rng(2).integers(0, 255, (64, 64), dtype=np.uint8)
+    generated = tiny_model.generate([image], ["Segment the liver."], max_new_tokens=2)[0]
+    assert generated.text == "<SEG><SEG>"
+    prompt = tokenizer.encode_prompt("<image>\nSegment the liver.")
+    ids = torch.tensor([prompt + [tokenizer.seg_token_id] * 2])
+    forced = tiny_model(ids, preprocess_image(image, 64, CLIP_MEAN, CLIP_STD)[None],
+                        sam_pixel_values=preprocess_image(image, 64, SAM_MEAN, SAM_STD)[None]).mask_logits
+    assert forced.shape == (2, 64, 64)
+    # the first mask from the prompt's last state, the second from the first <SEG>'s: two different states
+    torch.testing.assert_close(fed[0], fed[1], atol=1e-4, rtol=1e-4)
+    assert (fed[1][0] - fed[1][1]).abs().max() > 0.1
+    torch.testing.assert_close(torch.stack(generated.mask_logits), forced, atol=1e-5, rtol=1e-3)
+
+
+def test_a_seg_without_a_token_before_it_is_an_error(tiny_model: MedPLIB, tokenizer):
+    ids, _, mask = _encode(tokenizer, [(Q_SEG, A_SEG)])
+    first = ids.clone()
+    first[0, 0] = tokenizer.seg_token_id
+    with pytest.raises(ValueError, match=r"Sample\(s\) \[0\] have a <SEG> with no real token before it"):
+        tiny_model(first, torch.randn(1, 3, 64, 64), mask, sam_pixel_values=torch.randn(1, 3, 64, 64))
+    padded = torch.cat([torch.full((1, 1), tokenizer.pad_token_id), first[:, 1:]], dim=1)  # a <SEG> after padding
+    padded[0, 1] = tokenizer.seg_token_id
+    with pytest.raises(ValueError, match="at position 0 or after padding"):
+        tiny_model(padded, torch.randn(1, 3, 64, 64), torch.cat([torch.zeros(1, 1, dtype=torch.long), mask[:, 1:]], 1),
+                   sam_pixel_values=torch.randn(1, 3, 64, 64))
 
 
 # --- pixel prompts and region pooling --------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from medplib.config.base import merge
@@ -42,28 +44,68 @@ def test_identical_experts_give_the_dense_output_and_each_token_uses_one_expert(
         assert seen[(i, 0)] == int((routed == 0).sum())
 
 
-def test_capacity_drops_overflow_tokens_in_training():
-    torch.manual_seed(0)
-    from transformers import LlamaConfig
-
+def _moe_layer(capacity_factor_train: float, capacity_factor_eval: float = 2.0) -> MoEFeedForward:
     cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=4, num_key_value_heads=4)
-    layer = MoEFeedForward([LlamaMLP(cfg), LlamaMLP(cfg)], 16, capacity_factor_train=1.0, capacity_factor_eval=2.0)
-    torch.nn.init.zeros_(layer.router.weight)  # every token ties → expert 0
+    return MoEFeedForward([LlamaMLP(cfg), LlamaMLP(cfg)], 16, capacity_factor_train, capacity_factor_eval)
+
+
+def test_capacity_drops_overflow_tokens_at_random_priority_in_training():
+    torch.manual_seed(0)
+    layer = _moe_layer(capacity_factor_train=1.0).train()
+    torch.nn.init.zeros_(layer.router.weight)  # every token ties → expert 0, which takes 1.0 * 8 / 2 = 4
     x = torch.randn(1, 8, 16)
-    out = layer.train()(x)
-    assert layer.last_expert_index.tolist() == [0, 0, 0, 0, -1, -1, -1, -1]  # capacity = 1.0 * 8 / 2
-    torch.testing.assert_close(out[0, :4], layer.experts[0](x[0, :4]))
-    assert torch.equal(out[0, 4:], torch.zeros(4, 16))
+    dropped = []
+    for _ in range(20):
+        out = layer(x)
+        kept = layer.last_expert_index == 0
+        assert int(kept.sum()) == 4 and set(layer.last_expert_index.tolist()) == {0, -1}
+        assert layer.last_drop_rate.item() == int((layer.last_expert_index == -1).sum()) / 8 == 0.5
+        torch.testing.assert_close(out[0, kept], layer.experts[0](x[0, kept]))
+        assert torch.equal(out[0, ~kept], torch.zeros(4, 16))
+        dropped.append(tuple((~kept).nonzero().flatten().tolist()))
+    # not the batch's last four every time: the drops move around and reach every position
+    assert len(set(dropped)) > 5 and set(sum(dropped, ())) == set(range(8))
     layer.eval()(x)
     assert layer.last_expert_index.tolist() == [0] * 8  # eval capacity 2.0 * 8 / 2 = 8: nothing dropped
+    assert layer.last_drop_rate.item() == 0.0
+
+
+def test_evaluation_keeps_the_tokens_the_router_is_surest_of():
+    layer = _moe_layer(capacity_factor_train=2.0, capacity_factor_eval=0.5).eval()  # 0.5 * 8 / 2 = 2 per expert
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0], layer.router.weight[1, 0] = 1.0, -1.0
+    x = torch.zeros(1, 8, 16)
+    x[0, :, 0] = torch.tensor([0.1, -0.5, 0.2, 0.9, -0.3, 0.8, -0.4, 0.05])  # sign: expert; size: confidence
+    for _ in range(2):  # deterministic
+        layer(x)
+        assert layer.last_expert_index.tolist() == [-1, 1, -1, 0, -1, 0, 1, -1]
+        assert layer.last_drop_rate.item() == 0.5
+
+
+def test_the_stage_recipe_logs_the_moe_drop_rate(tiny_config, tokenizer):
+    from medplib.config.base import to_dict
+    from medplib.config.stages import tiny_stages
+    from medplib.train.recipe import StageRecipe
+
+    ids, labels = tokenizer.encode_conversation(conversation("<image>\nIs this a CT image?", "yes"))
+    batch = {**_batch(tokenizer), "labels": torch.tensor([labels] * 2)}
+    recipe = StageRecipe({"spec": to_dict(tiny_stages()[4]), "data_dir": "unused", "base": "unused"})
+    torch.manual_seed(0)
+    dense = MedPLIB(tiny_config, tokenizer).train()
+    assert "moe_drop_rate" not in recipe.loss(dense, batch)[1]
+    torch.manual_seed(0)  # each expert takes ceil(0.5 * tokens / 2): about half of the tokens are dropped
+    moe = MedPLIB(merge(tiny_config, {"moe": {"num_experts": 2, "capacity_factor_train": 0.5}}), tokenizer).train()
+    _, parts = recipe.loss(moe, batch)
+    rates = [float((m.last_expert_index == -1).float().mean()) for m in moe.moe_layers()]
+    n = batch["input_ids"].numel()
+    assert min(rates) >= 1 - 2 * math.ceil(n / 4) / n > 0.45
+    assert parts["moe_drop_rate"] == pytest.approx(sum(rates) / len(rates))
 
 
 def test_load_balance_loss_and_router_gradient():
     torch.manual_seed(0)
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=4, num_key_value_heads=4)
-    layer = MoEFeedForward([LlamaMLP(cfg), LlamaMLP(cfg)], 16, capacity_factor_train=2.0)
+    layer = _moe_layer(capacity_factor_train=2.0)
     x = torch.randn(1, 6, 16)
     torch.nn.init.zeros_(layer.router.weight)
     layer(x)

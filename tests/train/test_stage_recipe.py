@@ -47,6 +47,8 @@ def test_stage_outputs_chain_and_log_to_mlflow(pipeline_runs):
         assert (out / "model.safetensors").is_file()
         hist = json.loads((out / "history.json").read_text())
         assert hist and all("lr" in h and "samples_per_s" in h for h in hist)
+        if stage == 4:  # the MoE stage logs the share of tokens past an expert's capacity
+            assert all(0.0 <= h["moe_drop_rate"] <= 1.0 for h in hist)
     model = MedPLIB.from_pretrained(_stage(pipeline_runs, 3)["out_dir"])  # LoRA merged: a plain model loads
     assert not any("lora_" in n for n, _ in model.named_parameters())
     client = MlflowClient(load_tracking_config().resolved(home).tracking_uri)
