@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REQUEST_COLUMNS = ("image", "question", "point", "box", "region")
+DEVICE_ENV = "MEDPLIB_DEVICE"  # where a served model runs (auto, cpu, cuda, cuda:N), read by the served pyfunc only
 MAX_REQUEST_PIXELS = 4096 * 4096
 
 
@@ -127,11 +128,12 @@ class MedPLIBPyfunc(mlflow.pyfunc.PythonModel):
     """The served model: loads the weights folder logged as the `weights` artifact."""
 
     def load_context(self, context) -> None:
-        from medplib.model import load_pretrained
-
         # No torch.set_grad_enabled(False) here: it would switch autograd off for the whole loading thread
         # (a training process that loads the pyfunc); generate() runs under no_grad already.
-        self.model = load_pretrained(context.artifacts["weights"]).eval()
+        # The serving process is an entry of its own: the device comes from the load's model_config
+        # (mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})), else $MEDPLIB_DEVICE, else auto.
+        device = (getattr(context, "model_config", None) or {}).get("device") or os.environ.get(DEVICE_ENV, "auto")
+        self.model = load_model(context.artifacts["weights"], device=device)
 
     # The pandas hint keeps MLflow from asking for type hints; the logged signature does the validation.
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[dict]:
@@ -244,13 +246,19 @@ def model_folder(model: str | Path, tracking: "TrackingConfig | None" = None) ->
         yield found
 
 
-def load_model(model: str | Path, tracking: "TrackingConfig | None" = None, family: str | None = None) -> "MedPLIB":
+def load_model(model: str | Path, tracking: "TrackingConfig | None" = None, family: str | None = None,
+               device: str = "auto") -> "MedPLIB":
     """The model in eval mode from a folder or an MLflow URI (see `model_folder`), of whatever family the saved
-    folder declares; with `family`, the folder must be that family's (a clear error otherwise)."""
+    folder declares, on `device` (`medplib.device.resolve_device`: auto, cpu, cuda[:N]; bf16 on a GPU); with
+    `family`, the folder must be that family's (a clear error otherwise)."""
+    from medplib.device import resolve_device
     from medplib.model import load_pretrained
 
+    placement = resolve_device(device)  # a missing GPU fails before anything is downloaded
     with model_folder(model, tracking) as folder:
-        return load_pretrained(folder, family).eval()
+        loaded = placement.apply(load_pretrained(folder, family)).eval()
+    log.info("%s loaded on %s", model, placement)
+    return loaded
 
 
 def predict(model: "MedPLIB", image: str, question: str, *, point: str | None = None, box: str | None = None,

@@ -32,6 +32,25 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "(default: $MEDPLIB_PROFILE or local)")
 
 
+def _device_option(p: argparse.ArgumentParser) -> None:
+    """--device for the commands that evaluate, publish or predict with a model."""
+    from medplib.device import DEVICE_HELP, device_name
+
+    p.add_argument("--device", type=_argparse_type(device_name), default="auto", help=DEVICE_HELP)
+
+
+def _argparse_type(check):
+    """A checking function raising ValueError as an argparse type whose message argparse prints."""
+    def parse(value: str):
+        try:
+            return check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = check.__name__
+    return parse
+
+
 def profile_name(flag: str | None) -> str:
     """--profile, else $MEDPLIB_PROFILE, else `local`: read here, at the entry, and nowhere below."""
     return flag or os.environ.get(PROFILE_ENV) or "local"
@@ -59,6 +78,7 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
                    help="comma-separated stages to train, in order (default: the family's plan, MedPLIB's 1,2,3,4); "
                         "the last one is evaluated")
     p.add_argument("--retries", type=int, default=1, help="retries of ingest and of each stage (default: 1)")
+    _device_option(p)  # where the trained model is evaluated
 
 
 MODEL_TO_LOAD_HELP = ("a model family NAME (its champion: models:/<its registered model>@champion), "
@@ -107,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest accepted |reproduced - recorded| per metric (default: flows.reproduce.TOLERANCE)")
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: as recorded)")
+    _device_option(p)
 
     p = sub.add_parser("train", help="train one MedPLIB stage as a Ray Train job (logged to MLflow)")
     _common(p)
@@ -127,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated splits (default: val,test,zeroshot; the gate's metrics are validation's)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     p.add_argument("--batch-size", type=int, default=16, help="records per generate call (default: 16)")
+    _device_option(p)
 
     p = sub.add_parser("promote", help="gate the challenger (or --version N) against the champion on recorded "
                                        "metrics; moves `champion` only if it is better")
@@ -148,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--region", default=None, help="free-form prompt: a PNG mask the size of the image")
     p.add_argument("--mask-out", type=Path, default=None, help="write the first predicted mask here as PNG")
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit (default: 24)")
+    _device_option(p)
 
     config = sub.add_parser("config", help="the resolved configuration")
     csub = config.add_subparsers(dest="config_command", required=True)
@@ -306,7 +329,8 @@ def _schedule(args, ctx: RunContext) -> int:
     params = dict(source=source, preset=args.preset, config=args.config.resolve() if args.config else None,
                   workers=args.workers, home=ctx.home.root, project=ctx.project, stages=_stages(args),
                   stage_overrides=_stage_overrides(args), retries=args.retries,
-                  only_if_data_changed=args.on_data_change, model=ctx.model, profile=ctx.profile.name)
+                  only_if_data_changed=args.on_data_change, model=ctx.model, profile=ctx.profile.name,
+                  device=ctx.device)
     deployment = schedule.retraining_deployment(args.name, args.cron, params)
     info = {"deployment": f"{deployment.flow_name}/{deployment.name}", "cron": args.cron, "api": api,
             "on_data_change": args.on_data_change, "parameters": params}
@@ -485,7 +509,7 @@ def _evaluate(args, ctx: RunContext) -> int:
     wanted = args.load or f"models:/{registry.name}@{registry.cfg.aliases.champion}"
     version = registry.version_of(wanted)  # a registered version gets the metrics recorded for the gate
     model_ref = f"models:/{registry.name}/{version}" if version else wanted
-    model = load_model(model_ref, registry.cfg, family=args.load_family)
+    model = load_model(model_ref, registry.cfg, family=args.load_family, device=ctx.device)
     report, run_id = evaluate_and_log(model, data_dir, data_version, registry, run_name="evaluate",
                                       model_ref=model_ref, splits=splits, limit=args.limit, batch_size=args.batch_size,
                                       tags={"medplib.evaluated_version": version} if version else None,
@@ -560,7 +584,7 @@ def _predict(args, ctx: RunContext) -> int:
     t0 = time.perf_counter()
     t = ctx.tracking
     wanted = args.load or f"models:/{t.registered_model}@{t.aliases.champion}"
-    model = load_model(wanted, t, family=args.load_family)
+    model = load_model(wanted, t, family=args.load_family, device=ctx.device)
     t1 = time.perf_counter()
     out = predict(model, **request, max_new_tokens=args.max_new_tokens)
     summary = {"model": wanted, "answer": out["answer"], "masks": len(out["masks"]), "mask_out": None,
@@ -587,7 +611,8 @@ def run(args: argparse.Namespace) -> int:
     model = getattr(args, "model", None) or "medplib"
     if cmd in ("evaluate", "predict", "reproduce"):  # --model names what to load, which selects the family
         model, args.load, args.load_family = _model_to_load(args.model, profile)
-    ctx = RunContext.resolve(args.preset, args.config, args.home, args.project, profile, model)  # once per command
+    ctx = RunContext.resolve(args.preset, args.config, args.home, args.project, profile, model,  # once per command
+                             device=getattr(args, "device", "auto"))
     with run_log(ctx.home, cmd) as args.run_log:
         return _run_command(args, cmd, ctx)
 
