@@ -284,15 +284,26 @@ def served(model_uri: str, tracking: "TrackingConfig | None" = None, port: int |
     answers; stop the server (its whole process group) on exit."""
     port = port or free_port()
     bin_dir = str(Path(sys.executable).parent)  # the scoring server runs `uvicorn` from PATH
-    child_env = {**os.environ, **(env or {}), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    child_env = {**(env or {}), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     if tracking is not None:
         child_env |= {"MLFLOW_TRACKING_URI": tracking.tracking_uri, "MLFLOW_REGISTRY_URI": tracking.registry_uri}
     cmd = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
            "--host", "127.0.0.1", "--port", str(port)]
+    with scoring_server(cmd, f"http://127.0.0.1:{port}", child_env, startup_timeout=startup_timeout,
+                        log_file=log_file) as url:
+        log.info("serving %s at %s", model_uri, url)
+        yield url
+
+
+@contextmanager
+def scoring_server(cmd: list[str], url: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+                   startup_timeout: float = 180.0, log_file: Path | None = None) -> Iterator[str]:
+    """Run a command that starts a scoring server at `url` (`env` over this process's environment); yield `url` once
+    its `/ping` answers; stop the command's whole process group on exit."""
     out = open(log_file, "w+b") if log_file else tempfile.TemporaryFile()
     # Its own session: mlflow starts uvicorn as a child, and the whole group is stopped together.
-    proc = subprocess.Popen(cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
@@ -309,7 +320,6 @@ def served(model_uri: str, tracking: "TrackingConfig | None" = None, port: int |
             if time.monotonic() > deadline:
                 raise TimeoutError(f"`{' '.join(cmd)}` did not answer {url}/ping within {startup_timeout:.0f} s")
             time.sleep(0.5)
-        log.info("serving %s at %s (pid %d)", model_uri, url, proc.pid)
         yield url
     finally:
         _stop(proc)

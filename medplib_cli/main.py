@@ -56,11 +56,12 @@ def profile_name(flag: str | None) -> str:
     return flag or os.environ.get(PROFILE_ENV) or "local"
 
 
-def apply_profile(name: str | None) -> Profile:
-    """Load the command's profile (a missing profile or environment variable fails here, naming it). Its MLflow
-    URIs, DVC remote and Ray address travel in the RunContext; Prefect reads its API URL from PREFECT_API_URL
-    (before Prefect is imported), the one setting handed over through the environment."""
-    profile = load_profile(profile_name(name))
+def apply_profile(name: str | None, project: Path | None = None) -> Profile:
+    """Load the command's profile (the project folder's `profiles/NAME.yaml`, else the packaged one; a missing
+    profile or environment variable fails here, naming it). Its MLflow URIs, DVC remote and Ray address travel in
+    the RunContext; Prefect reads its API URL from PREFECT_API_URL (before Prefect is imported), the one setting
+    handed over through the environment."""
+    profile = load_profile(profile_name(name), project=project or Path.cwd())
     if profile.prefect_api_url:
         os.environ["PREFECT_API_URL"] = profile.prefect_api_url
     return profile
@@ -464,7 +465,7 @@ def _quiet_downloads() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar line per file otherwise
 
 
-def _model_to_load(value: str, profile: Profile) -> tuple[str, str | None, str | None]:
+def _model_to_load(value: str, profile: Profile, project: Path | None = None) -> tuple[str, str | None, str | None]:
     """`--model` of evaluate, predict and reproduce: (the model family of the run context, what to load, the family
     the loaded folder must belong to). A family NAME loads its champion (None here: the context knows its registered
     model); `models:/NAME…` selects the family whose registered model NAME is; a folder is its format's family; a
@@ -481,7 +482,8 @@ def _model_to_load(value: str, profile: Profile) -> tuple[str, str | None, str |
         return family_of(path).name, str(path), None
     named = re.match(r"models:/([^/@]+)", value)
     if named:
-        settings = load_tracking_config(profile=profile, family=None)  # mlflow.yaml read once, each family applied
+        # mlflow.yaml read once (the project folder's, else the packaged one), each family applied
+        settings = load_tracking_config(profile=profile, family=None, project=project or Path.cwd())
         for family in family_names():
             if settings.for_family(family).registered_model == named.group(1):
                 return family, value, family
@@ -604,13 +606,14 @@ def _predict(args, ctx: RunContext) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    profile = apply_profile(getattr(args, "profile", None) or getattr(args, "global_profile", None))
+    profile = apply_profile(getattr(args, "profile", None) or getattr(args, "global_profile", None),
+                            getattr(args, "project", None))
     cmd = " ".join([args.command] + [getattr(args, f"{args.command}_command", None) or ""]).strip()
     if cmd == "config show":  # reads and prints: no state folder, nothing to log
         return _config_show(args, load_config(args.preset, args.config))
     model = getattr(args, "model", None) or "medplib"
     if cmd in ("evaluate", "predict", "reproduce"):  # --model names what to load, which selects the family
-        model, args.load, args.load_family = _model_to_load(args.model, profile)
+        model, args.load, args.load_family = _model_to_load(args.model, profile, args.project)
     ctx = RunContext.resolve(args.preset, args.config, args.home, args.project, profile, model,  # once per command
                              device=getattr(args, "device", "auto"))
     with run_log(ctx.home, cmd) as args.run_log:

@@ -73,11 +73,13 @@ class RunContext:
                 data_version: str | None = None, device: str = "auto") -> "RunContext":
         """Resolve everything a command needs, once: `preset` with `config` (a YAML file, a dict of overrides or a
         ready Config), the state folder (`home`, else MEDPLIB_HOME, else `.medplib/`, created), the project folder
-        (default: the current one), the named profile, and `mlflow.yaml` (or `tracking_file`) for family `model`;
+        (default: the current one), the named profile and `mlflow.yaml` (or `tracking_file`) for family `model`, both
+        the project folder's when it has them, else the packaged ones (medplib.config.defaults);
         `device` where models are evaluated and served."""
         cfg = config if isinstance(config, Config) else load_config(preset, config)
         h = (home if isinstance(home, Home) else resolve_home(home)).ensure()
-        prof = profile if isinstance(profile, Profile) else load_profile(profile)
-        settings = load_tracking_config(tracking_file, profile=prof, family=None).resolved(h)
-        return cls(cfg=cfg, home=h, project=Path(project or Path.cwd()).resolve(), profile=prof, settings=settings,
-                   model=model, data_version=data_version, device=device)
+        folder = Path(project or Path.cwd()).resolve()
+        prof = profile if isinstance(profile, Profile) else load_profile(profile, project=folder)
+        settings = load_tracking_config(tracking_file, profile=prof, family=None, project=folder).resolved(h)
+        return cls(cfg=cfg, home=h, project=folder, profile=prof, settings=settings, model=model,
+                   data_version=data_version, device=device)
