@@ -172,12 +172,18 @@ def report_markdown(summary: dict) -> str:
     lines += ["", "## MLflow", "", f"Tracking URI `{summary['tracking_uri']}`, experiment {summary['experiment_id']}"
               f" (open with `medplib ui`).", "", "| run | id |", "|---|---|",
               f"| pipeline (parent) | {_mlflow_link(summary, summary.get('pipeline_run_id'))} |"]
-    lines += [f"| stage {s['stage']} {s['name']} | {_mlflow_link(summary, s['mlflow_run_id'])} |"
-              for s in summary.get("stages", [])]
+    lines += [f"| stage {s['stage']} {s['name']}{' (skipped: ' + s['skipped'] + ')' if s.get('skipped') else ''} | "
+              f"{_mlflow_link(summary, s['mlflow_run_id'])} |" for s in summary.get("stages", [])]
     if ev:
         lines += [f"| evaluation | {_mlflow_link(summary, ev['eval_run_id'])} |",
                   f"| promotion decision | {_mlflow_link(summary, ev.get('decision_run_id'))} |"]
     return "\n".join(lines) + "\n"
+
+
+def _stage_words(stage: dict) -> str:
+    if stage.get("skipped"):
+        return f"{stage['stage']} {stage['name']} skipped ({stage['skipped']})"
+    return f"{stage['stage']} {stage['name']} loss {stage['first_loss']:.2f}→{stage['last_loss']:.2f}"
 
 
 def summary_text(summary: dict) -> str:
@@ -190,8 +196,7 @@ def summary_text(summary: dict) -> str:
         lines.append(f"  not retrained  already trained on this data version ({summary['trained_by']})")
     else:
         ev = summary["evaluation"]
-        lines += [f"  stages         " + ", ".join(f"{s['stage']} {s['name']} loss {s['first_loss']:.2f}→"
-                                                   f"{s['last_loss']:.2f}" for s in summary["stages"]),
+        lines += ["  stages         " + ", ".join(_stage_words(s) for s in summary["stages"]),
                   "  val metrics    " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(ev.get("val_metrics", {}).items())),
                   "  test metrics   " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(ev["metrics"].items())),
                   f"  version {ev['version']}      {'promoted' if ev['promoted'] else 'not promoted'}: {ev['reason']}",

@@ -685,8 +685,9 @@ def _run_command(args: argparse.Namespace, cmd: str, ctx: RunContext) -> int:
         r = train_stage(args.stage, ctx, workers=args.workers, overrides=overrides,
                         base=resolve_start(args.from_, ctx), address=args.ray_address)
         d = r.to_dict() | {"logs": args.run_log.to_dict()}
-        _emit(args, d, f"Stage {d['stage']} ({d['name']}): {d['steps']} steps in {d['seconds']} s, loss "
-                       f"{d['first_loss']:.3f} → {d['last_loss']:.3f}; saved to {d['out_dir']} "
+        done = (f"skipped: {d['skipped']}; the initial model" if d["skipped"] else
+                f"{d['steps']} steps in {d['seconds']} s, loss {d['first_loss']:.3f} → {d['last_loss']:.3f}")
+        _emit(args, d, f"Stage {d['stage']} ({d['name']}): {done}; saved to {d['out_dir']} "
                        f"(MLflow run {d['mlflow_run_id']})\n{args.run_log.text()}")
         return 0
     if cmd == "pipeline":

@@ -58,6 +58,11 @@ class RecLMISPlan:
                                     f"stage first (medplib train --model reclmis --stage {stage - 1})")
         return {"base": str(start)}
 
+    def skip(self, stage: int, spec: StageSpec, ctx: RunContext, base: Path | None,
+             workspace: str | None) -> str | None:
+        """RecLMIS trains every stage it is asked for (a stage without records fails in its recipe, naming them)."""
+        return None
+
 
 class RecLMISRecipe:
     """config: {"spec": StageSpec as dict, "data_dir": str, "base": str, "model": RecLMISConfig as dict}."""
