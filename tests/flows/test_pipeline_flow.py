@@ -172,8 +172,8 @@ def test_validation_gate_stops_on_bad_data(two_runs, tmp_path):
 def test_the_readme_serving_lines_serve_a_registered_version(two_runs, registry, tmp_path):
     """The README's serving lines, run as written (bash, from a folder laid out as the repository: `.venv` and the
     default state folder `.medplib`, here the session pipeline's; only the port is swapped for a free one), answer
-    the README's request format as the model answers in-process. Version 1 is `champion` for the test alone: the
-    session's versions stayed below the gate's floor."""
+    the README's request format as the model answers in-process. Version 1 is `champion` for the test alone (the
+    session's versions stayed below the gate's floor); the alias is put back as it was."""
     import base64
     import re
     import sys
@@ -196,6 +196,7 @@ def test_the_readme_serving_lines_serve_a_registered_version(two_runs, registry,
     (repo_like / ".venv").symlink_to(sys.prefix)
     (repo_like / ".medplib").symlink_to(home.root)
     port = free_port()
+    champion = registry.champion_version()
     registry.client.set_registered_model_alias(registry.name, "champion", "1")
     try:
         expected = predict(load_model("models:/medplib@champion", registry.cfg), **row)
@@ -205,6 +206,9 @@ def test_the_readme_serving_lines_serve_a_registered_version(two_runs, registry,
                                           headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(post, timeout=120) as response:
                 [answer] = json.loads(response.read())["predictions"]
-    finally:
-        registry.client.delete_registered_model_alias(registry.name, "champion")
+    finally:  # the session's registry as it was
+        if champion:
+            registry.client.set_registered_model_alias(registry.name, "champion", champion)
+        else:
+            registry.client.delete_registered_model_alias(registry.name, "champion")
     assert answer == expected and isinstance(answer["answer"], str)
