@@ -2,8 +2,11 @@
 
 Model FLOPs = 6 × parameters × tokens, the usual dense-transformer estimate (PaLM appendix B), with all
 parameters and the LLM's sequence tokens (image-patch tokens included): an approximation, since frozen parts
-need no weight gradients and the vision and SAM encoders see their own patch counts. The stage runs in-process
-with bf16 autocast, the same recipe the Ray worker runs. Not measured here: this machine has no GPU.
+need no weight gradients and the vision and SAM encoders see their own patch counts. The stage runs through the
+same Ray Train + DeepSpeed worker loop `medplib train` runs (medplib.train.runner.train_stage, one worker: bf16,
+ZeRO, torch's fused AdamW), on the dataset of benchmarks/gpu_smoke.py, starting from the initial model; the time
+is the worker's own step clock between the end of the warm-up and the last step. Not measured here: this machine
+has no GPU.
 
     .venv/bin/python benchmarks/gpu_mfu.py [--preset tiny|full] [--stage 3] [--steps 20] [--peak-tflops 312]
 
@@ -13,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -34,7 +37,15 @@ def peak_tflops(name: str, override: float | None) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def main() -> int:
+def parameters(model_dir: Path) -> int:
+    """Parameters of a saved model, from its safetensors header (no weights are read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        return sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=["tiny", "full"])
     ap.add_argument("--stage", type=int, default=3, choices=[1, 2, 3])
@@ -42,62 +53,47 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--config", type=Path, default=None, help="YAML overrides (full: the local weight folders)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's bf16 peak, if not in the table")
-    args = ap.parse_args()
+    ap.add_argument("--images", type=int, default=64, help="synthetic phantoms in the dataset (default: 64)")
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_mfu: no CUDA GPU on this machine; MFU is measured on a GPU only. Nothing to measure.")
         print(json.dumps({"benchmark": "gpu_mfu", "ran": False, "reason": "no CUDA GPU"}))
         return 0
 
-    from medplib.config import load_config, to_dict
-    from medplib.data.ingest import build_dataset
-    from medplib.data.synth import generate
-    from medplib.train.recipe import StageRecipe
-    from medplib.train.runner import build_init_model
-    from medplib.config.stages import stage_spec
+    from gpu_smoke import small_project
 
-    device = torch.device("cuda")
-    name = torch.cuda.get_device_name(device)
+    from medplib.config import family_stage_spec
+    from medplib.data.torch_dataset import MedDataset
+    from medplib.model import MedTokenizer
+    from medplib.train.runner import build_init_model, train_stage
+
+    name = torch.cuda.get_device_name(0)
     peak = peak_tflops(name, args.peak_tflops)
-    cfg = load_config(args.preset, args.config)
-    spec = stage_spec(args.preset, args.stage)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        generate(tmp / "src", n=64, seed=0, image_size=cfg.data.image_size)
-        build_dataset(tmp / "src", tmp / "data", "synth", [], cfg.data.max_image_pixels)
-        build_init_model(cfg, tmp / "data", tmp / "init")
-        recipe = StageRecipe({"spec": to_dict(spec), "data_dir": str(tmp / "data"), "base": str(tmp / "init"),
-                              "grounding": None})
-        model = recipe.build_model().to(device)
-        loader = torch.utils.data.DataLoader(recipe.train_dataset(), batch_size=spec.micro_batch, shuffle=True,
-                                             collate_fn=recipe.collate, drop_last=True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, fused=True)
-        n_params = sum(p.numel() for p in model.parameters())
-        done, tokens, t0 = 0, 0, None
-        while done < args.steps + args.warmup:
-            for batch in loader:
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                if done == args.warmup:
-                    torch.cuda.synchronize()
-                    t0, tokens = time.perf_counter(), 0
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss, _ = recipe.loss(model, batch)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                # tokens the transformer stacks see: the LLM's sequence (image patches included) per sample
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-                done += 1
-                if done == args.steps + args.warmup:
-                    break
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="gpu-mfu-") as tmp:
+        ctx = small_project(Path(tmp), args.images, args.preset, args.config)
+        spec = family_stage_spec(ctx.cfg, ctx.family, args.stage)
+        init = build_init_model(ctx.cfg, ctx.data_dir, Path(tmp) / "init")
+        result = train_stage(args.stage, ctx, workers=1, base=None if args.stage == 1 else init,
+                             max_steps=args.warmup + args.steps, max_failures=0)
+        clock = {h["step"]: h["time"] for h in result.history}
+        last = max(clock)
+        seconds = clock[last] - clock[args.warmup]
+        # tokens the transformer stacks see: the LLM's sequence (image patches included) per sample
+        m = ctx.cfg.model
+        data = MedDataset(ctx.data_dir, MedTokenizer.from_pretrained(init / "tokenizer"), m.vision.image_size,
+                          m.sam.image_size, split="train", tasks=spec.tasks)
+        per_sample = statistics.fmean(len(data[i].input_ids) for i in range(len(data)))
+        n_params = parameters(init)
+    tokens = (last - args.warmup) * spec.micro_batch * spec.grad_accum * per_sample
+    peak_memory = max((h.get("gpu_peak_gb", 0.0) for h in result.history), default=None)
     achieved = 6 * n_params * tokens / seconds / 1e12
     mfu = achieved / peak if peak else None
-    print(f"{name}: {achieved:.2f} model TFLOP/s over {args.steps} steps; peak {peak or 'unknown'} TFLOP/s")
+    print(f"{name}: {achieved:.2f} model TFLOP/s over {last - args.warmup} steps; peak {peak or 'unknown'} TFLOP/s")
     print(json.dumps({"benchmark": "gpu_mfu", "ran": True, "device": name, "preset": args.preset,
-                      "stage": args.stage, "params": n_params, "model_tflops_per_s": round(achieved, 3),
-                      "peak_bf16_tflops": peak, "mfu": None if mfu is None else round(mfu, 4)}))
+                      "stage": args.stage, "params": n_params, "steps": last - args.warmup,
+                      "tokens_per_sample": round(per_sample, 1), "model_tflops_per_s": round(achieved, 3),
+                      "peak_bf16_tflops": peak, "mfu": None if mfu is None else round(mfu, 4),
+                      "peak_gpu_gb": peak_memory, "loop": "ray-train+deepspeed worker (medplib train)"}))
     return 0
 
 

@@ -22,7 +22,7 @@ def publish_model(model_dir: Path, ctx: RunContext, parent_run_id: str | None,
     digest = config_digest(ctx.with_stage_overrides(stage_overrides).cfg)
     return publish(model_dir, ctx.data_dir, ctx.data_version, ctx.tracking, config_digest=digest,
                    parent_run_id=parent_run_id, max_new_tokens=ctx.cfg.eval.max_new_tokens, dataset=ctx.dataset(),
-                   preset=ctx.cfg.preset)
+                   preset=ctx.cfg.preset, device=ctx.device)
 
 
 @flow(name="evaluate")

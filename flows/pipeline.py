@@ -47,18 +47,18 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
              stages: list[int] | None = None, stage_overrides: dict[int, dict[str, Any]] | None = None,
              seed: int | None = None, retries: int = 1, retry_delay_seconds: float = 10.0,
              only_if_data_changed: bool = False, force: bool = False, model: str = "medplib",
-             profile: str = "local", context: RunContext | None = None) -> dict:
+             profile: str = "local", device: str = "auto", context: RunContext | None = None) -> dict:
     """The whole pipeline on `source`. `stage_overrides` maps a stage to StageSpec keys (e.g. {1: {"epochs": 1}});
     `retries` applies to ingest and to each training stage, not to evaluate (a retry after registering would
     register twice). With `only_if_data_changed`, stop after ingest when this registered model was already trained on
     the dataset version (a version registered from it, or a run whose training on it finished: promoted, rejected or
     failed in evaluation alike), unless `force`. The parameters stay plain (a schedule's deployment stores them):
-    the run context is resolved once here from preset, config, home, project, profile and model, unless the caller
-    resolved it (`context`, what `medplib pipeline` passes; those parameters are then not read), and handed to every
-    step."""
+    the run context is resolved once here from preset, config, home, project, profile, model and device (where the
+    evaluation runs), unless the caller resolved it (`context`, what `medplib pipeline` passes; those parameters are
+    then not read), and handed to every step."""
     t0 = time.perf_counter()
     ctx = context or RunContext.resolve(preset, Path(config).resolve() if config else None, home, project, profile,
-                                        model)
+                                        model, device=device)
     stages = list(ctx.family.stages) if stages is None else list(stages)  # default: the family's whole plan
     check_training(stages, ctx.cfg, stage_overrides, workers, ctx.model)  # a typo must not cost three stages
     logger = get_run_logger()
@@ -172,12 +172,18 @@ def report_markdown(summary: dict) -> str:
     lines += ["", "## MLflow", "", f"Tracking URI `{summary['tracking_uri']}`, experiment {summary['experiment_id']}"
               f" (open with `medplib ui`).", "", "| run | id |", "|---|---|",
               f"| pipeline (parent) | {_mlflow_link(summary, summary.get('pipeline_run_id'))} |"]
-    lines += [f"| stage {s['stage']} {s['name']} | {_mlflow_link(summary, s['mlflow_run_id'])} |"
-              for s in summary.get("stages", [])]
+    lines += [f"| stage {s['stage']} {s['name']}{' (skipped: ' + s['skipped'] + ')' if s.get('skipped') else ''} | "
+              f"{_mlflow_link(summary, s['mlflow_run_id'])} |" for s in summary.get("stages", [])]
     if ev:
         lines += [f"| evaluation | {_mlflow_link(summary, ev['eval_run_id'])} |",
                   f"| promotion decision | {_mlflow_link(summary, ev.get('decision_run_id'))} |"]
     return "\n".join(lines) + "\n"
+
+
+def _stage_words(stage: dict) -> str:
+    if stage.get("skipped"):
+        return f"{stage['stage']} {stage['name']} skipped ({stage['skipped']})"
+    return f"{stage['stage']} {stage['name']} loss {stage['first_loss']:.2f}→{stage['last_loss']:.2f}"
 
 
 def summary_text(summary: dict) -> str:
@@ -190,8 +196,7 @@ def summary_text(summary: dict) -> str:
         lines.append(f"  not retrained  already trained on this data version ({summary['trained_by']})")
     else:
         ev = summary["evaluation"]
-        lines += [f"  stages         " + ", ".join(f"{s['stage']} {s['name']} loss {s['first_loss']:.2f}→"
-                                                   f"{s['last_loss']:.2f}" for s in summary["stages"]),
+        lines += ["  stages         " + ", ".join(_stage_words(s) for s in summary["stages"]),
                   "  val metrics    " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(ev.get("val_metrics", {}).items())),
                   "  test metrics   " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(ev["metrics"].items())),
                   f"  version {ev['version']}      {'promoted' if ev['promoted'] else 'not promoted'}: {ev['reason']}",

@@ -82,10 +82,10 @@ def restore_data(pointer: str, ctx: RunContext) -> str:
 @task(name="evaluate", cache_policy=NONE)
 def evaluate_model(model_dir: Path, ctx: RunContext, parent_run_id: str) -> dict:
     """Evaluate on the test and zero-shot splits into a child run of `parent_run_id`; no registration."""
-    from medplib.model import load_pretrained
+    from medplib.serve import load_model
 
     ctx = ctx.with_data_version(ctx.data_version or read_version(ctx.project))
-    report, run_id = evaluate_and_log(load_pretrained(model_dir).eval(), ctx.data_dir, ctx.data_version,
+    report, run_id = evaluate_and_log(load_model(model_dir, device=ctx.device), ctx.data_dir, ctx.data_version,
                                       Registry(ctx.tracking), run_name="evaluate-reproduction",
                                       model_ref=str(model_dir), parent_run_id=parent_run_id,
                                       max_new_tokens=ctx.cfg.eval.max_new_tokens, dataset=ctx.dataset())
@@ -116,7 +116,8 @@ def reproduce(model_uri: str, home: Path | None = None, project: Path | None = N
         raise ValueError(f"Version {version} records no parent pipeline run: it was not registered by a pipeline")
     recorded = record.load_run(tracking, parent_id)
     request = recorded.request
-    ctx = RunContext.resolve(request.preset, recorded.config, ctx.home, ctx.project, ctx.profile, request.model)
+    ctx = RunContext.resolve(request.preset, recorded.config, ctx.home, ctx.project, ctx.profile, request.model,
+                             device=ctx.device)
     logger = get_run_logger()
     commit_now, commit_then = current_git_commit()[0], tags.get(TAG_GIT_COMMIT)
     if commit_now != commit_then:

@@ -39,6 +39,10 @@ def train_stage_task(stage: int, ctx: RunContext, workers: int, overrides: dict[
         result = train_stage(stage, ctx, workers=workers, overrides=overrides, parent_run_id=parent_run_id,
                              workspace=workspace)
     summary = result.to_dict()
+    if result.skipped:
+        get_run_logger().warning("Stage %d (%s) skipped: %s; MLflow run %s", stage, summary["name"], result.skipped,
+                                 summary["mlflow_run_id"])
+        return summary
     get_run_logger().info("Stage %d (%s): %d steps in %.0f s, loss %.3f → %.3f; model %s; MLflow run %s", stage,
                           summary["name"], summary["steps"], summary["seconds"], summary["first_loss"],
                           summary["last_loss"], summary["out_dir"], summary["mlflow_run_id"])

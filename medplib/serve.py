@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REQUEST_COLUMNS = ("image", "question", "point", "box", "region")
+DEVICE_ENV = "MEDPLIB_DEVICE"  # where a served model runs (auto, cpu, cuda, cuda:N), read by the served pyfunc only
 MAX_REQUEST_PIXELS = 4096 * 4096
 
 
@@ -127,11 +128,12 @@ class MedPLIBPyfunc(mlflow.pyfunc.PythonModel):
     """The served model: loads the weights folder logged as the `weights` artifact."""
 
     def load_context(self, context) -> None:
-        from medplib.model import load_pretrained
-
         # No torch.set_grad_enabled(False) here: it would switch autograd off for the whole loading thread
         # (a training process that loads the pyfunc); generate() runs under no_grad already.
-        self.model = load_pretrained(context.artifacts["weights"]).eval()
+        # The serving process is an entry of its own: the device comes from the load's model_config
+        # (mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})), else $MEDPLIB_DEVICE, else auto.
+        device = (getattr(context, "model_config", None) or {}).get("device") or os.environ.get(DEVICE_ENV, "auto")
+        self.model = load_model(context.artifacts["weights"], device=device)
 
     # The pandas hint keeps MLflow from asking for type hints; the logged signature does the validation.
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[dict]:
@@ -244,13 +246,19 @@ def model_folder(model: str | Path, tracking: "TrackingConfig | None" = None) ->
         yield found
 
 
-def load_model(model: str | Path, tracking: "TrackingConfig | None" = None, family: str | None = None) -> "MedPLIB":
+def load_model(model: str | Path, tracking: "TrackingConfig | None" = None, family: str | None = None,
+               device: str = "auto") -> "MedPLIB":
     """The model in eval mode from a folder or an MLflow URI (see `model_folder`), of whatever family the saved
-    folder declares; with `family`, the folder must be that family's (a clear error otherwise)."""
+    folder declares, on `device` (`medplib.device.resolve_device`: auto, cpu, cuda[:N]; bf16 on a GPU); with
+    `family`, the folder must be that family's (a clear error otherwise)."""
+    from medplib.device import resolve_device
     from medplib.model import load_pretrained
 
+    placement = resolve_device(device)  # a missing GPU fails before anything is downloaded
     with model_folder(model, tracking) as folder:
-        return load_pretrained(folder, family).eval()
+        loaded = placement.apply(load_pretrained(folder, family)).eval()
+    log.info("%s loaded on %s", model, placement)
+    return loaded
 
 
 def predict(model: "MedPLIB", image: str, question: str, *, point: str | None = None, box: str | None = None,
@@ -276,15 +284,26 @@ def served(model_uri: str, tracking: "TrackingConfig | None" = None, port: int |
     answers; stop the server (its whole process group) on exit."""
     port = port or free_port()
     bin_dir = str(Path(sys.executable).parent)  # the scoring server runs `uvicorn` from PATH
-    child_env = {**os.environ, **(env or {}), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    child_env = {**(env or {}), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     if tracking is not None:
         child_env |= {"MLFLOW_TRACKING_URI": tracking.tracking_uri, "MLFLOW_REGISTRY_URI": tracking.registry_uri}
     cmd = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
            "--host", "127.0.0.1", "--port", str(port)]
+    with scoring_server(cmd, f"http://127.0.0.1:{port}", child_env, startup_timeout=startup_timeout,
+                        log_file=log_file) as url:
+        log.info("serving %s at %s", model_uri, url)
+        yield url
+
+
+@contextmanager
+def scoring_server(cmd: list[str], url: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+                   startup_timeout: float = 180.0, log_file: Path | None = None) -> Iterator[str]:
+    """Run a command that starts a scoring server at `url` (`env` over this process's environment); yield `url` once
+    its `/ping` answers; stop the command's whole process group on exit."""
     out = open(log_file, "w+b") if log_file else tempfile.TemporaryFile()
     # Its own session: mlflow starts uvicorn as a child, and the whole group is stopped together.
-    proc = subprocess.Popen(cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
@@ -301,7 +320,6 @@ def served(model_uri: str, tracking: "TrackingConfig | None" = None, port: int |
             if time.monotonic() > deadline:
                 raise TimeoutError(f"`{' '.join(cmd)}` did not answer {url}/ping within {startup_timeout:.0f} s")
             time.sleep(0.5)
-        log.info("serving %s at %s (pid %d)", model_uri, url, proc.pid)
         yield url
     finally:
         _stop(proc)

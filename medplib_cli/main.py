@@ -32,16 +32,36 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "(default: $MEDPLIB_PROFILE or local)")
 
 
+def _device_option(p: argparse.ArgumentParser) -> None:
+    """--device for the commands that evaluate, publish or predict with a model."""
+    from medplib.device import DEVICE_HELP, device_name
+
+    p.add_argument("--device", type=_argparse_type(device_name), default="auto", help=DEVICE_HELP)
+
+
+def _argparse_type(check):
+    """A checking function raising ValueError as an argparse type whose message argparse prints."""
+    def parse(value: str):
+        try:
+            return check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = check.__name__
+    return parse
+
+
 def profile_name(flag: str | None) -> str:
     """--profile, else $MEDPLIB_PROFILE, else `local`: read here, at the entry, and nowhere below."""
     return flag or os.environ.get(PROFILE_ENV) or "local"
 
 
-def apply_profile(name: str | None) -> Profile:
-    """Load the command's profile (a missing profile or environment variable fails here, naming it). Its MLflow
-    URIs, DVC remote and Ray address travel in the RunContext; Prefect reads its API URL from PREFECT_API_URL
-    (before Prefect is imported), the one setting handed over through the environment."""
-    profile = load_profile(profile_name(name))
+def apply_profile(name: str | None, project: Path | None = None) -> Profile:
+    """Load the command's profile (the project folder's `profiles/NAME.yaml`, else the packaged one; a missing
+    profile or environment variable fails here, naming it). Its MLflow URIs, DVC remote and Ray address travel in
+    the RunContext; Prefect reads its API URL from PREFECT_API_URL (before Prefect is imported), the one setting
+    handed over through the environment."""
+    profile = load_profile(profile_name(name), project=project or Path.cwd())
     if profile.prefect_api_url:
         os.environ["PREFECT_API_URL"] = profile.prefect_api_url
     return profile
@@ -59,6 +79,7 @@ def _pipeline_options(p: argparse.ArgumentParser) -> None:
                    help="comma-separated stages to train, in order (default: the family's plan, MedPLIB's 1,2,3,4); "
                         "the last one is evaluated")
     p.add_argument("--retries", type=int, default=1, help="retries of ingest and of each stage (default: 1)")
+    _device_option(p)  # where the trained model is evaluated
 
 
 MODEL_TO_LOAD_HELP = ("a model family NAME (its champion: models:/<its registered model>@champion), "
@@ -110,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit (default: 48)")
+    _device_option(p)
 
     p = sub.add_parser("reproduce", help="restore a model version's recorded data and config, re-run, compare metrics")
     _common(p)
@@ -117,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest accepted |reproduced - recorded| per metric (default: flows.reproduce.TOLERANCE)")
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: as recorded)")
+    _device_option(p)
 
     p = sub.add_parser("train", help="train one MedPLIB stage as a Ray Train job (logged to MLflow)")
     _common(p)
@@ -137,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated splits (default: val,test,zeroshot; the gate's metrics are validation's)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     p.add_argument("--batch-size", type=int, default=16, help="records per generate call (default: 16)")
+    _device_option(p)
 
     p = sub.add_parser("promote", help="gate the challenger (or --version N) against the champion on recorded "
                                        "metrics; moves `champion` only if it is better")
@@ -158,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--region", default=None, help="free-form prompt: a PNG mask the size of the image")
     p.add_argument("--mask-out", type=Path, default=None, help="write the first predicted mask here as PNG")
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit (default: 24)")
+    _device_option(p)
 
     config = sub.add_parser("config", help="the resolved configuration")
     csub = config.add_subparsers(dest="config_command", required=True)
@@ -316,7 +341,8 @@ def _schedule(args, ctx: RunContext) -> int:
     params = dict(source=source, preset=args.preset, config=args.config.resolve() if args.config else None,
                   workers=args.workers, home=ctx.home.root, project=ctx.project, stages=_stages(args),
                   stage_overrides=_stage_overrides(args), retries=args.retries,
-                  only_if_data_changed=args.on_data_change, model=ctx.model, profile=ctx.profile.name)
+                  only_if_data_changed=args.on_data_change, model=ctx.model, profile=ctx.profile.name,
+                  device=ctx.device)
     deployment = schedule.retraining_deployment(args.name, args.cron, params)
     info = {"deployment": f"{deployment.flow_name}/{deployment.name}", "cron": args.cron, "api": api,
             "on_data_change": args.on_data_change, "parameters": params}
@@ -450,7 +476,7 @@ def _quiet_downloads() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar line per file otherwise
 
 
-def _model_to_load(value: str, profile: Profile) -> tuple[str, str | None, str | None]:
+def _model_to_load(value: str, profile: Profile, project: Path | None = None) -> tuple[str, str | None, str | None]:
     """`--model` of evaluate, predict and reproduce: (the model family of the run context, what to load, the family
     the loaded folder must belong to). A family NAME loads its champion (None here: the context knows its registered
     model); `models:/NAME…` selects the family whose registered model NAME is; a folder is its format's family; a
@@ -467,7 +493,8 @@ def _model_to_load(value: str, profile: Profile) -> tuple[str, str | None, str |
         return family_of(path).name, str(path), None
     named = re.match(r"models:/([^/@]+)", value)
     if named:
-        settings = load_tracking_config(profile=profile, family=None)  # mlflow.yaml read once, each family applied
+        # mlflow.yaml read once (the project folder's, else the packaged one), each family applied
+        settings = load_tracking_config(profile=profile, family=None, project=project or Path.cwd())
         for family in family_names():
             if settings.for_family(family).registered_model == named.group(1):
                 return family, value, family
@@ -495,7 +522,7 @@ def _evaluate(args, ctx: RunContext) -> int:
     wanted = args.load or f"models:/{registry.name}@{registry.cfg.aliases.champion}"
     version = registry.version_of(wanted)  # a registered version gets the metrics recorded for the gate
     model_ref = f"models:/{registry.name}/{version}" if version else wanted
-    model = load_model(model_ref, registry.cfg, family=args.load_family)
+    model = load_model(model_ref, registry.cfg, family=args.load_family, device=ctx.device)
     report, run_id = evaluate_and_log(model, data_dir, data_version, registry, run_name="evaluate",
                                       model_ref=model_ref, splits=splits, limit=args.limit, batch_size=args.batch_size,
                                       tags={"medplib.evaluated_version": version} if version else None,
@@ -570,7 +597,7 @@ def _predict(args, ctx: RunContext) -> int:
     t0 = time.perf_counter()
     t = ctx.tracking
     wanted = args.load or f"models:/{t.registered_model}@{t.aliases.champion}"
-    model = load_model(wanted, t, family=args.load_family)
+    model = load_model(wanted, t, family=args.load_family, device=ctx.device)
     t1 = time.perf_counter()
     out = predict(model, **request, max_new_tokens=args.max_new_tokens)
     summary = {"model": wanted, "answer": out["answer"], "masks": len(out["masks"]), "mask_out": None,
@@ -604,7 +631,7 @@ def _demo(args, ctx: RunContext) -> int:
     if not model.startswith(("models:/", "runs:/")) and not Path(model).is_dir():
         raise FileNotFoundError(f"--model '{model}' is neither an MLflow URI nor a folder")
     _quiet_downloads()
-    demo = Demo(model, registry, ctx.data_dir, lambda uri: load_model(uri, t), args.max_new_tokens)
+    demo = Demo(model, registry, ctx.data_dir, lambda uri: load_model(uri, t, device=ctx.device), args.max_new_tokens)
     print(f"medplib demo on http://{args.host}:{args.port} (model {model}; {len(demo.samples)} sample images from "
           f"{ctx.data_dir}); Ctrl-C stops it", file=sys.stderr)
     uvicorn.run(build_app(demo), host=args.host, port=args.port, log_level="warning")
@@ -612,15 +639,17 @@ def _demo(args, ctx: RunContext) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    profile = apply_profile(getattr(args, "profile", None) or getattr(args, "global_profile", None))
+    profile = apply_profile(getattr(args, "profile", None) or getattr(args, "global_profile", None),
+                            getattr(args, "project", None))
     cmd = " ".join([args.command] + [getattr(args, f"{args.command}_command", None) or ""]).strip()
     if cmd == "config show":  # reads and prints: no state folder, nothing to log
         return _config_show(args, load_config(args.preset, args.config))
     model = getattr(args, "model", None) or "medplib"
     if cmd in ("evaluate", "predict", "reproduce") or (cmd == "demo" and args.model):
         # --model names what to load, which selects the family
-        model, args.load, args.load_family = _model_to_load(args.model, profile)
-    ctx = RunContext.resolve(args.preset, args.config, args.home, args.project, profile, model)  # once per command
+        model, args.load, args.load_family = _model_to_load(args.model, profile, args.project)
+    ctx = RunContext.resolve(args.preset, args.config, args.home, args.project, profile, model,  # once per command
+                             device=getattr(args, "device", "auto"))
     with run_log(ctx.home, cmd) as args.run_log:
         return _run_command(args, cmd, ctx)
 
@@ -690,8 +719,9 @@ def _run_command(args: argparse.Namespace, cmd: str, ctx: RunContext) -> int:
         r = train_stage(args.stage, ctx, workers=args.workers, overrides=overrides,
                         base=resolve_start(args.from_, ctx), address=args.ray_address)
         d = r.to_dict() | {"logs": args.run_log.to_dict()}
-        _emit(args, d, f"Stage {d['stage']} ({d['name']}): {d['steps']} steps in {d['seconds']} s, loss "
-                       f"{d['first_loss']:.3f} → {d['last_loss']:.3f}; saved to {d['out_dir']} "
+        done = (f"skipped: {d['skipped']}; the initial model" if d["skipped"] else
+                f"{d['steps']} steps in {d['seconds']} s, loss {d['first_loss']:.3f} → {d['last_loss']:.3f}")
+        _emit(args, d, f"Stage {d['stage']} ({d['name']}): {done}; saved to {d['out_dir']} "
                        f"(MLflow run {d['mlflow_run_id']})\n{args.run_log.text()}")
         return 0
     if cmd == "pipeline":

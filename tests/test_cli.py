@@ -81,3 +81,25 @@ def test_the_profile_goes_before_or_after_the_command(tmp_path: Path, monkeypatc
     assert "Profile 'elsewhere' does not exist" in capsys.readouterr().err
     assert main(["--profile", "local", "data", "status", "--project", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["version"] is None  # nothing ingested in this project
+
+
+def test_device_is_a_flag_of_the_commands_that_run_a_model(capsys: pytest.CaptureFixture):
+    """--device (default auto) on evaluate, predict, pipeline, schedule and reproduce; its spelling is checked as the
+    command line is read, and `medplib evaluate --help` shows it."""
+    from medplib_cli.main import build_parser, main
+
+    parser = build_parser()
+    model = ["--model", "models:/medplib@champion"]
+    commands = {"evaluate": model, "predict": [*model, "--image", "x.png", "--question", "q"], "pipeline": [],
+                "schedule": ["--cron", "0 3 * * *"], "reproduce": ["models:/medplib/1"]}
+    for command, required in commands.items():
+        assert parser.parse_args([command, *required]).device == "auto", command
+        assert parser.parse_args([command, *required, "--device", "cuda:1"]).device == "cuda:1", command
+    assert not hasattr(parser.parse_args(["data", "status"]), "device")
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    assert "--device DEVICE" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", *model, "--device", "gpu0"])
+    assert exit_.value.code == 2 and "argument --device: device 'gpu0': use auto, cpu, cuda or cuda:N" in \
+        capsys.readouterr().err

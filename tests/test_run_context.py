@@ -24,14 +24,12 @@ ray_address: "ray://10.1.2.3:10001"
 
 
 @pytest.fixture
-def edge_profiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A profile `edge` that exists only for this test, and no MEDPLIB_PROFILE anywhere."""
-    from medplib.config import profile
-
-    folder = tmp_path / "profiles"
+def edge_profiles(project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A profile `edge` that exists only in this test's project folder (`profiles/edge.yaml`, found before the
+    packaged profiles), and no MEDPLIB_PROFILE anywhere."""
+    folder = project / "profiles"
     folder.mkdir()
     (folder / "edge.yaml").write_text(EDGE_PROFILE)
-    monkeypatch.setattr(profile, "PROFILES_DIR", folder)
     monkeypatch.delenv(PROFILE_ENV, raising=False)
     return folder
 

@@ -29,6 +29,9 @@ class RunContext:
     settings: TrackingConfig  # mlflow.yaml with the profile's MLflow URIs, resolved against `home`, as the file says
     model: str = "medplib"  # the model family (--model NAME)
     data_version: str | None = None  # the DVC version of data/, once ingested or read
+    # where evaluation, publishing and predictions run (--device auto|cpu|cuda[:N]; medplib.device resolves it where
+    # a model is loaded). Training places itself: its Ray workers use a GPU when the cluster has one.
+    device: str = "auto"
 
     @property
     def data_dir(self) -> Path:
@@ -67,13 +70,16 @@ class RunContext:
     def resolve(cls, preset: str = "tiny", config: Path | str | dict | Config | None = None,
                 home: Home | Path | str | None = None, project: Path | str | None = None,
                 profile: Profile | str = "local", model: str = "medplib", tracking_file: Path | None = None,
-                data_version: str | None = None) -> "RunContext":
+                data_version: str | None = None, device: str = "auto") -> "RunContext":
         """Resolve everything a command needs, once: `preset` with `config` (a YAML file, a dict of overrides or a
         ready Config), the state folder (`home`, else MEDPLIB_HOME, else `.medplib/`, created), the project folder
-        (default: the current one), the named profile, and `mlflow.yaml` (or `tracking_file`) for family `model`."""
+        (default: the current one), the named profile and `mlflow.yaml` (or `tracking_file`) for family `model`, both
+        the project folder's when it has them, else the packaged ones (medplib.config.defaults);
+        `device` where models are evaluated and served."""
         cfg = config if isinstance(config, Config) else load_config(preset, config)
         h = (home if isinstance(home, Home) else resolve_home(home)).ensure()
-        prof = profile if isinstance(profile, Profile) else load_profile(profile)
-        settings = load_tracking_config(tracking_file, profile=prof, family=None).resolved(h)
-        return cls(cfg=cfg, home=h, project=Path(project or Path.cwd()).resolve(), profile=prof, settings=settings,
-                   model=model, data_version=data_version)
+        folder = Path(project or Path.cwd()).resolve()
+        prof = profile if isinstance(profile, Profile) else load_profile(profile, project=folder)
+        settings = load_tracking_config(tracking_file, profile=prof, family=None, project=folder).resolved(h)
+        return cls(cfg=cfg, home=h, project=folder, profile=prof, settings=settings, model=model,
+                   data_version=data_version, device=device)

@@ -49,7 +49,9 @@ class Home:
 
 
 def resolve_home(home: str | Path | None = None) -> Home:
-    """`--home` wins, then MEDPLIB_HOME, then `.medplib/` in the repository."""
+    """`--home` wins, then MEDPLIB_HOME, then `.medplib/` in the repository (a source checkout), or in the current
+    folder for an install without one (never inside site-packages)."""
     if home is None:
-        home = os.environ.get("MEDPLIB_HOME") or (REPO_ROOT / ".medplib")
+        checkout = (REPO_ROOT / "pyproject.toml").is_file()
+        home = os.environ.get("MEDPLIB_HOME") or ((REPO_ROOT if checkout else Path.cwd()) / ".medplib")
     return Home(Path(home).expanduser().resolve())

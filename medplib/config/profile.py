@@ -14,8 +14,7 @@ from typing import Optional
 import yaml
 
 from medplib.config.base import ConfigError, from_dict
-
-PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
+from medplib.config.defaults import PROFILES, settings_dirs, settings_file
 PROFILE_ENV = "MEDPLIB_PROFILE"  # read by the command line only (medplib_cli.main.profile_name)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -71,14 +70,17 @@ def _expand(value, where: str):
     return _VAR.sub(sub, value)
 
 
-def load_profile(name: str = "local", directory: Path | None = None) -> Profile:
-    """The named profile with `${VAR}` references expanded. Which profile a command runs with is decided once, at
-    its entry (the command line: --profile, else $MEDPLIB_PROFILE, else `local`), and passed down in the RunContext."""
-    directory = Path(directory) if directory else PROFILES_DIR
-    path = directory / f"{name}.yaml"
+def load_profile(name: str = "local", directory: Path | None = None, project: Path | str | None = None) -> Profile:
+    """The named profile with `${VAR}` references expanded: `<directory>/NAME.yaml`, or by default
+    `<project>/profiles/NAME.yaml` when the project folder has it, else the packaged one (medplib.config.defaults).
+    Which profile a command runs with is decided once, at its entry (the command line: --profile, else
+    $MEDPLIB_PROFILE, else `local`), and passed down in the RunContext."""
+    dirs = [Path(directory)] if directory else settings_dirs(project, PROFILES)
+    path = dirs[0] / f"{name}.yaml" if directory else settings_file(f"{name}.yaml", project, PROFILES)
     if not path.is_file():
-        known = sorted(p.stem for p in directory.glob("*.yaml"))
-        raise ConfigError(f"Profile {name!r} does not exist ({path}); profiles: {known}")
+        known = sorted({p.stem for d in dirs for p in d.glob("*.yaml")})
+        raise ConfigError(f"Profile {name!r} does not exist (looked in {', '.join(map(str, dirs))}); "
+                          f"profiles: {known}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:

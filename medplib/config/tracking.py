@@ -12,13 +12,12 @@ from typing import TYPE_CHECKING, Optional
 import yaml
 
 from medplib.config.base import ConfigError, from_dict
+from medplib.config.defaults import TRACKING_FILE, settings_file
 from medplib.config.home import Home
 
 if TYPE_CHECKING:
     from medplib.config.profile import Profile
     from medplib.model.family import ModelFamily
-
-DEFAULT_FILE = Path(__file__).resolve().parents[2] / "mlflow.yaml"
 
 
 @dataclass
@@ -133,20 +132,21 @@ class TrackingConfig:
 
 
 def load_tracking_config(path: Path | None = None, *, profile: "Profile | None" = None,
-                         family: "str | ModelFamily | None" = "medplib") -> TrackingConfig:
-    """Read `mlflow.yaml` (the repository's by default; unknown keys are errors naming the key), apply the
-    profile's MLflow URIs and auth (default: the `local` profile), and fill in the model family's registered-model
-    name and gate metric where the file sets none (`family=None`: leave them unset). A command gets this once, in
-    its RunContext."""
+                         family: "str | ModelFamily | None" = "medplib",
+                         project: Path | str | None = None) -> TrackingConfig:
+    """Read `mlflow.yaml` (`path`, else the project folder's, else the packaged one: medplib.config.defaults;
+    unknown keys are errors naming the key), apply the profile's MLflow URIs and auth (default: the `local`
+    profile), and fill in the model family's registered-model name and gate metric where the file sets none
+    (`family=None`: leave them unset). A command gets this once, in its RunContext."""
     from medplib.config.profile import load_profile
 
-    path = Path(path) if path else DEFAULT_FILE
+    path = Path(path) if path else settings_file(TRACKING_FILE, project)
     data = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}
     try:
         cfg = from_dict(TrackingConfig, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    m = (profile or load_profile("local")).mlflow
+    m = (profile or load_profile("local", project=project)).mlflow
     for key in ("tracking_uri", "registry_uri", "artifact_location"):
         if getattr(m, key) is not None:
             setattr(cfg, key, getattr(m, key))

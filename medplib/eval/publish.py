@@ -134,9 +134,10 @@ def evaluate_and_log(model, data_dir: Path, data_version: str | None, registry: 
 def reevaluate_champion(registry: Registry, data_dir: Path, data_version: str, *, limit: int | None = None,
                         batch_size: int = 16, parent_run_id: str | None = None,
                         skip_version: str | None = None, max_new_tokens: Mapping[str, int] | None = None,
-                        dataset: dict | None = None) -> str | None:
-    """If the champion's recorded metrics are not on (`data_version`, `eval_split(limit)`), evaluate it there and
-    record them, so the gate can compare. Returns the evaluation run id, or None when nothing had to be done."""
+                        dataset: dict | None = None, device: str = "auto") -> str | None:
+    """If the champion's recorded metrics are not on (`data_version`, `eval_split(limit)`), evaluate it there (on
+    `device`) and record them, so the gate can compare. Returns the evaluation run id, or None when nothing had to
+    be done."""
     from medplib.serve import load_model
 
     champion = registry.champion_version()
@@ -149,7 +150,7 @@ def reevaluate_champion(registry: Registry, data_dir: Path, data_version: str, *
     log.info("Champion version %s was measured on %s; re-evaluating it on data %s split '%s'", champion,
              f"data {recorded.data_version} split '{recorded.split}'" if recorded else "nothing", data_version, split)
     ref = f"models:/{registry.name}/{champion}"
-    model = load_model(ref, registry.cfg)
+    model = load_model(ref, registry.cfg, device=device)
     report, run_id = evaluate_and_log(model, data_dir, data_version, registry,
                                       run_name=f"evaluate-champion-v{champion}", model_ref=ref,
                                       parent_run_id=parent_run_id, limit=limit, batch_size=batch_size,
@@ -164,15 +165,16 @@ def publish(model_dir: Path, data_dir: Path, data_version: str, tracking: Tracki
             config_digest: str, git_commit: str | None = None, parent_run_id: str | None = None,
             limit: int | None = None, batch_size: int = 16, tags: dict[str, str] | None = None,
             max_new_tokens: Mapping[str, int] | None = None, dataset: dict | None = None,
-            preset: str = "unknown") -> dict:
+            preset: str = "unknown", device: str = "auto") -> dict:
     """Evaluate the saved model in `model_dir` on the validation, test and zero-shot splits of `data_dir` (DVC version
     `data_version`; generation lengths `max_new_tokens`, task → tokens, over the tasks' own, the champion's
     re-evaluation alike), log the report and the pyfunc in one run (child of `parent_run_id`), register the version with
     its lineage as `challenger` of `tracking`'s registered model (a RunContext's: the family's), record its metrics,
     re-evaluate the champion if it was measured on other data, and run the promotion gate. `dataset`
     (`RunContext.dataset()`) is the evaluation runs' dataset input. The version's description is its model card
-    (`medplib.eval.card`; `preset` names what trained it). Returns a JSON-able summary of what happened."""
-    from medplib.model import load_pretrained
+    (`medplib.eval.card`; `preset` names what trained it). Both models are evaluated on `device` (auto, cpu,
+    cuda[:N]; `medplib.device`). Returns a JSON-able summary of what happened."""
+    from medplib.serve import load_model
 
     if not data_version:
         raise ValueError("data_version is empty: publish needs the DVC version of the evaluation data "
@@ -185,7 +187,7 @@ def publish(model_dir: Path, data_dir: Path, data_version: str, tracking: Tracki
     if git_commit is None:
         git_commit, dirty = current_git_commit()
 
-    model = load_pretrained(model_dir).eval()
+    model = load_model(model_dir, device=device)
     report, run_id = evaluate_and_log(model, data_dir, data_version, registry, run_name="evaluate-register",
                                       model_ref=str(model_dir), parent_run_id=parent_run_id, limit=limit,
                                       batch_size=batch_size, log_model_dir=model_dir, max_new_tokens=max_new_tokens,
@@ -207,7 +209,7 @@ def publish(model_dir: Path, data_dir: Path, data_version: str, tracking: Tracki
         champion_runs.append(reevaluate_champion(registry, data_dir, data_version, limit=limit,
                                                  batch_size=batch_size, parent_run_id=parent_run_id,
                                                  skip_version=version, max_new_tokens=max_new_tokens,
-                                                 dataset=dataset))
+                                                 dataset=dataset, device=device))
 
     version, decision = registry.register_and_gate(
         run_id, ARTIFACT_PATH, metrics, git_commit=git_commit, data_version=data_version, config_digest=config_digest,

@@ -55,14 +55,23 @@ def load_clip_vision(path: str | Path, cfg: ModelConfig) -> CLIPVisionModel:
     return clip
 
 
-def _projector_from_shards(folder: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
+def _projector_from_shards(folder: Path, keys_only: bool = False) -> dict[str, torch.Tensor | None]:
+    state: dict[str, torch.Tensor | None] = {}
     for shard in sorted(folder.glob("*.safetensors")):
         with safe_open(str(shard), framework="pt") as f:
             for key in f.keys():
                 if key.startswith(PROJECTOR_PREFIX):
-                    state[key[len(PROJECTOR_PREFIX):]] = f.get_tensor(key)
+                    state[key[len(PROJECTOR_PREFIX):]] = None if keys_only else f.get_tensor(key)
     return state
+
+
+def has_aligned_projector(path: str | Path) -> bool:
+    """Whether a LLaVA folder brings its trained projector (llava-hf's, or the original layout's `mm_projector`):
+    then MedPLIB's stage I (alignment) has nothing left to do. Reads config.json and the shards' headers only."""
+    folder = _folder(path, "LLaVA")
+    if json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type") == "llava":
+        return True
+    return bool(_projector_from_shards(folder, keys_only=True))
 
 
 def load_llava(path: str | Path, cfg: ModelConfig) -> tuple[LlamaForCausalLM, dict[str, torch.Tensor],

@@ -214,6 +214,13 @@ class MedPLIB(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.llm.get_input_embeddings()
 
+    def input_dtypes(self) -> dict[str, torch.dtype]:
+        """The dtype each floating input of `forward` must arrive in: that of the module reading it (a bf16 SAM
+        encoder refuses fp32 pixels). Masks and targets are not listed: the losses read them in fp32."""
+        clip = next(self.vision_tower.parameters()).dtype
+        return {"pixel_values": clip, "context_pixel_values": clip,
+                "sam_pixel_values": next(self.sam.vision_encoder.parameters()).dtype}
+
     def attach_tisr(self, config: TISRConfig) -> None:
         """Add TISR's plug-in (a new, seeded textual-inversion module) to this model; it is saved with it."""
         if self.tisr is not None:
@@ -436,7 +443,8 @@ class MedPLIB(nn.Module):
         results = [Generation(text=self.tokenizer.decode(ids)) for ids in generated]
         seg_index = [b for b in range(batch) for _ in seg_hidden[b]]
         if seg_index:
-            sam_pixels = torch.stack([preprocess_image(im, s, SAM_MEAN, SAM_STD) for im in images]).to(device)
+            sam_pixels = torch.stack([preprocess_image(im, s, SAM_MEAN, SAM_STD) for im in images]).to(
+                device, self.input_dtypes()["sam_pixel_values"])
             logits = self.segment(sam_pixels, torch.stack([h for hs in seg_hidden for h in hs]),
                                   torch.tensor(seg_index, device=device))
             for b, lg in zip(seg_index, logits):

@@ -255,6 +255,11 @@ class RecLMIS(nn.Module):
         self.config.reconstruction = options.reconstruction
 
     # --- inputs ----------------------------------------------------------------------------------------------
+    def input_dtypes(self) -> dict[str, torch.dtype]:
+        """The dtype each floating input of `forward` must arrive in: the image encoder's for the pixels (target
+        masks are read in fp32 by the losses)."""
+        return {"pixel_values": next(self.image_encoder.parameters()).dtype}
+
     def encode_notes(self, notes: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask (B, L) of notes, right-padded, cut at `text.max_length`."""
         empty = [i for i, n in enumerate(notes) if not n.strip()]
@@ -348,7 +353,8 @@ class RecLMIS(nn.Module):
             raise PromptError("RecLMIS takes no pixel prompts (point, box or region): give the image and a note")
         device = next(self.parameters()).device
         s = self.config.image_size
-        pixels = torch.stack([preprocess_image(im, s, IMAGE_MEAN, IMAGE_STD) for im in images]).to(device)
+        pixels = torch.stack([preprocess_image(im, s, IMAGE_MEAN, IMAGE_STD) for im in images]).to(
+            device, self.input_dtypes()["pixel_values"])
         ids, attn = self.encode_notes([note_of(q) for q in questions])
         logits = self(pixels, ids.to(device), attn.to(device)).mask_logits
         results = []

@@ -7,7 +7,9 @@ def deepspeed_config(*, micro_batch: int, grad_accum: int, world_size: int, lr: 
                      use_gpu: bool, bf16: bool | None = None) -> dict:
     """ZeRO stage, AdamW, warm-up then linear decay (MedPLIB: 1% warm-up), clipping; bf16 on GPU by default.
 
-    On CPU the optimizer is torch's AdamW (`torch_adam`), so DeepSpeed builds no JIT optimizer ops.
+    The optimizer is torch's AdamW (`torch_adam`) on CPU and GPU alike, fused into one kernel per step on a GPU
+    (`fused`): DeepSpeed's own FusedAdam is JIT-compiled at start-up, and the CUDA image (infra/Dockerfile, a CUDA
+    runtime without nvcc) cannot compile it.
     """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage = {zero_stage}: DeepSpeed ZeRO stages are 0, 1, 2 or 3")
@@ -21,7 +23,7 @@ def deepspeed_config(*, micro_batch: int, grad_accum: int, world_size: int, lr: 
         "train_batch_size": micro_batch * grad_accum * world_size,
         "gradient_clipping": grad_clip,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "weight_decay": weight_decay,
-                                                  "torch_adam": not use_gpu}},
+                                                  "torch_adam": True, **({"fused": True} if use_gpu else {})}},
         "scheduler": {"type": "WarmupDecayLR", "params": {
             "warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": max(1, min(warmup_steps, total_steps - 1)),  # DeepSpeed needs >= 1
             "total_num_steps": total_steps, "warmup_type": "linear"}},

@@ -7,6 +7,7 @@ import torch
 
 from medplib.config import from_dict
 from medplib.config.model import TISRConfig
+from medplib.device import model_device, to_device
 from medplib.tasks import resolve
 from medplib.data.torch_dataset import MedDataset, collate as collate_samples
 from medplib.model import LossWeights, MedPLIB
@@ -67,10 +68,12 @@ class StageRecipe:
         return collate_samples(items, self.model.tokenizer.pad_token_id)
 
     def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        module = getattr(engine, "module", engine)  # a DeepSpeed engine, or the plain model (benchmarks)
+        # the collated batch is on the CPU in fp32: onto the engine's GPU, pixels in the dtypes of their encoders
+        batch = to_device(batch, model_device(engine), module.input_dtypes())
         out = engine(**batch, loss_weights=LossWeights(**vars(self.spec.loss)))
         # A batch without <region> or <SEG> leaves the region adapter or mask decoder without gradients; ZeRO's
         # gradient buckets must hold the same parameters on every rank, so give every trainable one a (zero) grad.
-        module = getattr(engine, "module", engine)  # a DeepSpeed engine, or the plain model (benchmarks)
         anchor = sum(p.view(-1)[0] for p in module.parameters() if p.requires_grad)
         loss = out.loss + 0.0 * anchor
         parts = {"ce": float(out.ce_loss.detach())}

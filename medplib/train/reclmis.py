@@ -16,6 +16,7 @@ import torch
 from medplib.config import RunContext, family_settings, from_dict
 from medplib.config.reclmis import RecLMISConfig
 from medplib.config.stages import StageSpec
+from medplib.device import model_device, to_device
 from medplib.data.torch_dataset import SegmentationDataset, read_records, strip_paths
 from medplib.model.reclmis import IMAGE_MEAN, IMAGE_STD, RecLMIS, note_of
 from medplib.tasks import resolve
@@ -57,6 +58,11 @@ class RecLMISPlan:
                                     f"stage first (medplib train --model reclmis --stage {stage - 1})")
         return {"base": str(start)}
 
+    def skip(self, stage: int, spec: StageSpec, ctx: RunContext, base: Path | None,
+             workspace: str | None) -> str | None:
+        """RecLMIS trains every stage it is asked for (a stage without records fails in its recipe, naming them)."""
+        return None
+
 
 class RecLMISRecipe:
     """config: {"spec": StageSpec as dict, "data_dir": str, "base": str, "model": RecLMISConfig as dict}."""
@@ -94,10 +100,10 @@ class RecLMISRecipe:
                 "attention_mask": attn, "masks": torch.stack([s.mask for s in items])}
 
     def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        out = engine(**batch, objective=self.objective)
+        module = getattr(engine, "module", engine)
+        out = engine(**to_device(batch, model_device(engine), module.input_dtypes()), objective=self.objective)
         # ZeRO's gradient buckets must hold the same parameters on every rank: give every trainable one a (zero)
         # grad, whatever this batch left unused
-        module = getattr(engine, "module", engine)
         anchor = sum(p.view(-1)[0] for p in module.parameters() if p.requires_grad)
         return out.loss + 0.0 * anchor, out.parts()
 

@@ -35,21 +35,23 @@ class StageResult:
     seconds: float
     history: list[dict] = field(default_factory=list)
     mlflow_run_id: str | None = None
+    skipped: str | None = None  # why the stage was not trained (its folder holds what the next stage starts from)
 
     @property
-    def first_loss(self) -> float:
+    def first_loss(self) -> float | None:
+        """The mean loss of the first tenth of the logged steps (None for a skipped stage)."""
         k = max(1, len(self.history) // 10)
-        return sum(h["loss"] for h in self.history[:k]) / k
+        return sum(h["loss"] for h in self.history[:k]) / k if self.history else None
 
     @property
-    def last_loss(self) -> float:
+    def last_loss(self) -> float | None:
         k = max(1, len(self.history) // 10)
-        return sum(h["loss"] for h in self.history[-k:]) / k
+        return sum(h["loss"] for h in self.history[-k:]) / k if self.history else None
 
     def to_dict(self) -> dict:
         return {"stage": self.stage, "name": self.name, "out_dir": str(self.out_dir), "seconds": round(self.seconds, 1),
                 "steps": self.history[-1]["step"] if self.history else 0, "first_loss": self.first_loss,
-                "last_loss": self.last_loss, "mlflow_run_id": self.mlflow_run_id}
+                "last_loss": self.last_loss, "mlflow_run_id": self.mlflow_run_id, "skipped": self.skipped}
 
 
 def stage_dir(home: Home, stage: int | str, workspace: str | None = None) -> Path:
@@ -108,15 +110,29 @@ def stage_inputs(stage: int, home: Home, base: Path | None,
 
 class StagePlan(Protocol):
     """The driver's side of a family's stages: make what stage `stage` starts from (the initial model before the
-    first) and say it as the recipe's config beside its spec and data ({"base": folder, …}; also logged)."""
+    first) and say it as the recipe's config beside its spec and data ({"base": folder, …}; also logged); or, for a
+    stage with nothing to train on the data, skip it: leave what the next stage starts from in its folder and say
+    why (None: train it)."""
 
     def prepare(self, stage: int, spec: StageSpec, ctx: RunContext, base: Path | None,
                 workspace: str | None) -> dict[str, str | None]: ...
 
+    def skip(self, stage: int, spec: StageSpec, ctx: RunContext, base: Path | None,
+             workspace: str | None) -> str | None: ...
+
+
+def train_records(data_dir: Path, tasks: tuple[str, ...]) -> int:
+    """How many train-split records of `tasks` (names or groups) `data_dir` holds: a stage's data."""
+    from medplib.tasks import resolve
+
+    chosen = resolve(tasks)
+    return sum(1 for r in read_records(data_dir) if r.split == "train" and r.task in chosen)
+
 
 class MedPLIBPlan:
     """MedPLIB's stages I-IV: I from the initial model (`build_init_model`), II from I, III from II, IV from II with
-    the grounding expert from III."""
+    the grounding expert from III. Stage I is skipped when the data has no alignment records (a real MeCoVQA
+    download ships no caption files) and the LLaVA weights bring their trained projector."""
 
     def prepare(self, stage: int, spec: StageSpec, ctx: RunContext, base: Path | None,
                 workspace: str | None) -> dict[str, str | None]:
@@ -125,6 +141,24 @@ class MedPLIBPlan:
         start, grounding = stage_inputs(stage, ctx.home, base, workspace)
         return {"base": str(start), "grounding": str(grounding) if grounding else None}
 
+    def skip(self, stage: int, spec: StageSpec, ctx: RunContext, base: Path | None,
+             workspace: str | None) -> str | None:
+        if stage != 1 or base is not None or train_records(ctx.data_dir, spec.tasks):
+            return None
+        from medplib.model.loaders import has_aligned_projector
+
+        llava = ctx.cfg.model.llm.weights
+        if not (llava and has_aligned_projector(llava)):
+            why = f"model.llm.weights {llava} has no projector" if llava else "model.llm.weights is unset"
+            raise ValueError(f"Stage 1 ({spec.name}) has no train records of tasks {list(spec.tasks)} in "
+                             f"{ctx.data_dir}, and it cannot be skipped: the projector it aligns is not pretrained "
+                             f"({why}). Add caption (alignment) records, or start from LLaVA-1.5 weights")
+        out = build_init_model(ctx.cfg, ctx.data_dir, stage_dir(ctx.home, 1, workspace), seed=spec.seed)
+        (out / "history.json").write_text("[]")  # no steps (a reused stage folder may hold an earlier run's)
+        return (f"no train records of tasks {list(spec.tasks)} in the data (a MeCoVQA download ships no caption "
+                f"files), and LLaVA-1.5's projector ({llava}) is already aligned: stage 2 starts from the initial "
+                "model")
+
 
 def stage_plan(path: str) -> StagePlan:
     """The stage plan a family names ("module:Class")."""
@@ -132,9 +166,12 @@ def stage_plan(path: str) -> StagePlan:
     return getattr(importlib.import_module(module), name)()
 
 
+TAG_SKIPPED = "medplib.stage_skipped"  # on a stage's MLflow run: why it was not trained
+
+
 def _start_mlflow_run(t: TrackingConfig, spec: StageSpec, cfg: Config, data_version: str | None,
                       parent_run_id: str | None, inputs: dict, model_config: object,
-                      family: str, dataset: dict | None = None) -> tuple[str, str]:
+                      family: str, dataset: dict | None = None, skipped: str | None = None) -> tuple[str, str]:
     from medplib.registry import Registry, log_dataset
 
     registry = Registry(t)  # one get-or-create of the experiment, safe when another process creates it first
@@ -143,6 +180,8 @@ def _start_mlflow_run(t: TrackingConfig, spec: StageSpec, cfg: Config, data_vers
             "medplib.data_version": data_version or "unversioned", "medplib.model_family": family}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
+    if skipped:
+        tags[TAG_SKIPPED] = skipped
     run = client.create_run(exp_id, run_name=f"stage{spec.stage}-{spec.name}-{int(time.time())}", tags=tags)
     flat = _flatten({"stage": to_dict(spec), "model": to_dict(model_config), "inputs": inputs})
     from mlflow.entities import Param
@@ -178,7 +217,10 @@ def train_stage(stage: int, ctx: RunContext, *, workers: int = 2, base: Path | N
     spec = family_stage_spec(cfg, family, stage, overrides)
     data_dir = ctx.data_dir
     verify_data(data_dir)  # a corrupted or swapped file stops the stage before any worker reads it
-    inputs = stage_plan(family.plan).prepare(stage, spec, ctx, base, workspace)
+    plan = stage_plan(family.plan)
+    t0 = time.perf_counter()
+    skipped = plan.skip(stage, spec, ctx, base, workspace)
+    inputs = {"skipped": skipped} if skipped else plan.prepare(stage, spec, ctx, base, workspace)
     model_config = family_settings(cfg, family).model
     out = stage_dir(home, stage, workspace)
     data_version = ctx.data_version or read_version(project)
@@ -186,7 +228,14 @@ def train_stage(stage: int, ctx: RunContext, *, workers: int = 2, base: Path | N
     if track:
         run_id, tracking_uri = _start_mlflow_run(ctx.tracking, spec, cfg, data_version, parent_run_id,
                                                  {k: str(v) for k, v in inputs.items()}, model_config, family.name,
-                                                 ctx.with_data_version(data_version).dataset())
+                                                 ctx.with_data_version(data_version).dataset(), skipped)
+    if skipped:
+        log.warning("stage %d (%s) skipped: %s", stage, spec.name, skipped)
+        if run_id:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri=tracking_uri).set_terminated(run_id, status="FINISHED")
+        return StageResult(stage, spec.name, out, time.perf_counter() - t0, [], run_id, skipped)
     loop = LoopConfig(
         recipe=family.recipe,
         # the family's model config as resolved now: a recipe may apply its training options to the loaded model
@@ -198,7 +247,6 @@ def train_stage(stage: int, ctx: RunContext, *, workers: int = 2, base: Path | N
         name=f"stage {stage} ({spec.name})",
         extra={**(extra or {}), **({"mlflow_run_id": run_id, "mlflow_tracking_uri": tracking_uri} if run_id else {})},
     )
-    t0 = time.perf_counter()
     status = "FAILED"
     try:
         run_stage(loop, home, f"stage{stage}", workers=workers, max_failures=max_failures,

@@ -147,7 +147,9 @@ def train_loop_per_worker(config: dict) -> None:
                 elapsed = time.perf_counter() - t0
                 history.append({"step": step, "epoch": epoch, "loss": loss_value, **parts,
                                 "lr": scheduler.get_last_lr()[0] if scheduler else cfg.lr,
-                                "samples_per_s": samples / max(elapsed, 1e-9), "time": elapsed})
+                                "samples_per_s": samples / max(elapsed, 1e-9), "time": elapsed,
+                                **({"gpu_peak_gb": torch.cuda.max_memory_allocated() / 2 ** 30} if cfg.use_gpu
+                                   else {})})
                 if tracker:
                     tracker.log(history[-1])
             now = time.perf_counter()

@@ -79,3 +79,24 @@ def test_a_missing_environment_variable_is_named_with_file_and_key(tmp_path: Pat
     (tmp_path / "typo.yaml").write_text("mlfow: {}\n")
     with pytest.raises(ConfigError, match="typo.yaml: .*mlfow"):
         load_profile("typo", tmp_path)
+
+
+def test_the_project_folder_s_settings_come_before_the_packaged_ones(tmp_path: Path):
+    """`profiles/NAME.yaml` and `mlflow.yaml` of the project folder win; what it lacks comes from the copies packaged
+    in medplib/defaults/ (what an install without -e has)."""
+    from medplib.config.defaults import PACKAGED
+
+    assert (PACKAGED / "mlflow.yaml").is_file() and (PACKAGED / "profiles" / "local.yaml").is_file()
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "local.yaml").write_text('dvc:\n  url: "/srv/project-remote"\n')
+    (tmp_path / "mlflow.yaml").write_text("experiment: project-experiment\n")
+    assert load_profile("local", project=tmp_path).dvc.url == "/srv/project-remote"
+    assert load_profile("local").dvc.url == "{home}/dvc-remote"  # no project folder: the packaged profile
+    assert load_profile("cluster", project=tmp_path).ray_address  # the project has none: the packaged one
+    assert load_tracking_config(project=tmp_path).experiment == "project-experiment"
+    assert load_tracking_config(project=tmp_path / "elsewhere").experiment == "medplib"
+    ctx = RunContext.resolve(home=tmp_path / "home", project=tmp_path)
+    assert ctx.profile.dvc.url == "/srv/project-remote" and ctx.tracking.experiment == "project-experiment"
+    with pytest.raises(ConfigError, match=r"Profile 'staging' does not exist \(looked in .*/profiles, "
+                                          r".*/medplib/defaults/profiles\); profiles: \['cluster', 'local'\]"):
+        load_profile("staging", project=tmp_path)

@@ -119,6 +119,16 @@ def test_report_has_data_version_metrics_decision_and_run_links():
     assert "prefect server start --host 127.0.0.1" in text
 
 
+def test_a_skipped_stage_shows_why_in_the_report_and_the_summary():
+    why = "no train records of tasks ['alignment'] in the data"
+    stages = [{"stage": 1, "name": "align", "first_loss": None, "last_loss": None, "mlflow_run_id": "s" * 32,
+               "skipped": why}, {"stage": 2, "name": "vl_expert", "first_loss": 2.5, "last_loss": 1.25,
+                                 "mlflow_run_id": "t" * 32, "skipped": None}]
+    summary = SUMMARY | {"stages": stages}
+    assert f"| stage 1 align (skipped: {why}) | [`{'s' * 32}`]" in report_markdown(summary)
+    assert f"stages         1 align skipped ({why}), 2 vl_expert loss 2.50→1.25" in summary_text(summary)
+
+
 def test_report_of_a_skipped_retraining():
     keys = ("flow_run", "flow_run_id", "tracking_uri", "experiment_id", "home", "project", "data_version", "ingest",
             "seconds")

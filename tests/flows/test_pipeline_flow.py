@@ -166,3 +166,49 @@ def test_validation_gate_stops_on_bad_data(two_runs, tmp_path):
     records.write_text("\n".join(lines[1:] + ['{"id": "x", "image": "../escape.png"}']) + "\n")
     with pytest.raises(DataValidationError, match="Validation FAILED"):
         validate_flow(home=home.root, project=project)
+
+
+@pytest.mark.timeout(600)
+def test_the_readme_serving_lines_serve_a_registered_version(two_runs, registry, tmp_path):
+    """The README's serving lines, run as written (bash, from a folder laid out as the repository: `.venv` and the
+    default state folder `.medplib`, here the session pipeline's; only the port is swapped for a free one), answer
+    the README's request format as the model answers in-process. Version 1 is `champion` for the test alone (the
+    session's versions stayed below the gate's floor); the alias is put back as it was."""
+    import base64
+    import re
+    import sys
+    import urllib.request
+
+    from medplib.config.home import REPO_ROOT
+    from medplib.serve import free_port, load_model, predict, scoring_server
+
+    home, project, _, _ = two_runs
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    lines = re.search(r"\nServing, from the repository.*?```bash\n(.*?)```", readme, re.S).group(1)
+    assert "mlflow models serve -m models:/medplib@champion" in lines and "--port 5001" in lines
+    request = re.search(r'`(\{"dataframe_split": .*?\]\]\}\})`', readme, re.S).group(1).replace("\n", " ")
+    image = next((project / "data" / "images").glob("*.png"))
+    body = json.loads(request.replace("PNG_BASE64", json.dumps(base64.b64encode(image.read_bytes()).decode())))
+    row = dict(zip(body["dataframe_split"]["columns"], body["dataframe_split"]["data"][0]))
+
+    repo_like = tmp_path / "repo"
+    repo_like.mkdir()
+    (repo_like / ".venv").symlink_to(sys.prefix)
+    (repo_like / ".medplib").symlink_to(home.root)
+    port = free_port()
+    champion = registry.champion_version()
+    registry.client.set_registered_model_alias(registry.name, "champion", "1")
+    try:
+        expected = predict(load_model("models:/medplib@champion", registry.cfg), **row)
+        with scoring_server(["bash", "-c", lines.replace("--port 5001", f"--port {port}")],
+                            f"http://127.0.0.1:{port}", cwd=repo_like, log_file=tmp_path / "serve.log") as url:
+            post = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                          headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(post, timeout=120) as response:
+                [answer] = json.loads(response.read())["predictions"]
+    finally:  # the session's registry as it was
+        if champion:
+            registry.client.set_registered_model_alias(registry.name, "champion", champion)
+        else:
+            registry.client.delete_registered_model_alias(registry.name, "champion")
+    assert answer == expected and isinstance(answer["answer"], str)

@@ -141,3 +141,53 @@ def test_llava_hf_vision_tower_is_used_without_a_clip_folder(checkpoints):
     ref = LlavaForConditionalGeneration.from_pretrained(str(checkpoints["llava-hf"]))
     _equal_state(model.vision_tower.clip, ref.model.vision_tower)
     assert torch.equal(model.projector[0].weight, ref.model.multi_modal_projector.linear_1.weight)
+
+
+def test_stage_one_is_skipped_on_data_without_alignment_records_when_llava_brings_its_projector(checkpoints,
+                                                                                                  tmp_path):
+    """A real MeCoVQA download has no caption files, so stage I (alignment; the full preset's mix) has no records:
+    with LLaVA-1.5's trained projector it is skipped, saying why in the result and the stage's MLflow run, and its
+    folder holds the initial model stage II starts from. Without a pretrained projector it cannot be skipped."""
+    from mlflow import MlflowClient
+
+    from medplib.config import RunContext
+    from medplib.data.schema import Record
+    from medplib.model.loaders import has_aligned_projector
+    from medplib.train.runner import TAG_SKIPPED, stage_dir, stage_inputs, train_stage
+
+    plain = tmp_path / "llama"  # a LLaMA folder without mm_projector tensors
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_file({"model.norm.weight": torch.ones(4)}, plain / "model.safetensors")
+    assert has_aligned_projector(checkpoints["llava-hf"]) and has_aligned_projector(checkpoints["llava-orig"])
+    assert not has_aligned_projector(plain)
+
+    data = tmp_path / "project" / "data"
+    data.mkdir(parents=True)
+    turns = [{"from": "human", "value": "<image>\nIs this a CT image?"}, {"from": "gpt", "value": "Yes."}]
+    caption = [{"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": "A CT."}]
+    records = [Record("q1", "images/a.png", "ct", "train", "vqa_closed", turns),
+               Record("c1", "images/a.png", "ct", "test", "caption", caption)]  # a caption, but not to train on
+    (data / "records.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
+    (data / "manifest.json").write_text('{"files": {}}')
+    align_only = {"train": {"stage1": {"tasks": ["alignment"]}}}  # the full preset's stage I data
+
+    def context(llava: Path) -> RunContext:
+        return RunContext.resolve("tiny", {**align_only, "model": {"llm": {"weights": str(llava)}}},
+                                  home=tmp_path / "home", project=data.parent)
+
+    ctx = context(checkpoints["llava-orig"])
+    result = train_stage(1, ctx, workers=1)  # no Ray job: the stage is skipped before one starts
+    assert result.skipped.startswith("no train records of tasks ['alignment'] in the data (a MeCoVQA download ships "
+                                     "no caption files), and LLaVA-1.5's projector")
+    assert result.history == [] and result.to_dict()["skipped"] == result.skipped
+    assert stage_inputs(2, ctx.home, None)[0] == stage_dir(ctx.home, 1)  # stage II starts from the initial model
+    assert torch.equal(MedPLIB.from_pretrained(result.out_dir).projector[2].bias,
+                       load_file(checkpoints["llava-orig"] / "model.safetensors")["model.mm_projector.2.bias"])
+    run = MlflowClient(ctx.tracking.tracking_uri).get_run(result.mlflow_run_id)
+    assert run.data.tags[TAG_SKIPPED] == result.skipped and run.info.status == "FINISHED"
+    assert "loss" not in run.data.metrics
+
+    with pytest.raises(ValueError, match=r"Stage 1 \(align\) has no train records of tasks \['alignment'\] .* cannot "
+                                         r"be skipped: .*model.llm.weights .*llama has no projector"):
+        train_stage(1, context(plain), workers=1, track=False)

@@ -22,11 +22,29 @@ def test_deepspeed_config_cpu_and_gpu():
     assert cpu["bf16"]["enabled"] is False
     gpu = deepspeed_config(micro_batch=4, grad_accum=8, world_size=4, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0,
                            warmup_steps=10, total_steps=1000, grad_clip=1.0, zero_stage=3, use_gpu=True)
-    assert gpu["bf16"]["enabled"] is True and gpu["optimizer"]["params"]["torch_adam"] is False
-    assert gpu["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert gpu["bf16"]["enabled"] is True and gpu["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    assert "fused" not in cpu["optimizer"]["params"]
+    assert gpu["optimizer"]["params"]["torch_adam"] is True and gpu["optimizer"]["params"]["fused"] is True
     with pytest.raises(ValueError, match="zero_stage = 4"):
         deepspeed_config(micro_batch=1, grad_accum=1, world_size=1, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0,
                          warmup_steps=0, total_steps=1, grad_clip=1.0, zero_stage=4, use_gpu=False)
+
+
+def test_the_gpu_optimizer_needs_no_jit_build():
+    """The CUDA image has no nvcc (infra/Dockerfile), so DeepSpeed must not build FusedAdam: given the GPU config,
+    DeepSpeed's own choice (the engine's get_optimizer_configuration, called without an engine: its torch_adam path
+    reads no engine state) is torch's AdamW, fused, and the config's parameters construct it."""
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    gpu = deepspeed_config(micro_batch=4, grad_accum=1, world_size=1, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                           warmup_steps=1, total_steps=10, grad_clip=1.0, zero_stage=2, use_gpu=True)
+    params = dict(gpu["optimizer"]["params"])
+    optimizer_class, extra = DeepSpeedEngine.get_optimizer_configuration(None, params, adam_w_mode=True)
+    assert optimizer_class is torch.optim.AdamW
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = optimizer_class([weight], **params, **extra)  # what DeepSpeed then calls
+    assert optimizer.defaults["fused"] is True and optimizer.defaults["weight_decay"] == 0.1
 
 
 
