@@ -1,5 +1,5 @@
 """Does the `<SEG>` path carry the question? Grounding mDice of a trained model on the test split, measured twice in
-one run: as trained, and with the `<SEG>` state (the hidden state that emits `<SEG>`, which the grounding head reads)
+one run: as trained, and with the `<SEG>` state (the hidden state the grounding head reads, `model.seg_state`)
 zeroed (a forward hook on `text_hidden_fcs` gives the mask decoder a zero prompt, so only the image is left to
 choose the structure). An image has several structures, so a model whose masks follow the question loses Dice when
 the question is taken away. Goal: a drop of at least 0.3.

@@ -168,8 +168,15 @@ class ModelConfig:
     region_max_points: int = 512
     point_prompt_size: int = 41  # side of the square a point prompt becomes, at 336 px
     system_prompt: str = ""  # the one conversation template's system line (Vicuna's in the full preset)
+    # Which hidden state the grounding head reads: "emitting", the one whose LM head predicts <SEG> (LISA and MedPLIB,
+    # so their released heads fit: the full preset), or "token", the state at the <SEG> token itself. The tiny LM (2
+    # layers, width 64) grounds far better from its own <SEG> position: the whole pipeline gave validation grounding
+    # mDice 0.840 reading "token" and 0.590 reading "emitting" (2026-12-03), whose state must also predict <SEG>.
+    seg_state: str = "token"
 
     def validate(self, prefix: str = "") -> None:
+        if self.seg_state not in ("emitting", "token"):
+            raise ConfigError(f"Config key '{prefix}seg_state' = {self.seg_state!r} is not 'emitting' or 'token'")
         if self.projector not in ("linear", "mlp2x_gelu"):
             raise ConfigError(f"Config key '{prefix}projector' = {self.projector!r} is not 'linear' or 'mlp2x_gelu'")
         if self.region_max_points < 1:
@@ -200,5 +207,5 @@ class ModelConfig:
             sam=SamConfig(image_size=256, patch_size=16, vision_hidden_size=768, vision_layers=12, vision_heads=12,
                           global_attn_indexes=(2, 5, 8, 11), hidden_size=256, decoder_mlp_dim=2048, decoder_heads=8,
                           window_size=14, freeze_image_encoder=True),
-            system_prompt=VICUNA_SYSTEM,
+            system_prompt=VICUNA_SYSTEM, seg_state="emitting",
         )

@@ -2,9 +2,9 @@
 
 CLIP vision tower → `mlp2x_gelu` projector → image features scattered into the LLaMA input at `<image>`;
 pixel prompts → patch-grid pooling → region adapter → one embedding per `<region>`;
-LLaMA (every MLP optionally a top-1 MoE) → answer tokens; the last hidden state that emits `<SEG>` (the one before
-it, as LISA / MedPLIB read it) → `text_hidden_fcs` → SAM sparse prompt → SAM mask decoder (single mask) on the SAM
-image encoder's embedding.
+LLaMA (every MLP optionally a top-1 MoE) → answer tokens; a `<SEG>`'s last hidden state (`seg_state`: the one that
+emits it, as LISA / MedPLIB read it, or the one at it) → `text_hidden_fcs` → SAM sparse prompt → SAM mask decoder
+(single mask) on the SAM image encoder's embedding.
 Optional: TISR's plug-in (`model.tisr`, medplib/model/tisr.py) puts pseudo-words from the image before the prompt.
 """
 from __future__ import annotations
@@ -274,14 +274,16 @@ class MedPLIB(nn.Module):
         return embeds
 
     # --- grounding -------------------------------------------------------------------------------------------
-    def seg_emitting_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) bool: the positions whose hidden state emits a `<SEG>`, i.e. the token before each one.
+    def seg_state_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: the positions whose hidden state the grounding head reads, one per `<SEG>` (`seg_state`).
 
-        LISA and MedPLIB read `hidden[input_ids[:, 1:] == seg]` (the state whose LM head predicts `<SEG>`), so
-        generation needs no extra forward for it and released grounding heads fit.
+        "emitting": the token before each `<SEG>`, as LISA and MedPLIB read `hidden[input_ids[:, 1:] == seg]` (the
+        state whose LM head predicts `<SEG>`), so released grounding heads fit; "token": the `<SEG>` token itself.
         """
         real = attention_mask.bool()
         seg = (input_ids == self.tokenizer.seg_token_id) & real
+        if self.config.seg_state == "token":
+            return seg
         orphan = seg[:, 0] | (seg[:, 1:] & ~real[:, :-1]).any(dim=1)
         if orphan.any():
             raise ValueError(f"Sample(s) {orphan.nonzero().flatten().tolist()} have a <SEG> with no real token "
@@ -329,7 +331,7 @@ class MedPLIB(nn.Module):
         if moe:
             out.moe_drop_rate = torch.stack([m.last_drop_rate for m in moe]).mean()
 
-        emitting = self.seg_emitting_positions(input_ids, attention_mask)
+        emitting = self.seg_state_positions(input_ids, attention_mask)
         if emitting.any():
             if sam_pixel_values is None:
                 raise ValueError(f"The input has {int(emitting.sum())} <SEG> token(s) but no sam_pixel_values")
@@ -427,18 +429,28 @@ class MedPLIB(nn.Module):
             token = torch.where(finished, torch.full_like(token, pad), token)
             for b in (~finished).nonzero().flatten().tolist():
                 generated[b].append(int(token[b]))
-            # the state that emitted a <SEG> is its grounding state, as in training (seg_emitting_positions)
-            for b in ((token == self.tokenizer.seg_token_id) & ~finished).nonzero().flatten().tolist():
-                seg_hidden[b].append(hidden[b])
+            # the grounding state of a <SEG>, as in training (seg_state_positions): the state that emitted it, or
+            # (seg_state "token") its own, after it is fed
+            emitted = ((token == self.tokenizer.seg_token_id) & ~finished).nonzero().flatten().tolist()
+            at_token = self.config.seg_state == "token"
+            if not at_token:
+                for b in emitted:
+                    seg_hidden[b].append(hidden[b])
             was_finished = finished
             finished = finished | (token == self.tokenizer.eos_token_id)
-            if finished.all() or step == max_new_tokens - 1:
+            last = bool(finished.all()) or step == max_new_tokens - 1
+            if last and not (at_token and emitted):
                 break
             attention_mask = torch.cat([attention_mask, (~was_finished).long()[:, None]], dim=1)
             out = self.llm.model(inputs_embeds=self.llm.get_input_embeddings()(token[:, None]),
                                  attention_mask=attention_mask, position_ids=next_position[:, None],
                                  past_key_values=cache, use_cache=True)
             cache, hidden, next_position = out.past_key_values, out.last_hidden_state[:, -1], next_position + 1
+            if at_token:
+                for b in emitted:
+                    seg_hidden[b].append(hidden[b])
+            if last:
+                break
 
         results = [Generation(text=self.tokenizer.decode(ids)) for ids in generated]
         seg_index = [b for b in range(batch) for _ in seg_hidden[b]]

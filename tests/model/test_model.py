@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from medplib.config.base import ConfigError
+from medplib.config.model import ModelConfig
 from medplib.model import (
     LossWeights, MedPLIB, MedTokenizer, PromptError, box_prompt_mask, freeform_prompt_mask, point_prompt_mask,
 )
@@ -149,6 +151,7 @@ def test_region_and_seg_mismatches_are_errors(tiny_model: MedPLIB, tokenizer):
 
 def test_the_mask_is_read_from_the_state_that_emits_seg(tiny_model: MedPLIB, tokenizer):
     """LISA / MedPLIB: the grounding head reads the hidden state whose LM head predicts `<SEG>`, not the one at it."""
+    tiny_model.config.seg_state = "emitting"  # the full preset's; the tiny preset reads the <SEG> token's own
     ids, _, mask = _encode(tokenizer, [(Q_SEG, A_SEG)])
     x, s = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
     fed = []  # what the grounding head reads
@@ -166,9 +169,23 @@ def test_the_mask_is_read_from_the_state_that_emits_seg(tiny_model: MedPLIB, tok
     assert (fed[2] - fed[0]).abs().max() > 0.1 and not torch.equal(after, before)
 
 
-def test_generated_seg_masks_agree_with_the_teacher_forced_ones(tiny_model: MedPLIB, tokenizer):
+def test_seg_state_token_reads_the_seg_token_s_own_state(tiny_model: MedPLIB, tokenizer):
+    assert tiny_model.config.seg_state == "token" and ModelConfig.full().seg_state == "emitting"
+    ids, _, mask = _encode(tokenizer, [(Q_SEG, A_SEG)])
+    x, s = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    before = tiny_model(ids, x, mask, sam_pixel_values=s).mask_logits
+    with torch.no_grad():  # the <SEG> embedding reaches the state at it
+        tiny_model.get_input_embeddings().weight[tokenizer.seg_token_id] += 5.0
+    assert not torch.equal(tiny_model(ids, x, mask, sam_pixel_values=s).mask_logits, before)
+    with pytest.raises(ConfigError, match="Config key 'model.seg_state' = 'last' is not 'emitting' or 'token'"):
+        ModelConfig(seg_state="last").validate("model.")
+
+
+@pytest.mark.parametrize("seg_state", ["emitting", "token"])
+def test_generated_seg_masks_agree_with_the_teacher_forced_ones(tiny_model: MedPLIB, tokenizer, seg_state):
     from medplib.data.torch_dataset import CLIP_MEAN, CLIP_STD, SAM_MEAN, SAM_STD, preprocess_image
 
+    tiny_model.config.seg_state = seg_state
     _force_next_token(tiny_model, tokenizer.seg_token_id)
     fed = []  # the states the grounding head reads
     tiny_model.text_hidden_fcs.register_forward_hook(lambda module, args, out: fed.append(args[0]))
@@ -180,13 +197,15 @@ def test_generated_seg_masks_agree_with_the_teacher_forced_ones(tiny_model: MedP
     forced = tiny_model(ids, preprocess_image(image, 64, CLIP_MEAN, CLIP_STD)[None],
                         sam_pixel_values=preprocess_image(image, 64, SAM_MEAN, SAM_STD)[None]).mask_logits
     assert forced.shape == (2, 64, 64)
-    # the first mask from the prompt's last state, the second from the first <SEG>'s: two different states
+    # emitting: the first mask from the prompt's last state, the second from the first <SEG>'s; token: from each
+    # <SEG>'s own: two different states either way
     torch.testing.assert_close(fed[0], fed[1], atol=1e-4, rtol=1e-4)
     assert (fed[1][0] - fed[1][1]).abs().max() > 0.1
     torch.testing.assert_close(torch.stack(generated.mask_logits), forced, atol=1e-5, rtol=1e-3)
 
 
 def test_a_seg_without_a_token_before_it_is_an_error(tiny_model: MedPLIB, tokenizer):
+    tiny_model.config.seg_state = "emitting"
     ids, _, mask = _encode(tokenizer, [(Q_SEG, A_SEG)])
     first = ids.clone()
     first[0, 0] = tokenizer.seg_token_id
