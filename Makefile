@@ -10,7 +10,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 120
 export RAY_AUTH_MODE = disabled
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup java postgres run test test-fast clean-state
+.PHONY: setup java postgres chromium run test test-fast clean-state
 
 setup: java $(STAMP)
 
@@ -50,11 +50,16 @@ postgres:
 	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null; \
 	fi
 
+# Headless Chromium for the browser tests (tests/serve/browser.py), from the npm registry: infra/chromium.sh (node
+# and npm needed; nothing is fetched when $(VENV)/chromium holds the pinned version).
+chromium:
+	@bash infra/chromium.sh $(VENV)/chromium
+
 # The suite runs in TEST_WORKERS pytest-xdist processes (tests/conftest.py keeps the tests sharing a trained session
 # fixture in one process); TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
 
-test: setup postgres
+test: setup postgres chromium
 	$(PY) -m pytest -n $(TEST_WORKERS) tests
 
 test-fast: setup

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -203,8 +205,6 @@ def _medplib(args: list[str], home: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.integration
 def test_cli_predict_writes_the_mask(champion_home, tmp_path: Path):
-    import json
-
     home, _, _ = champion_home
     cx, cy = HELD_OUT
     image, truth = phantom(cx, cy)
@@ -287,8 +287,6 @@ def test_demo_page_answers_a_drawn_box_with_the_mask_overlay(champion_home, tmp_
 
 @pytest.mark.integration
 def test_cli_demo_serves_the_page_on_loopback(champion_home, tmp_path: Path):
-    import json
-    import time
     import urllib.request
 
     from medplib.serve import free_port
@@ -318,3 +316,67 @@ def test_cli_demo_serves_the_page_on_loopback(champion_home, tmp_path: Path):
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
     assert "medplib demo on http://127.0.0.1:" in (tmp_path / "demo.log").read_text()
+
+
+@pytest.mark.integration
+def test_demo_in_a_browser_draws_a_box_asks_and_shows_the_answer_and_overlay(champion_home, tmp_path: Path):
+    """Headless Chromium (infra/chromium.sh) on `medplib demo`'s page: pick a sample, draw a box on the canvas, ask;
+    the answer and the red mask overlay appear; an empty field shows its error in the page. The screenshot is kept
+    in test-artifacts/."""
+    import threading
+
+    import uvicorn
+
+    from medplib.demo import Demo, build_app
+    from medplib.serve import free_port
+
+    from .browser import ARTIFACTS, Browser
+    from .tiny_grounder import write_phantom_dataset
+
+    home, tracking, _ = champion_home
+    write_phantom_dataset(tmp_path / "data", {"test": [("ct", *HELD_OUT)]})
+    demo = Demo("models:/medplib@champion", Registry(tracking), tmp_path / "data", lambda uri: load_model(uri, tracking))
+    server = uvicorn.Server(uvicorn.Config(build_app(demo), host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive()
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{server.config.port}/"
+        with one_thread(), Browser() as browser:
+            browser.goto(url)
+            browser.wait_for("document.getElementById('model').options.length >= 3 && "
+                             "document.getElementById('sample').options.length == 2")
+            browser.evaluate("(() => { const s = document.getElementById('sample'); s.value = '0'; "
+                             "s.dispatchEvent(new Event('change')); })()")
+            browser.wait_for("image !== null && image.width === 64")
+            browser.click("input[name=tool][value=box]")
+            left, top = browser.evaluate("(() => { const r = document.getElementById('canvas')"
+                                         ".getBoundingClientRect(); return [r.x, r.y]; })()")
+            cx, cy = HELD_OUT
+            scale = 384 / SIZE
+            browser.drag(left + (cx - 8) * scale, top + (cy - 8) * scale, left + (cx + 8) * scale,
+                         top + (cy + 8) * scale)
+            assert browser.evaluate("JSON.stringify(describe())") == json.dumps({"box": f"{cx - 8},{cy - 8},"
+                                                                                        f"{cx + 8},{cy + 8}"},
+                                                                                separators=(",", ":"))
+            browser.evaluate(f"document.getElementById('text').value = {json.dumps(QUESTION)}")
+            browser.click("#ask")
+            answer = browser.wait_for("document.getElementById('answer').textContent.startsWith('Answer:') && "
+                                      "document.getElementById('answer').textContent")
+            assert answer == f"Answer: {ANSWER}"
+            red = browser.wait_for("(() => { const d = document.getElementById('result').getContext('2d')"
+                                   ".getImageData(0, 0, 384, 384).data; let n = 0; for (let i = 0; i < d.length; "
+                                   "i += 4) if (d[i] > d[i + 1] + 60) n++; return n; })()")
+            assert red > 36 * 40, red  # the disc's mask (r 12 px, x6 on the canvas) tinted red, not a stray pixel
+            shot = browser.screenshot(ARTIFACTS / "demo-box.png")
+            browser.evaluate("document.getElementById('task').value = 'segment'; "
+                             "document.getElementById('text').value = ''")
+            browser.click("#ask")
+            error = browser.wait_for("document.getElementById('error').textContent")
+            assert error.startswith("Field 'text' is empty: task 'segment'")
+        assert shot.stat().st_size > 5000 and shot.read_bytes()[:4] == b"\x89PNG"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
