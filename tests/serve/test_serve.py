@@ -335,7 +335,8 @@ def test_demo_in_a_browser_draws_a_box_asks_and_shows_the_answer_and_overlay(cha
 
     home, tracking, _ = champion_home
     write_phantom_dataset(tmp_path / "data", {"test": [("ct", *HELD_OUT)]})
-    demo = Demo("models:/medplib@champion", Registry(tracking), tmp_path / "data", lambda uri: load_model(uri, tracking))
+    demo = Demo("models:/medplib@champion", Registry(tracking), tmp_path / "data",
+                lambda uri: load_model(uri, tracking))
     server = uvicorn.Server(uvicorn.Config(build_app(demo), host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
