@@ -8,7 +8,7 @@ The page (`PAGE`, plain HTML and a canvas, no front-end build) talks to three JS
 - `POST /api/ask`: `{model, image | sample, task, text, point | box | region}` →
   `{answer, question, masks, overlay, boxes, seconds}`.
   The prompt fields are the served model's (medplib.serve: `point` "x,y", `box` "x1,y1,x2,y2", `region` a base64
-  PNG mask); `task` is one of `TASKS`, whose template may name `{box}` (the drawn box written as box text on
+  PNG mask); `task` is "ask" or a registered task offering itself to the demo (`Task.demo`), whose template may name `{box}` (the drawn box written as box text on
   Med-GRIT's grid, not a pixel prompt) or `{text}` (the note of text-guided segmentation).
 Bad requests answer 400 with `{"error": ...}` naming the field and value; the page shows it, never a traceback.
 """
@@ -38,16 +38,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# name → (label, question template). `{box}`: the drawn box as Med-GRIT box text; `{text}`: the page's text field.
-TASKS: dict[str, tuple[str, str]] = {
-    "ask": ("Ask (with an optional point, box or shape as <region>)", "{text}"),
-    "segment": ("Segment a structure (<SEG>)", "Segment the {text}."),
-    "note": ("Segment from a clinical note", "Segment: {text}"),
-    "ground": ("Ground a name as a box (refer)", "Please ground <ref>{text}</ref> in this image."),
-    "name_box": ("Name what is in the drawn box (refer)", "What is the object in {box}?"),
-    "interpret": ("Interpret the image (refer)", "Interpret this medical image."),
-    "report": ("Write a report", "Write the findings of this chest X-ray."),
-}
+ASK = ("Ask (with an optional point, box or shape as <region>)", "{text}")
+
+
+def demo_tasks() -> dict[str, tuple[str, str]]:
+    """What the page offers: a free question ("ask"), then every registered task's `demo` (label, question template;
+    `{text}` the page's text field, `{box}` the drawn box as Med-GRIT box text)."""
+    from medplib import tasks
+
+    return {"ask": ASK} | {t.name: t.demo for t in tasks.all_tasks() if t.demo}
+
+
 SAMPLES_PER_MODALITY = 2
 OVERLAY_RGB, OVERLAY_ALPHA = (255, 40, 40), 0.5
 
@@ -87,9 +88,10 @@ def find_samples(data_dir: Path, per_modality: int = SAMPLES_PER_MODALITY) -> li
 def build_question(task: str, text: str, box: Any, image_shape: tuple[int, ...]) -> tuple[str, bool]:
     """The question a task asks, and whether the drawn box still goes to the model as a pixel prompt (False when
     the template wrote it into the question as box text)."""
-    if task not in TASKS:
-        raise DemoError(f"Field 'task' = {task!r} is not one of {sorted(TASKS)}")
-    template = TASKS[task][1]
+    offered = demo_tasks()
+    if task not in offered:
+        raise DemoError(f"Field 'task' = {task!r} is not one of {sorted(offered)}")
+    template = offered[task][1]
     text = (text or "").strip()
     if "{text}" in template and not text:
         raise DemoError(f"Field 'text' is empty: task {task!r} asks {template!r}")
@@ -219,7 +221,7 @@ def build_app(demo: Demo):
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
-        return PAGE.replace("__TASKS__", json.dumps({k: label for k, (label, _) in TASKS.items()}))
+        return PAGE.replace("__TASKS__", json.dumps({k: label for k, (label, _) in demo_tasks().items()}))
 
     @app.get("/api/models")
     def models():

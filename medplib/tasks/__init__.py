@@ -64,6 +64,9 @@ class Task:
     # The source kind whose own layout the synthetic generator writes this task's records in (under a subfolder of
     # that name, read back by that kind's reader when `synth` is staged); None: the MeCoVQA layout.
     synth_source: str | None = None
+    # What `medplib demo` offers for this task: (label, question template), `{text}` the page's text field, `{box}`
+    # the drawn box written as Med-GRIT box text; None: not offered.
+    demo: tuple[str, str] | None = None
 
     def check(self, turns: Sequence[dict], masks: Sequence[str], regions: Sequence[str]) -> tuple[Any, str] | None:
         """Why a record of this task cannot be used, as (the value at fault, reason); None when it can."""

@@ -15,6 +15,7 @@ class Grounding(Task):
     zeroshot = True
     summary = {"grounding_mdice": ("test", "dice"), "grounding_miou": ("test", "iou"),
                "zeroshot_grounding_mdice": ("zeroshot", "dice"), "zeroshot_grounding_miou": ("zeroshot", "iou")}
+    demo = ("Segment a structure (<SEG>)", "Segment the {text}.")
 
     def check(self, turns, masks, regions):
         if not masks:

@@ -17,6 +17,7 @@ class ImageInterpretation(ReferTextTask):
     files = {"train": "train/MedGRIT_MII.json", "test": "test/MedGRIT_MII_test.json"}
     source_codes = {"medgrit": "MII"}
     max_new_tokens = 96
+    demo = ("Interpret the image (refer)", QUESTIONS[0])
     ranges = {"refer_mii_cider": 10.0}  # CIDEr-D runs 0–10
     summary = {"refer_mii_bleu4": ("test", "bleu4"), "refer_mii_cider": ("test", "cider"),
                "refer_mii_meteor": ("test", "meteor"), "refer_mii_rouge_l": ("test", "rouge_l")}

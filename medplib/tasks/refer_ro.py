@@ -36,6 +36,7 @@ class ReferringObject(ReferTask):
     question_box = "required"
     answer_box = "none"
     max_new_tokens = 16
+    demo = ("Name what is in the drawn box (refer)", QUESTIONS[0])
     summary = {"refer_ro_accuracy": ("test", "accuracy"), "refer_ro_chance": ("test", "chance")}
     headline = "refer_ro_accuracy"
 

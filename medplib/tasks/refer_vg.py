@@ -36,6 +36,7 @@ class VisualGrounding(ReferTask):
     source_codes = {"medgrit": "VG"}
     answer_box = "required"
     max_new_tokens = 48
+    demo = ("Ground a name as a box (refer)", QUESTIONS[0].format(ref="<ref>{text}</ref>"))
     summary = {"refer_vg_recall": ("test", "recall"), "refer_vg_chance": ("test", "chance")}
     headline = "refer_vg_recall"
 

@@ -37,6 +37,7 @@ class ReportGeneration(Task):
     max_context = 1  # the second view
     max_new_tokens = 60  # R2Gen's max_seq_length for IU X-Ray
     question = "Write the findings of this chest X-ray."  # R2Gen's records have none; the reader asks this
+    demo = ("Write a report", question)
     summary = {"report_bleu4": ("test", "bleu4"), "report_meteor": ("test", "meteor"),
                "report_rougeL": ("test", "rouge_l"), "report_cider": ("test", "cider")}
     ranges = {"report_cider": 10.0}  # CIDEr-D runs 0–10 (pycocoevalcap scales by 10)

@@ -36,6 +36,7 @@ class TextSegmentation(Task):
     summary = {"textseg_mdice": ("test", "dice"), "textseg_miou": ("test", "iou")}
     source_codes = {"lvit": "text"}
     synth_source = "lvit"
+    demo = ("Segment from a clinical note", QUESTION + "{text}")
 
     def turns(self, note: str, mask: str) -> list[dict]:
         """The conversation of one note about an image whose target is the mask at `mask` (the LViT reader's rows)."""

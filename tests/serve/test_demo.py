@@ -7,7 +7,7 @@ import pytest
 
 from medplib.data import boxes
 from medplib.data.images import write_png
-from medplib.demo import TASKS, Demo, DemoError, answer_boxes, build_question, find_samples, overlay
+from medplib.demo import Demo, DemoError, answer_boxes, build_question, demo_tasks, find_samples, overlay
 
 from .tiny_grounder import phantom, write_phantom_dataset
 
@@ -17,26 +17,28 @@ pytestmark = pytest.mark.unit
 def test_each_task_builds_its_question():
     shape = (64, 80)
     assert build_question("ask", "What is at <region>?", None, shape) == ("What is at <region>?", True)
-    assert build_question("segment", " liver ", None, shape) == ("Segment the liver.", True)
-    assert build_question("note", "One finding: liver in the upper left.", None, shape)[0] == \
+    assert build_question("grounding", " liver ", None, shape) == ("Segment the liver.", True)
+    assert build_question("textseg", "One finding: liver in the upper left.", None, shape)[0] == \
         "Segment: One finding: liver in the upper left."
-    assert build_question("ground", "kidney", None, shape)[0] == "Please ground <ref>kidney</ref> in this image."
+    assert build_question("refer_vg", "kidney", None, shape)[0] == "Please ground <ref>kidney</ref> in this image."
+    assert build_question("refer_mii", "", None, shape)[0] == "Interpret this medical image."
     assert build_question("report", "", None, shape)[0] == "Write the findings of this chest X-ray."
     # the drawn box is written into the question on Med-GRIT's grid, and no longer sent as a pixel prompt
-    question, box_as_prompt = build_question("name_box", "", "0,0,39,31", shape)
+    question, box_as_prompt = build_question("refer_ro", "", "0,0,39,31", shape)
     assert not box_as_prompt
     [(name, box)] = boxes.parse(question)
     assert name is None and boxes.to_pixels(box, 80, 64) == (0, 0, 39, 31)
-    assert set(TASKS) == {"ask", "segment", "note", "ground", "name_box", "interpret", "report"}
+    # the page offers a free question and each registered task that offers itself (Task.demo)
+    assert list(demo_tasks()) == ["ask", "grounding", "refer_vg", "refer_ro", "refer_mii", "textseg", "report"]
 
 
 @pytest.mark.parametrize("task, text, box, message", [
     ("translate", "x", None, "Field 'task' = 'translate' is not one of"),
-    ("segment", "  ", None, "Field 'text' is empty: task 'segment'"),
-    ("name_box", "", None, "Field 'box' is missing"),
-    ("name_box", "", "1,2,3", "Field 'box' = '1,2,3' must be 4 comma-separated numbers"),
-    ("name_box", "", "10,10,5,20", "is not inside the 80x64 image with x1 <= x2"),
-    ("name_box", "", "0,0,80,10", "is not inside the 80x64 image"),
+    ("grounding", "  ", None, "Field 'text' is empty: task 'grounding'"),
+    ("refer_ro", "", None, "Field 'box' is missing"),
+    ("refer_ro", "", "1,2,3", "Field 'box' = '1,2,3' must be 4 comma-separated numbers"),
+    ("refer_ro", "", "10,10,5,20", "is not inside the 80x64 image with x1 <= x2"),
+    ("refer_ro", "", "0,0,80,10", "is not inside the 80x64 image"),
 ])
 def test_bad_page_fields_are_named(task, text, box, message):
     with pytest.raises(DemoError, match=message):

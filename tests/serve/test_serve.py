@@ -372,11 +372,11 @@ def test_demo_in_a_browser_draws_a_box_asks_and_shows_the_answer_and_overlay(cha
                                    "i += 4) if (d[i] > d[i + 1] + 60) n++; return n; })()")
             assert red > 36 * 40, red  # the disc's mask (r 12 px, x6 on the canvas) tinted red, not a stray pixel
             shot = browser.screenshot(ARTIFACTS / "demo-box.png")
-            browser.evaluate("document.getElementById('task').value = 'segment'; "
+            browser.evaluate("document.getElementById('task').value = 'grounding'; "
                              "document.getElementById('text').value = ''")
             browser.click("#ask")
             error = browser.wait_for("document.getElementById('error').textContent")
-            assert error.startswith("Field 'text' is empty: task 'segment'")
+            assert error.startswith("Field 'text' is empty: task 'grounding'")
         assert shot.stat().st_size > 5000 and shot.read_bytes()[:4] == b"\x89PNG"
     finally:
         server.should_exit = True
