@@ -8,8 +8,9 @@ The page (`PAGE`, plain HTML and a canvas, no front-end build) talks to three JS
 - `POST /api/ask`: `{model, image | sample, task, text, point | box | region}` →
   `{answer, question, masks, overlay, boxes, seconds}`.
   The prompt fields are the served model's (medplib.serve: `point` "x,y", `box` "x1,y1,x2,y2", `region` a base64
-  PNG mask); `task` is "ask" or a registered task offering itself to the demo (`Task.demo`), whose template may name `{box}` (the drawn box written as box text on
-  Med-GRIT's grid, not a pixel prompt) or `{text}` (the note of text-guided segmentation).
+  PNG mask); `task` is "ask" or a registered task offering itself to the demo (`Task.demo`), whose template may
+  name `{box}` (the drawn box written as box text on Med-GRIT's grid, not a pixel prompt) or `{text}` (the page's
+  text field: a question, a structure's name, a clinical note).
 Bad requests answer 400 with `{"error": ...}` naming the field and value; the page shows it, never a traceback.
 """
 from __future__ import annotations
