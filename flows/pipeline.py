@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import Flow, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
@@ -22,7 +22,7 @@ from flows.ingest import ingest_flow
 from flows.train import check_training, train_flow
 from flows.validate import validate_flow
 from medplib.config import RunContext
-from medplib.registry import Registry
+from medplib.registry import Registry, ui_url
 
 ARTIFACT_KEY = "medplib-pipeline"
 MLFLOW_UI_PORT = 5000  # where `medplib ui` serves MLflow
@@ -70,7 +70,10 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
                                "registered_model": registry.name,
                                "home": str(ctx.home.root), "project": str(ctx.project)}
 
-    summary["ingest"] = ingest_flow(source=source, seed=seed, context=ctx, **retry)
+    # the subflow runs are named after this one (`<run>-ingest`, ...): the Prefect UI's run list reads as one pipeline
+    ingest, validate, train, evaluate = (_subflow(f, summary["flow_run"])
+                                         for f in (ingest_flow, validate_flow, train_flow, evaluate_flow))
+    summary["ingest"] = ingest(source=source, seed=seed, context=ctx, **retry)
     summary["data_version"] = summary["ingest"]["version"]
     ctx = ctx.with_data_version(summary["data_version"])
     if only_if_data_changed and not force:
@@ -93,14 +96,14 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
     summary["pipeline_run_id"] = parent
     status = "FAILED"
     try:
-        summary["validation"] = validate_flow(context=ctx)
+        summary["validation"] = validate(context=ctx)
         # Each run trains in its own folder under <home>/models/runs/: pipelines sharing a home never mix stages.
         summary["workspace"] = f"runs/{summary['flow_run']}-{str(summary['flow_run_id'])[:8]}"
-        summary["stages"] = train_flow(stages=stages, workers=workers, stage_overrides=stage_overrides,
-                                       parent_run_id=parent, workspace=summary["workspace"], context=ctx, **retry)
+        summary["stages"] = train(stages=stages, workers=workers, stage_overrides=stage_overrides,
+                                  parent_run_id=parent, workspace=summary["workspace"], context=ctx, **retry)
         mark_trained(registry, parent, summary["data_version"])
-        summary["evaluation"] = evaluate_flow(model_dir=Path(summary["stages"][-1]["out_dir"]), parent_run_id=parent,
-                                              stage_overrides=stage_overrides, context=ctx)
+        summary["evaluation"] = evaluate(model_dir=Path(summary["stages"][-1]["out_dir"]), parent_run_id=parent,
+                                         stage_overrides=stage_overrides, context=ctx)
         summary["champion_version"] = summary["evaluation"]["champion_version"]
         summary["skipped"] = False
         status = "FINISHED"
@@ -117,6 +120,11 @@ def pipeline(source: str = "synth", preset: Literal["tiny", "full"] = "tiny", co
     return summary
 
 
+def _subflow(step, run_name: str | None):
+    """The step flow, its runs named `<pipeline run>-<step>`; a plain function (a test's stand-in) as it is."""
+    return step.with_options(flow_run_name=f"{run_name}-{step.name}") if isinstance(step, Flow) else step
+
+
 def _publish_artifact(summary: dict) -> None:
     create_markdown_artifact(markdown=report_markdown(summary), key=ARTIFACT_KEY,
                              description=f"medplib pipeline: data {summary['data_version']}")
@@ -125,7 +133,7 @@ def _publish_artifact(summary: dict) -> None:
 def _mlflow_link(summary: dict, run_id: str | None) -> str:
     if not run_id:
         return "-"
-    url = f"http://127.0.0.1:{MLFLOW_UI_PORT}/#/experiments/{summary['experiment_id']}/runs/{run_id}"
+    url = ui_url(f"http://127.0.0.1:{MLFLOW_UI_PORT}", summary["experiment_id"], run_id)
     return f"[`{run_id}`]({url})"
 
 
@@ -203,11 +211,14 @@ def summary_text(summary: dict) -> str:
                   f"  champion       models:/{summary.get('registered_model', 'medplib')}@champion = version "
                   f"{ev['champion_version']}"]
     home = summary["home"]
+    runs_url = ui_url(f"http://127.0.0.1:{MLFLOW_UI_PORT}", summary["experiment_id"], summary.get("pipeline_run_id"))
     lines += ["Where to look:",
               f"  medplib ui --home {home}        Prefect UI (runs, artifact '{ARTIFACT_KEY}') and MLflow UI on "
               "127.0.0.1",
-              f"  mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1 --port {MLFLOW_UI_PORT}"
-              + (f"   (pipeline run {summary['pipeline_run_id']})" if summary.get("pipeline_run_id") else ""),
+              f"  mlflow ui --backend-store-uri {summary['tracking_uri']} --host 127.0.0.1 --port {MLFLOW_UI_PORT}",
+              f"    then {runs_url}"
+              + ("   (this pipeline run; its stage and evaluation runs nested)" if summary.get("pipeline_run_id")
+                 else "   (the training runs)"),
               f"  PREFECT_HOME={home}/prefect prefect server start --host 127.0.0.1 --port {PREFECT_UI_PORT}"]
     logs = summary.get("logs") or {}  # set by `medplib pipeline` (medplib.run_log)
     if logs.get("log_file"):

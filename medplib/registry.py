@@ -63,9 +63,21 @@ TAG_ROLLED_BACK_REASON = "medplib.rollback_reason"
 TAG_RESTORED_RUN = "medplib.restored_by_run_id"
 TAG_TRAINED_DATA_VERSION = "medplib.trained_data_version"  # on a pipeline run whose training finished
 TAG_REGISTERED_MODEL = "medplib.registered_model"
-# MLflow 3's experiment kind: its UI opens a "custom model development" experiment on the training runs, not on the
-# GenAI overview (traces, tokens)
+# MLflow 3's experiment kind: the experiment is model training, not GenAI (traces, tokens). MLflow 3.17's UI no longer
+# reads it to choose a page: its "GenAI | Model training" switch is global, kept in the browser, GenAI at first; the
+# URL parameter below sets it, so every link medplib prints opens on the training runs (`ui_url`).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+UI_TRAINING = "workflowType=machine_learning"
+
+
+def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of the experiment's training runs (or of one run), in its model-training view."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs{f'/{run_id}' if run_id else ''}?{UI_TRAINING}"
+
+
+def ui_version_url(base: str, name: str, version: str) -> str:
+    """The MLflow UI's page of one registered version (its model card, aliases, lineage)."""
+    return f"{base.rstrip('/')}/#/models/{name}/versions/{version}?{UI_TRAINING}"
 
 _MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))")
 _EPS = 1e-12  # float slack so that 0.75 - 0.70 counts as a delta of 0.05

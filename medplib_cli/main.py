@@ -393,6 +393,8 @@ def _ui(args, ctx: RunContext) -> int:
     import subprocess
     import time
 
+    from medplib.registry import Registry, ui_url
+
     home, t = ctx.home, ctx.tracking
     _prefect_setup(home)
     bin_dir = Path(sys.executable).parent
@@ -410,9 +412,12 @@ def _ui(args, ctx: RunContext) -> int:
     logs = home.logs
     logs.mkdir(exist_ok=True)
     procs = {}
+    # the Prefect UI calls the API where it is told to, 127.0.0.1:4200 unless PREFECT_UI_API_URL says otherwise
+    envs = {"Prefect": {"PREFECT_UI_API_URL": f"http://127.0.0.1:{args.prefect_port}/api"}, "MLflow": {}}
     for name, (cmd, _, _) in servers.items():
         with open(logs / f"{name.lower()}-ui.log", "ab") as out:  # the child keeps its own handle
-            procs[name] = subprocess.Popen(cmd, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT)
+            procs[name] = subprocess.Popen(cmd, env={**envs[name], **os.environ}, stdout=out,
+                                           stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         for name, (_, url, health) in servers.items():
@@ -426,10 +431,12 @@ def _ui(args, ctx: RunContext) -> int:
                     return 1
                 time.sleep(0.5)
         urls = {name: url for name, (_, url, _) in servers.items()}
+        runs = ui_url(urls["MLflow"], Registry(t).experiment_id())
         _emit(args, {"prefect_ui": urls["Prefect"], "prefect_api": urls["Prefect"] + "/api",
-                     "mlflow_ui": urls["MLflow"], "home": str(home.root)},
+                     "mlflow_ui": urls["MLflow"], "mlflow_training_runs": runs, "home": str(home.root)},
               f"Prefect UI  {urls['Prefect']}   (flow runs, artifacts, deployments; state in {home.prefect})\n"
-              f"MLflow UI   {urls['MLflow']}   (experiment '{t.experiment}', registered model "
+              f"MLflow UI   {runs}\n"
+              f"            (experiment '{t.experiment}', its training runs; registered model "
               f"'{t.registered_model}')\n"
               f"To run or schedule pipelines against this server:  export PREFECT_API_URL={urls['Prefect']}/api\n"
               f"Server logs in {logs}. Ctrl-C stops both.")

@@ -113,7 +113,8 @@ TIERS = ("unit", "integration", "e2e")
 # once per process. (xdist's own `--dist loadgroup` does not group under pytest 9: it renames `Item._nodeid`, which
 # pytest 9 no longer reads.) Collection fails when a test elsewhere asks for one of these fixtures.
 SHARED = {
-    "pipeline_runs": ("tests/flows/test_pipeline_flow.py", "tests/train/test_stage_recipe.py"),
+    "pipeline_runs": ("tests/flows/test_pipeline_flow.py", "tests/train/test_stage_recipe.py",
+                      "tests/flows/test_ui_browser.py", "tests/flows/test_docs_commands.py"),
     "toy_clean_run": ("tests/reliability/test_worker_death.py", "tests/train/test_ray_deepspeed.py",
                       "tests/train/test_zero3.py"),
     # no fixture: medplib.eval.metrics keeps one METEOR process (~7 s to load its paraphrase table) per process

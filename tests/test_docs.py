@@ -27,9 +27,38 @@ def commands(path: Path) -> list[str]:
     return out
 
 
+# The documented commands that finish on their own run in tests/flows/test_docs_commands.py; the others (they train,
+# serve or wait) are run by these tests.
+RUN_HERE = ("data synth", "data ingest", "data validate", "data status", "config show", "predict")
+ELSEWHERE = {
+    "pipeline": "tests/flows/test_pipeline_flow.py", "reproduce": "tests/flows/test_pipeline_flow.py",
+    "ui": "tests/flows/test_ui_browser.py", "demo": "tests/serve/test_serve.py",
+    "schedule": "tests/flows/test_schedule.py", "retrain": "tests/flows/test_schedule.py",
+    "promote": "tests/eval/test_publish.py", "rollback": "tests/eval/test_publish.py",
+    "evaluate": "tests/eval/test_publish.py",
+}
+
+
+def command_of(line: str) -> str:
+    """`medplib data ingest --source …` → "data ingest"; `medplib predict …` → "predict"."""
+    words = shlex.split(line)[1:]
+    return " ".join(words[:2]) if words[0] in ("data", "config") else words[0]
+
+
+def test_every_documented_command_is_run_by_a_test():
+    for page in DOCS:
+        for line in commands(page):
+            cmd = command_of(line)
+            test = "tests/flows/test_docs_commands.py" if cmd in RUN_HERE else ELSEWHERE.get(cmd)
+            assert test, f"{page.name}: `{line}` is run by no test: add it to RUN_HERE or ELSEWHERE"
+            text = (ROOT / test).read_text(encoding="utf-8")
+            assert cmd in RUN_HERE or f'"{cmd}"' in text or f"{cmd}(" in text, f"{test} does not run `{cmd}`"
+
+
 def test_the_docs_pages_are_there():
     names = {p.name for p in DOCS}
-    assert {"architecture.md", "quickstart.md", "scaling-out.md", "reliability.md"} <= names
+    assert {"architecture.md", "quickstart.md", "scaling-out.md", "reliability.md", "data.md", "pipeline.md",
+            "benchmarks.md"} <= names
     assert len(commands(ROOT / "docs/quickstart.md")) >= 12
 
 
@@ -65,3 +94,21 @@ def test_the_architecture_page_names_real_files():
 
     missing = sorted(p for p in paths if not exists(p))
     assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
+
+
+def test_the_benchmarks_page_is_the_rendering_of_a_run_of_every_benchmark():
+    """docs/benchmarks.md is what benchmarks/table.py renders from its recorded runs; every script in benchmarks/ has a
+    row; every benchmark that runs alone ran and exited 0."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("benchmarks_table", ROOT / "benchmarks" / "table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    assert table.main(["--check"]) == 0, "docs/benchmarks.md differs from its results: run benchmarks/table.py"
+    results = json.loads((ROOT / "docs" / "benchmarks.json").read_text())
+    page = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    for bench in table.BENCHES:
+        assert f"| `{bench.name}` |" in page
+        if not bench.needs:  # runs alone
+            assert results.get(bench.name, {}).get("exit_code") == 0, f"{bench.name} has no successful run recorded"

@@ -27,10 +27,14 @@ class Browser:
         if not exe.is_file():
             raise FileNotFoundError(f"No Chromium at {exe}: run `bash infra/chromium.sh` (make test does)")
         self._profile = tempfile.TemporaryDirectory(prefix="medplib-chromium-")
-        env = {**os.environ, "LD_LIBRARY_PATH": f"{CHROMIUM / 'lib'}:{CHROMIUM}", "FONTCONFIG_PATH": str(CHROMIUM)}
+        # a locale JavaScript knows: under LANG=C.UTF-8 Chromium's is "en-US@posix", on which Intl throws (MLflow's UI
+        # then shows "Something went wrong")
+        env = {**os.environ, "LD_LIBRARY_PATH": f"{CHROMIUM / 'lib'}:{CHROMIUM}", "FONTCONFIG_PATH": str(CHROMIUM),
+               "LANG": "en_US.UTF-8", "LANGUAGE": "en_US", "LC_ALL": "en_US.UTF-8"}
         self.proc = subprocess.Popen(
             [str(exe), "--headless=shell", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
              "--single-process", "--no-zygote",  # its zygote cannot start renderers outside AWS Lambda's sandbox
+             "--lang=en-US",
              "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", f"--window-size={width},{height}",
              f"--user-data-dir={self._profile.name}", "about:blank"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
