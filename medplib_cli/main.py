@@ -209,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p = dsub.add_parser("status", help="the dataset version and whether data/ and the remote hold it")
     _common(p)
+    p = dsub.add_parser("pull", help="bring data/ to a dataset version from the DVC remote (what a cluster job runs "
+                                     "first in its project folder)")
+    _common(p)
+    p.add_argument("--version", default=None,
+                   help="the DVC hash to pull (writes data.dvc for it); default: the version data.dvc records")
     return parser
 
 
@@ -715,13 +720,23 @@ def _run_command(args: argparse.Namespace, cmd: str, ctx: RunContext) -> int:
         _emit(args, st, f"dataset version {st['version']} (data/ in sync: {st['in_sync']}, "
                         f"pushed to remote: {st['pushed']})")
         return 0
+    if cmd == "data pull":
+        from medplib.data.ingest import verify_data
+        from medplib.data.versioning import pull_version
+
+        version = pull_version(ctx.project, ctx.home, ctx.profile.dvc, args.version)
+        files = verify_data(ctx.data_dir)  # every file as ingest recorded it (manifest checksums)
+        _emit(args, {"version": version, "data_dir": str(ctx.data_dir), "files": files},
+              f"dataset version {version} in {ctx.data_dir} ({files} files checked against its manifest)")
+        return 0
     if cmd == "train":
         from medplib.train.runner import resolve_start, train_stage
 
         if args.workers < 1:
             raise ValueError(f"--workers {args.workers}: need at least 1 worker")
         if not (ctx.data_dir / "records.jsonl").exists():
-            raise FileNotFoundError(f"No dataset at {ctx.data_dir}: run `medplib data ingest` first")
+            raise FileNotFoundError(f"No dataset at {ctx.data_dir}: run `medplib data ingest` first, or `medplib "
+                                    "data pull` to fetch the version data.dvc records")
         overrides = {"epochs": args.epochs} if args.epochs else None
         r = train_stage(args.stage, ctx, workers=args.workers, overrides=overrides,
                         base=resolve_start(args.from_, ctx), address=args.ray_address)

@@ -6,8 +6,9 @@ the same hash on any machine.
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
+import re
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,6 +107,34 @@ def checkout_version(project: Path, home: Home, remote: DvcProfile | None = None
     project = Path(project).resolve()
     with open_repo(project, home, remote) as repo:
         repo.pull(targets=[str(project / "data.dvc")], force=True)
+
+
+VERSION_RE = re.compile(r"[0-9a-f]{32}\.dir")
+
+
+def pull_version(project: Path, home: Home, remote: DvcProfile | None = None, version: str | None = None) -> str:
+    """Bring `<project>/data` to a dataset version from the remote: `version` (a DVC hash; `data.dvc` is written for
+    it, so an empty folder will do), else the one `data.dvc` records. What a training job on a cluster runs first in
+    its project folder on the shared volume. Returns the version; errors name what is missing."""
+    project = Path(project).resolve()
+    pointer = project / "data.dvc"
+    if version is not None:
+        if not VERSION_RE.fullmatch(version):
+            raise ValueError(f"--version {version!r}: a dataset version is a DVC hash, 32 hex digits and '.dir' "
+                             "(the digest MLflow shows for medplib-data, or `medplib data status`)")
+        if read_version(project) != version:
+            project.mkdir(parents=True, exist_ok=True)
+            # DVC 3's pointer: `hash: md5` (without it DVC reads a 2.x hash and looks elsewhere in the remote)
+            out = {"md5": version, "hash": "md5", "path": "data"}
+            pointer.write_text(yaml.safe_dump({"outs": [out]}, sort_keys=False), encoding="utf-8")
+    elif read_version(project) is None:
+        raise FileNotFoundError(f"No {pointer}: name the dataset version to pull (--version HASH)")
+    try:
+        checkout_version(project, home, remote)
+    except Exception as e:  # DVC's own errors: missing from the remote, unreachable remote
+        raise FileNotFoundError(f"Could not pull dataset {read_version(project)} into {project / 'data'} from "
+                                f"{remote_config(home, remote)['url']}: {type(e).__name__}: {e}") from e
+    return read_version(project)
 
 
 def dataset_record(project: Path, home: Home, data_version: str, remote: DvcProfile | None = None) -> dict:

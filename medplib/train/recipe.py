@@ -36,8 +36,19 @@ def build_stage_model(spec: StageSpec, base: Path, grounding: Path | None = None
     return model
 
 
+def _dtype(name: str | None) -> torch.dtype | None:
+    """"bfloat16" → torch.bfloat16; None stays None (the saved weights' dtype)."""
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"recipe config dtype {name!r}: not a floating-point torch dtype (e.g. bfloat16, float32)")
+    return dtype
+
+
 class StageRecipe:
-    """config: {"spec": StageSpec as dict, "data_dir": str, "base": str, "grounding": str | None}."""
+    """config: {"spec": StageSpec as dict, "data_dir": str, "base": str, "grounding": str | None, "dtype": the
+    weights' dtype in memory, e.g. "bfloat16" (what the worker loop sets on a GPU: see `worker.weights_dtype`)}."""
 
     def __init__(self, config: dict):
         self.spec = from_dict(StageSpec, config["spec"])
@@ -46,10 +57,11 @@ class StageRecipe:
         self.grounding = Path(config["grounding"]) if config.get("grounding") else None
         tisr = (config.get("model") or {}).get("tisr")
         self.tisr = from_dict(TISRConfig, tisr, "model.tisr.") if tisr else None
+        self.dtype = _dtype(config.get("dtype"))
         self.model: MedPLIB | None = None
 
     def build_model(self) -> MedPLIB:
-        self.model = build_stage_model(self.spec, self.base, self.grounding, self.tisr)
+        self.model = build_stage_model(self.spec, self.base, self.grounding, self.tisr, self.dtype)
         return self.model
 
     def train_dataset(self) -> MedDataset:

@@ -83,6 +83,16 @@ def load_recipe(path: str, config: dict) -> Recipe:
     return getattr(importlib.import_module(module), name)(config)
 
 
+def weights_dtype(cfg: LoopConfig) -> dict:
+    """The recipe's config, with the dtype the model is built in: on a GPU bf16 (DeepSpeed trains in bf16 there, see
+    deepspeed_config), so stage IV's MoE is streamed into bf16 (half the host memory of fp32) instead of being built
+    in fp32 and cast by DeepSpeed; on the CPU the saved weights' own dtype. A recipe config that names a dtype keeps
+    it."""
+    if not cfg.use_gpu or "dtype" in cfg.recipe_config:
+        return cfg.recipe_config
+    return {**cfg.recipe_config, "dtype": "bfloat16"}
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray worker; rank 0 writes the final weights to `out_dir`."""
     import deepspeed  # inside the worker: importing it on the driver costs seconds for nothing
@@ -96,7 +106,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
-    recipe = load_recipe(cfg.recipe, cfg.recipe_config)
+    recipe = load_recipe(cfg.recipe, weights_dtype(cfg))
     model = recipe.build_model()
     dataset = recipe.train_dataset()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=False)

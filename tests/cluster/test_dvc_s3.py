@@ -3,7 +3,6 @@ here: MinIO's server is not on PyPI, Debian or npm), through the cluster profile
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,32 +11,6 @@ from medplib.config import load_config
 from medplib.config.profile import load_profile
 from medplib.data.ingest import ingest, verify_data
 from medplib.data.versioning import checkout_version, data_status, read_version
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    # credentials from the environment only, as the cluster profile wants (moto accepts any)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "medplib-test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "medplib-test-key")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="medplib-data")
-    monkeypatch.setenv("MEDPLIB_S3_ENDPOINT", endpoint)
-    monkeypatch.setenv("MEDPLIB_DVC_REMOTE", "s3://medplib-data/dvc")
-    yield boto3.client("s3", endpoint_url=endpoint)
-    server.stop()
 
 
 @pytest.mark.integration

@@ -74,9 +74,16 @@ def test_rayjobs_one_per_stage_on_gpu_workers_running_real_commands():
     assert [j["kind"] for j in jobs] == ["RayJob"] * 4 and all(j["apiVersion"] == "ray.io/v1" for j in jobs)
     stages = []
     for job in jobs:
-        argv = shlex.split(job["spec"]["entrypoint"])
+        *before, train = job["spec"]["entrypoint"].split(" && ")
+        argv = shlex.split(train)
         assert argv[0] == "medplib"
         _medplib_command_parses(argv[1:])
+        # the project folder on the shared volume; stage 1 pulls its recorded data version there first
+        project = argv[argv.index("--project") + 1]
+        assert project.startswith("/var/lib/medplib/")
+        pull = [f"medplib data pull --profile cluster --project {project}"]
+        assert before == (pull if argv[argv.index("--stage") + 1] == "1" else [])
+        _medplib_command_parses(shlex.split(pull[0])[1:])
         stages.append(int(argv[argv.index("--stage") + 1]))
         assert argv[argv.index("--profile") + 1] == "cluster"
         cluster = job["spec"]["rayClusterSpec"]

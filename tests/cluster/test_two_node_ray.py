@@ -1,5 +1,6 @@
 """A two-node Ray cluster on loopback: `ray start --head`, then a second node joins it; a tiny stage trains with one
-Ray Train worker per node (placement SPREAD), through the same runner the pipeline uses."""
+Ray Train worker per node (placement SPREAD), through the same runner the pipeline uses, on data the job pulled from
+the S3 remote into a working folder that had none (what the RayJobs do: infra/k8s/rayjobs.yaml)."""
 from __future__ import annotations
 
 import json
@@ -25,10 +26,14 @@ def _free_port() -> int:
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_a_stage_trains_with_one_worker_on_each_of_two_nodes(home, project, tmp_path: Path):
+def test_a_job_pulls_its_data_version_from_s3_then_trains_on_two_nodes(s3, home, project, tmp_path: Path, capsys,
+                                                                        monkeypatch: pytest.MonkeyPatch):
     import ray
 
+    from medplib.config.profile import load_profile
+    from medplib.data.versioning import read_version
     from medplib.train.runner import train_stage
+    from medplib_cli.main import main
 
     ray.shutdown()  # the session's local Ray, if an earlier test started it: this test connects to its own cluster
     port = _free_port()
@@ -47,9 +52,21 @@ def test_a_stage_trains_with_one_worker_on_each_of_two_nodes(home, project, tmp_
         # machine's address: it turns a loopback node IP into a reachable one)
         assert len(nodes) == 2
 
+        # the data was ingested elsewhere and pushed to the cluster's S3 remote; the job's working folder is empty
         cfg = load_config("tiny", {"data": {"synth_n": 12}})
-        ingest("synth", project, home, cfg)
-        ctx = RunContext.resolve(config=cfg, home=home, project=project)
+        version = ingest("synth", project, home, cfg, remote=load_profile("cluster").dvc).version
+        job = tmp_path / "job"
+        job.mkdir()
+        monkeypatch.chdir(job)
+        assert main(["data", "pull", "--profile", "cluster", "--home", str(home.root), "--version", version,
+                     "--json"]) == 0
+        pulled = json.loads(capsys.readouterr().out)
+        assert pulled["version"] == version == read_version(job) and pulled["files"] > 0
+        assert (job / "data" / "records.jsonl").read_bytes() == (project / "data" / "records.jsonl").read_bytes()
+        assert main(["data", "pull", "--profile", "cluster", "--home", str(home.root), "--version", "0" * 32]) == 2
+        assert "a dataset version is a DVC hash" in capsys.readouterr().err
+
+        ctx = RunContext.resolve(config=cfg, home=home, project=job)
         result = train_stage(1, ctx, workers=2, overrides={"epochs": 2}, max_steps=3, track=False, address=address,
                              placement="SPREAD")
         assert result.history and result.history[-1]["step"] == 3

@@ -83,3 +83,25 @@ def test_a_bf16_model_generates_masks(tiny_model: MedPLIB, tokenizer):
     [result] = model.generate([np.zeros((48, 64), np.uint8)], ["Segment the liver."], max_new_tokens=2)
     assert result.text == "<SEG><SEG>" and len(result.masks) == 2 and result.masks[0].shape == (48, 64)
     assert result.mask_logits[0].dtype == torch.float32
+
+
+def test_a_gpu_worker_builds_the_stage_model_in_bf16_and_a_cpu_worker_as_saved(tiny_model: MedPLIB, tmp_path):
+    """The worker loop names bf16 to the recipe on a GPU (DeepSpeed's dtype there), so the weights are read into bf16,
+    stage IV's experts streamed straight into bf16; on the CPU the saved fp32 stays. A bad dtype names the value."""
+    from medplib.train.worker import LoopConfig, weights_dtype
+
+    tiny_model.save_pretrained(tmp_path / "saved")
+    base = {"spec": to_dict(stage_spec("tiny", 4)), "data_dir": "unused", "base": str(tmp_path / "saved"),
+            "grounding": str(tmp_path / "saved")}
+    gpu = LoopConfig(recipe="medplib.train.recipe:StageRecipe", recipe_config=base, out_dir="x", use_gpu=True)
+    cpu = LoopConfig(recipe="medplib.train.recipe:StageRecipe", recipe_config=base, out_dir="x", use_gpu=False)
+    assert weights_dtype(gpu)["dtype"] == "bfloat16" and "dtype" not in weights_dtype(cpu)
+    assert weights_dtype(LoopConfig(**{**gpu.__dict__, "recipe_config": {**base, "dtype": "float32"}}))["dtype"] == \
+        "float32"  # a recipe config that names its dtype keeps it
+    on_gpu = StageRecipe(weights_dtype(gpu)).build_model()
+    dtypes = {p.dtype for p in on_gpu.parameters()}
+    assert dtypes == {torch.bfloat16}, dtypes
+    assert on_gpu.moe_layers(), "stage IV's model is the upcycled MoE"
+    assert {p.dtype for p in StageRecipe(weights_dtype(cpu)).build_model().parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        StageRecipe({**base, "dtype": "int8"})
