@@ -82,6 +82,9 @@ class SamConfig:
     initializer_range: float = 0.02  # transformers defaults SAM vision to 1e-10, which does not learn
     freeze_image_encoder: bool = False
     weights: Optional[str] = None  # local folder of a SamModel checkpoint (SAM-Med2D converted)
+    # SAM-Med2D's adapter beside every image-encoder block's MLP (medplib/model/sam_adapter.py); set by itself when
+    # the `weights` folder carries adapter weights
+    adapters: bool = False
 
     def validate(self, prefix: str = "") -> None:
         if self.image_size % self.patch_size:

@@ -4,12 +4,14 @@ Accepted local formats (hub downloads are impossible here):
 - CLIP: a `CLIPModel` (openai/clip-vit-large-patch14-336) or `CLIPVisionModel` folder.
 - LLaVA: a llava-hf `LlavaForConditionalGeneration` folder (language model, projector, vision tower), or the original
   LLaVA / Vicuna layout: a LLaMA folder whose weights may carry `model.mm_projector.{0,2}.*`.
-- SAM: a transformers `SamModel` folder (SAM-Med2D converted to it; its adapters are not part of SamModel).
+- SAM: a transformers `SamModel` folder (SAM-Med2D converted to it). SAM-Med2D's adapters, when the folder's weights
+  carry them (`vision_encoder.layers.{i}.mlp.adapter.*`, see medplib/model/sam_adapter.py), are attached and loaded.
 """
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
 
@@ -19,6 +21,7 @@ from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaFo
 
 from medplib.config.model import ModelConfig
 from medplib.model.model import MedPLIB
+from medplib.model.sam_adapter import ADAPTER_KEY, attach_adapters, has_adapters
 from medplib.model.tokenizer import MedTokenizer
 
 log = logging.getLogger(__name__)
@@ -104,12 +107,33 @@ def load_llava(path: str | Path, cfg: ModelConfig) -> tuple[LlamaForCausalLM, di
 
 
 def load_sam(path: str | Path, cfg: ModelConfig) -> SamModel:
-    """SAM (SAM-Med2D converted to transformers' SamModel) checked against `cfg.sam`."""
-    sam = SamModel.from_pretrained(str(_folder(path, "SAM")), attn_implementation="sdpa", use_safetensors=True)
+    """SAM (SAM-Med2D converted to transformers' SamModel) checked against `cfg.sam`, with SAM-Med2D's adapters
+    attached and loaded when its weights carry them (transformers' loader would drop those keys)."""
+    folder = _folder(path, "SAM")
+    sam = SamModel.from_pretrained(str(folder), attn_implementation="sdpa", use_safetensors=True)
     v, s = sam.config.vision_config, cfg.sam
     _check("SAM", [("image_size", s.image_size, v.image_size), ("vision hidden_size", s.vision_hidden_size,
                    v.hidden_size), ("num_hidden_layers", s.vision_layers, v.num_hidden_layers),
                    ("output_channels", s.hidden_size, v.output_channels)])
+    adapters = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            adapters |= {k: f.get_tensor(k) for k in f.keys() if ADAPTER_KEY.search(k)}
+    if adapters:
+        attach_adapters(sam)
+        expected = {k for k in sam.state_dict() if ADAPTER_KEY.search(k)}
+        given = {"vision_encoder." + k.split("vision_encoder.", 1)[1]: t  # a "sam." / "model." prefix dropped
+                 for k, t in adapters.items()}
+        if set(given) != expected:
+            missing, extra = sorted(expected - set(given)), sorted(set(given) - expected)
+            raise ValueError(f"SAM folder {folder}: its SAM-Med2D adapter weights do not match the image encoder "
+                             f"(missing {missing[:3]}{'…' if len(missing) > 3 else ''}, unexpected "
+                             f"{extra[:3]}{'…' if len(extra) > 3 else ''})")
+        sam.load_state_dict(given, strict=False)
+        log.info("SAM %s: SAM-Med2D adapters loaded in %d blocks", folder, len(sam.vision_encoder.layers))
+    elif s.adapters:
+        attach_adapters(sam)
+        log.info("SAM %s has no adapter weights: model.sam.adapters starts them fresh", folder)
     return sam
 
 
@@ -134,6 +158,8 @@ def build_model(cfg: ModelConfig, tokenizer: MedTokenizer) -> MedPLIB:
     if clip is None and llava_vision is not None:
         clip = llava_vision
     sam = load_sam(cfg.sam.weights, cfg) if cfg.sam.weights else None
+    if sam is not None and has_adapters(sam) and not cfg.sam.adapters:  # the saved model must rebuild them
+        cfg = replace(cfg, sam=replace(cfg.sam, adapters=True))
     model = MedPLIB(cfg, tokenizer, clip=clip, llm=llm, sam=sam)
     if projector:
         model.projector.load_state_dict(projector)

@@ -42,6 +42,7 @@ from medplib.model.losses import (
 from medplib.model.moe import MoEFeedForward, upcycle
 from medplib.model.prompts import PromptError, freeform_prompt_mask
 from medplib.model.tisr import TextualInversion, prepend, refine_rows, refinement_loss, text_embedding
+from medplib.model.sam_adapter import attach_adapters
 from medplib.model.tokenizer import IMAGE_TOKEN, REGION_TOKEN, MedTokenizer
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "config.json", "model.safetensors", "tokenizer"
@@ -197,6 +198,8 @@ class MedPLIB(nn.Module):
         self.text_hidden_fcs = nn.Sequential(nn.Linear(config.llm.hidden_size, config.llm.hidden_size), nn.ReLU(),
                                              nn.Linear(config.llm.hidden_size, config.sam.hidden_size))
         self.sam = sam or SamModel(sam_config(config))
+        if config.sam.adapters:
+            attach_adapters(self.sam)  # SAM-Med2D's (a loaded SAM that has them keeps them)
         self.tisr: TextualInversion | None = None
         if config.tisr.enabled:
             self.attach_tisr(config.tisr)

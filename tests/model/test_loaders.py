@@ -191,3 +191,48 @@ def test_stage_one_is_skipped_on_data_without_alignment_records_when_llava_bring
     with pytest.raises(ValueError, match=r"Stage 1 \(align\) has no train records of tasks \['alignment'\] .* cannot "
                                          r"be skipped: .*model.llm.weights .*llama has no projector"):
         train_stage(1, context(plain), workers=1, track=False)
+
+
+def test_sam_med2d_adapters_compute_its_block_and_load_when_present(checkpoints, tokenizer, tmp_path):
+    """SAM-Med2D's adapter beside each image-encoder MLP: the block computes x + mlp(y) + adapter(y); a SAM folder whose
+    weights carry adapters loads them (transformers alone drops them), the built MedPLIB records it in its config and
+    reloads them from its own folder; SAM-Med2D's key names map onto them; mismatched adapter weights are refused."""
+    from medplib.model.sam_adapter import ADAPTER_KEY, SamMed2DMLP, adapters_from_sam_med2d, attach_adapters
+
+    cfg = ModelConfig.tiny()
+    torch.manual_seed(1)
+    sam = attach_adapters(SamModel.from_pretrained(str(checkpoints["sam"])))
+    layer = sam.vision_encoder.layers[0]
+    assert isinstance(layer.mlp, SamMed2DMLP)
+    y = torch.randn(2, 8, 8, cfg.sam.vision_hidden_size)
+    plain = layer.mlp.lin2(layer.mlp.act(layer.mlp.lin1(y)))
+    a = layer.mlp.adapter
+    x = y.permute(0, 3, 1, 2)
+    x = x + a.spatial(torch.sigmoid(a.channel[2](torch.relu(a.channel[0](x.mean(dim=(2, 3))))))[:, :, None, None] * x)
+    expected = plain + torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), a.norm.weight, a.norm.bias)
+    assert torch.allclose(layer.mlp(y), expected, atol=1e-5)
+    with torch.no_grad():  # a trained adapter: not its initial values
+        for name, p in sam.named_parameters():
+            if ".adapter." in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    sam.save_pretrained(tmp_path / "sam-med2d")
+    assert any(ADAPTER_KEY.search(k) for k in load_file(tmp_path / "sam-med2d" / "model.safetensors"))
+    assert not any(ADAPTER_KEY.search(k) for k in SamModel.from_pretrained(str(tmp_path / "sam-med2d")).state_dict())
+
+    _equal_state(load_sam(tmp_path / "sam-med2d", cfg), sam)
+    built = build_model(merge(cfg, {"sam": {"weights": str(tmp_path / "sam-med2d")}}), tokenizer)
+    assert built.config.sam.adapters is True
+    _equal_state(built.sam, sam)
+    _equal_state(MedPLIB.from_pretrained(built.save_pretrained(tmp_path / "medplib")).sam, sam)
+    assert not ModelConfig.tiny().sam.adapters  # a plain SAM folder builds a plain model (test above)
+
+    ours = {k: v for k, v in sam.state_dict().items() if ".adapter." in k}
+    theirs = {k.replace("vision_encoder.layers.", "image_encoder.blocks.").replace(".mlp.adapter.", ".Adapter."): v
+              for k, v in ours.items()}
+    assert adapters_from_sam_med2d({**theirs, "image_encoder.blocks.0.mlp.lin1.weight": torch.zeros(1)}) == ours
+
+    weights = load_file(tmp_path / "sam-med2d" / "model.safetensors")
+    broken = {k: v for k, v in weights.items() if "layers.1.mlp.adapter.norm" not in k}
+    save_file(broken, tmp_path / "sam-med2d" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="adapter weights do not match.*missing.*layers.1.mlp.adapter.norm"):
+        load_sam(tmp_path / "sam-med2d", cfg)
