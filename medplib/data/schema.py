@@ -73,7 +73,8 @@ class Record:
     """One QA sample. `image`, `masks`, `regions` and the context paths are relative to the data folder.
 
     `context` lists `{"image": path, "mask": path or None}` besides the query image, in the order a model sees
-    them; the conversation's one `<image>` placeholder is the query image.
+    them. A conversation with one `<image>` shows the query image alone; one with more shows, at the placeholders
+    before the query's last one, the images its task shows for the context pairs (`Task.show_context`).
     """
 
     id: str

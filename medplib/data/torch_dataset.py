@@ -2,8 +2,10 @@
 
 Geometry: every image is padded to a square (centred) and resized, once for the CLIP tower and once for the SAM
 encoder; prompt masks follow the CLIP geometry, target masks the SAM geometry. `unsquare` undoes it for outputs.
-A record's context images (in-context examples, other views) come as extra tensors on the sample; `collate` does
-not batch them and no model uses them yet.
+A record's context images (in-context examples, other views) come as extra tensors on the sample. When its prompt
+has an `<image>` placeholder for them (one per shown image, before the query's), the sample also carries the images
+the task shows for them (`Task.show_context`: the images, or example masks drawn in), which `collate` batches as
+`context_pixel_values` with `context_counts` for the model; a prompt with one `<image>` shows none.
 """
 from __future__ import annotations
 
@@ -176,10 +178,13 @@ class Sample:
     region_masks: torch.Tensor  # (R, Sv, Sv) bool, one per <region>
     seg_masks: torch.Tensor  # (S, Ss, Ss) float, one per <SEG>
     record: Record
-    # The record's context pairs, in the CLIP geometry; None when it has none. Not batched by `collate`: the model
-    # does not take context images yet. A pair without a mask has an all-False mask (ingest refuses empty masks).
+    # The record's context pairs, in the CLIP geometry; None when it has none. A pair without a mask has an all-False
+    # mask (ingest refuses empty masks).
     context_pixel_values: torch.Tensor | None = None  # (K, 3, Sv, Sv)
     context_masks: torch.Tensor | None = None  # (K, Sv, Sv) bool
+    # What the prompt shows of them, one image per `<image>` placeholder before the query's (Task.show_context);
+    # None when the prompt shows none. `collate` batches these for the model.
+    shown_context: torch.Tensor | None = None  # (N, 3, Sv, Sv)
 
 
 class MedDataset(Dataset):
@@ -204,6 +209,7 @@ class MedDataset(Dataset):
         image = read_image(self.data_dir / rec.image)
         turns, regions, masks = strip_paths(rec.conversations)
         ids, labels, regions = encode_within(turns, regions, self.tokenizer, self.max_len, rec.id)
+        placeholders = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
         region_masks = [preprocess_mask(read_mask(self.data_dir / p), self.image_size, keep_any=True) for p in regions]
         seg_masks = [preprocess_mask(read_mask(self.data_dir / p), self.sam_image_size).float() for p in masks]
         return Sample(
@@ -215,7 +221,19 @@ class MedDataset(Dataset):
             seg_masks=torch.stack(seg_masks) if seg_masks else torch.zeros(0, self.sam_image_size, self.sam_image_size),
             record=rec,
             **(self._context(rec) if rec.context else {}),
+            **({"shown_context": self._shown(rec, placeholders - 1)} if placeholders > 1 else {}),
         )
+
+    def _shown(self, rec: Record, n: int) -> torch.Tensor:
+        """The `n` images the record's prompt shows before its query image, as its task shows its context pairs."""
+        pairs = [(read_image(self.data_dir / p["image"]),
+                  read_mask(self.data_dir / p["mask"]) if p["mask"] else None) for p in rec.context]
+        shown = registry.get(rec.task).show_context(pairs)
+        if len(shown) != n:
+            raise RecordError(f"record {rec.id}", "conversations", f"{n + 1} {IMAGE_TOKEN}",
+                              f"the prompt has {n + 1} {IMAGE_TOKEN} placeholders, but task {rec.task!r} shows "
+                              f"{len(shown)} image(s) for its {len(pairs)} context pair(s), and one is the query's")
+        return torch.stack([preprocess_image(im, self.image_size, CLIP_MEAN, CLIP_STD) for im in shown])
 
     def _context(self, rec: Record) -> dict[str, torch.Tensor]:
         images, masks = [], []
@@ -249,7 +267,18 @@ def collate(samples: Sequence[Sample], pad_token_id: int) -> dict:
                                            dtype=torch.long),
         "seg_masks": torch.cat([s.seg_masks for s in samples]),
         "records": [s.record for s in samples],
+        **_shown_batch(samples),
     }
+
+
+def _shown_batch(samples: Sequence[Sample]) -> dict:
+    """The context images the batch's prompts show, in batch order, and how many each sample shows; nothing when no
+    prompt shows any (the batch is then exactly what it was before context images)."""
+    shown = [s.shown_context for s in samples]
+    if all(x is None for x in shown):
+        return {}
+    return {"context_pixel_values": torch.cat([x for x in shown if x is not None]),
+            "context_counts": torch.tensor([0 if x is None else len(x) for x in shown], dtype=torch.long)}
 
 
 @dataclass

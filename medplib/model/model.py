@@ -247,16 +247,37 @@ class MedPLIB(nn.Module):
     # --- inputs ----------------------------------------------------------------------------------------------
     def embed_inputs(self, input_ids: torch.Tensor, patch_features: torch.Tensor,
                      region_masks: torch.Tensor | None = None,
-                     region_batch_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with projected patches at `<image>` and region embeddings at `<region>`."""
+                     region_batch_index: torch.Tensor | None = None,
+                     context_features: torch.Tensor | None = None,
+                     context_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with projected patches at `<image>` and region embeddings at `<region>`.
+
+        With context images (`context_features` (C, N, D) of all samples' context images in batch order,
+        `context_counts` (B,) how many each sample shows), a sample's `<image>` placeholders take, in text order, its
+        context images, then its query image (in-context examples before the question; region prompts and the
+        `<SEG>` masks are always about the query)."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         image_positions = input_ids == self.tokenizer.image_token_id
-        n_tokens, n_features = int(image_positions.sum()), patch_features.shape[0] * patch_features.shape[1]
-        if n_tokens != n_features:
-            raise ValueError(f"Image features and {IMAGE_TOKEN} tokens do not match: tokens: {n_tokens}, "
-                             f"features: {n_features} ({patch_features.shape[0]} images x "
-                             f"{patch_features.shape[1]} patches)")
-        image_embeds = self.projector(patch_features).to(embeds.dtype)
+        shown = patch_features
+        counts = torch.zeros(len(input_ids), dtype=torch.long)
+        if context_features is not None and len(context_features):
+            counts = context_counts.cpu().long()
+            if int(counts.sum()) != context_features.shape[0] or len(counts) != len(input_ids):
+                raise ValueError(f"Context images per sample {counts.tolist()} do not add up to the "
+                                 f"{context_features.shape[0]} context images given for {len(input_ids)} samples")
+            parts, start = [], 0
+            for b, k in enumerate(counts.tolist()):
+                parts += [context_features[start: start + k], patch_features[b: b + 1]]
+                start += k
+            shown = torch.cat(parts)
+        n_tokens, n_features = int(image_positions.sum()), shown.shape[0] * shown.shape[1]
+        per_sample = image_positions.sum(dim=1).cpu()
+        if n_tokens != n_features or not torch.equal(per_sample, (counts + 1) * shown.shape[1]):
+            raise ValueError(f"Image features and {IMAGE_TOKEN} tokens do not match: tokens: {n_tokens}, features: "
+                             f"{n_features} ({shown.shape[0]} images x {shown.shape[1]} patches); per sample, tokens "
+                             f"for {(per_sample / shown.shape[1]).tolist()} images, images: context images per "
+                             f"sample {counts.tolist()}, then the query")
+        image_embeds = self.projector(shown).to(embeds.dtype)
         embeds = embeds.masked_scatter(image_positions[..., None].expand_as(embeds), image_embeds)
 
         region_positions = input_ids == self.tokenizer.region_token_id
@@ -317,15 +338,21 @@ class MedPLIB(nn.Module):
                 labels: torch.Tensor | None = None, sam_pixel_values: torch.Tensor | None = None,
                 region_masks: torch.Tensor | None = None, region_batch_index: torch.Tensor | None = None,
                 seg_masks: torch.Tensor | None = None, loss_weights: LossWeights = LossWeights(),
-                records: Sequence | None = None) -> MedPLIBOutput:
+                records: Sequence | None = None, context_pixel_values: torch.Tensor | None = None,
+                context_counts: torch.Tensor | None = None) -> MedPLIBOutput:
         """Teacher-forced pass; with `labels` (and `seg_masks` for `<SEG>` tokens) it returns the weighted loss.
 
         `records` (a collated batch's) name each sample's task: TISR's refinement reads the reports among them.
+        `context_pixel_values` (C, 3, S, S) and `context_counts` (B,): the context images the prompts show before
+        their query image (see `embed_inputs`).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         patch_features = self.vision_tower(pixel_values)
-        embeds = self.embed_inputs(input_ids, patch_features, region_masks, region_batch_index)
+        context = (self.vision_tower(context_pixel_values)
+                   if context_pixel_values is not None and len(context_pixel_values) else None)
+        embeds = self.embed_inputs(input_ids, patch_features, region_masks, region_batch_index, context,
+                                   context_counts)
         embeds, full_mask, pseudo = self._with_pseudo_words(patch_features, embeds, attention_mask)
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
         hidden = hidden[:, embeds.shape[1] - input_ids.shape[1]:]  # the prompt's positions (after any pseudo-words)
@@ -378,22 +405,32 @@ class MedPLIB(nn.Module):
     @torch.no_grad()
     def generate(self, images: Sequence[np.ndarray], questions: Sequence[str],
                  regions: Sequence[Sequence[np.ndarray]] | None = None, max_new_tokens: int = 32,
-                 mask_threshold: float = 0.0) -> list[Generation]:
-        """Greedy answers for a batch of (image, question[, region masks]); one mask per generated `<SEG>`.
+                 mask_threshold: float = 0.0,
+                 contexts: Sequence[Sequence[np.ndarray]] | None = None) -> list[Generation]:
+        """Greedy answers for a batch of (image, question[, region masks][, context images]); one mask per generated
+        `<SEG>`, about the query image.
 
-        A question holds one `<region>` (or `<region></region>`) per prompt mask; `<image>` is added if absent.
+        A question holds one `<region>` (or `<region></region>`) per prompt mask; `<image>` is added if absent. With
+        context images (e.g. in-context examples, as the task shows them), the question holds one `<image>` per
+        context image and one more for the query, which comes last.
         """
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         regions = list(regions) if regions is not None else [[] for _ in images]
         if len(regions) != len(images):
             raise ValueError(f"{len(images)} images but {len(regions)} region lists")
+        contexts = [list(c) for c in contexts] if contexts is not None else [[] for _ in images]
+        if len(contexts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(contexts)} context lists")
         device = next(self.parameters()).device
         v, s = self.config.vision.image_size, self.config.sam.image_size
         prompts, region_masks, region_index = [], [], []
         for b, (image, question, masks) in enumerate(zip(images, questions, regions)):
-            if IMAGE_TOKEN not in question:
+            if IMAGE_TOKEN not in question and not contexts[b]:
                 question = f"{IMAGE_TOKEN}\n{question}"
+            if question.count(IMAGE_TOKEN) != len(contexts[b]) + 1:
+                raise PromptError(f"Question {b} has {question.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholder(s) for "
+                                  f"{len(contexts[b])} context image(s) and the query image")
             question = question.replace(f"{REGION_TOKEN}</region>", REGION_TOKEN).replace(
                 REGION_TOKEN, f"{REGION_TOKEN}</region>")
             n_tokens = question.count(REGION_TOKEN)
@@ -412,10 +449,13 @@ class MedPLIB(nn.Module):
         input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)  # left padding
         attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
         patch_features = self.vision_tower(pixel_values)
+        shown = [preprocess_image(im, v, CLIP_MEAN, CLIP_STD) for c in contexts for im in c]
+        context = self.vision_tower(torch.stack(shown).to(device, pixel_values.dtype)) if shown else None
         embeds = self.embed_inputs(
             input_ids, patch_features,
             torch.stack(region_masks).to(device) if region_masks else None,
-            torch.tensor(region_index, device=device) if region_masks else None)
+            torch.tensor(region_index, device=device) if region_masks else None,
+            context, torch.tensor([len(c) for c in contexts]) if shown else None)
         embeds, attention_mask, _ = self._with_pseudo_words(patch_features, embeds, attention_mask)
 
         batch = len(images)

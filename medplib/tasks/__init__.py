@@ -96,6 +96,12 @@ class Task:
         subfolder (a layout that tells the modality by its folders, as LViT's, puts it in the path)."""
         return self.file_for(split)
 
+    def show_context(self, pairs: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> list[np.ndarray]:
+        """The images a prompt of this task shows for its context pairs ((image uint8, mask bool or None), in order),
+        one per `<image>` placeholder before the query's. The default shows each image as it is; an in-context
+        segmentation task shows the example masks too (overlaid, or as images of their own)."""
+        return [image for image, _ in pairs]
+
     def synth_images(self, scene: "Scene") -> None:
         """With a `synth_source`, make the images this task's records of `scene` need that are not under the synthetic
         root (a second view drawn from `scene.rng`), in that source's folder; called once its `synth` gave records.
