@@ -266,3 +266,5 @@ from medplib.tasks import refer_vg, refer_ro, refer_gc, refer_mii  # noqa: E402,
 from medplib.tasks import textseg  # noqa: E402,F401
 # Report generation (R2Gen's IU X-Ray / MIMIC-CXR), group "vl": after textseg, so the earlier tasks' random draws are unchanged.
 from medplib.tasks import report  # noqa: E402,F401
+# In-context segmentation (SegICL, groups "icl": in no stage's mix yet, no synthetic records): last.
+from medplib.tasks import incontext  # noqa: E402,F401
