@@ -11,6 +11,7 @@ A model is named by a saved MedPLIB folder, a pyfunc folder, or an MLflow URI (`
 from __future__ import annotations
 
 import base64
+import inspect
 import io
 import logging
 import os
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REQUEST_COLUMNS = ("image", "question", "point", "box", "region")
+REQUEST_COLUMNS = ("image", "question", "point", "box", "region", "examples", "example_style")
 DEVICE_ENV = "MEDPLIB_DEVICE"  # where a served model runs (auto, cpu, cuda, cuda:N), read by the served pyfunc only
 MAX_REQUEST_PIXELS = 4096 * 4096
 
@@ -51,7 +52,7 @@ def _decode_png(value: str, row: int, field: str) -> np.ndarray:
 
     if not isinstance(value, str) or not value:
         raise RequestError(f"Request row {row}: field '{field}' must be a PNG path or base64 PNG, got {value!r}")
-    if len(value) < 1024 and Path(value).is_file():
+    if len(value) < 1024 and _is_file(value):
         try:
             return read_image(Path(value), MAX_REQUEST_PIXELS)
         except ImageReadError as e:
@@ -65,6 +66,13 @@ def _decode_png(value: str, row: int, field: str) -> np.ndarray:
         return read_image(io.BytesIO(raw), MAX_REQUEST_PIXELS)  # type: ignore[arg-type]
     except ImageReadError as e:
         raise RequestError(f"Request row {row}: field '{field}': {e}") from None
+
+
+def _is_file(value: str) -> bool:
+    try:
+        return Path(value).is_file()
+    except OSError:  # a base64 PNG longer than a file name may be
+        return False
 
 
 def encode_png(mask: np.ndarray) -> str:
@@ -120,6 +128,46 @@ def parse_request(row: dict, i: int = 0, point_side: int | None = None) -> tuple
     return image, question, regions
 
 
+def parse_examples(row: dict, i: int, question: str) -> tuple[str, list[np.ndarray]]:
+    """In-context examples of a request row: `examples`, a JSON list (or list) of up to 3 {"image", "mask"} (PNG paths
+    or base64 PNG), shown as `example_style` says ("overlay", default: the mask in blue over its image; "separate":
+    the mask as an image of its own). Returns the question with a placeholder per shown image and the query's
+    (medplib.tasks.incontext), and the images to show; none given: the question as it was and no images."""
+    import json
+
+    from medplib.tasks.incontext import MAX_EXAMPLES, STYLES, prompt_with_examples, show_examples
+
+    given = row.get("examples")
+    if not _present(given):
+        return question, []
+    if isinstance(given, str):
+        try:
+            given = json.loads(given)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"Request row {i}: field 'examples' is not JSON ({e.msg}): give a list of "
+                               '{"image": PNG, "mask": PNG}') from None
+    if not isinstance(given, list) or not all(isinstance(e, dict) and {"image", "mask"} <= set(e) for e in given):
+        raise RequestError(f"Request row {i}: field 'examples' must be a list of {{\"image\": PNG, \"mask\": PNG}}, "
+                           f"got {str(given)[:80]!r}")
+    if len(given) > MAX_EXAMPLES:
+        raise RequestError(f"Request row {i}: field 'examples' has {len(given)} examples; at most {MAX_EXAMPLES}")
+    style = row.get("example_style") if _present(row.get("example_style")) else "overlay"
+    if style not in STYLES:
+        raise RequestError(f"Request row {i}: field 'example_style' = {style!r}: use one of {sorted(STYLES)}")
+    pairs = []
+    for k, example in enumerate(given):
+        image = _decode_png(example["image"], i, f"examples[{k}].image")
+        mask = _decode_png(example["mask"], i, f"examples[{k}].mask")
+        if mask.shape[:2] != image.shape[:2]:
+            raise RequestError(f"Request row {i}: field 'examples[{k}].mask' is {mask.shape[1]}x{mask.shape[0]} but "
+                               f"its image is {image.shape[1]}x{image.shape[0]}")
+        pairs.append((image, (mask if mask.ndim == 2 else mask[..., 0]) > 0))
+    if "<image>" in question:
+        raise RequestError(f"Request row {i}: field 'question' has <image> placeholders; with examples the prompt "
+                           "places them itself")
+    return prompt_with_examples(question, len(pairs), style), show_examples(pairs, style)
+
+
 def _present(v: Any) -> bool:
     return v is not None and not (isinstance(v, float) and np.isnan(v)) and v != ""
 
@@ -151,8 +199,12 @@ def answer_rows(model, rows: list[dict], max_new_tokens: int = 24) -> list[dict]
     """Answer request rows with a loaded MedPLIB model: [{"answer": str, "masks": [base64 PNG, ...]}]."""
     side = getattr(getattr(model, "config", None), "point_prompt_size", None)  # a family without pixel prompts: None
     parsed = [parse_request(r, i, side) for i, r in enumerate(rows)]
-    outs = model.generate([p[0] for p in parsed], [p[1] for p in parsed], [p[2] for p in parsed],
-                          max_new_tokens=int(max_new_tokens))
+    shown = [parse_examples(r, i, q) for i, (r, (_, q, _)) in enumerate(zip(rows, parsed))]
+    examples = {"contexts": [c for _, c in shown]} if any(c for _, c in shown) else {}
+    if examples and "contexts" not in inspect.signature(model.generate).parameters:
+        raise RequestError(f"This model ({type(model).__name__}) takes no in-context examples")
+    outs = model.generate([p[0] for p in parsed], [q for q, _ in shown], [p[2] for p in parsed],
+                          max_new_tokens=int(max_new_tokens), **examples)
     return [{"answer": o.text, "masks": [encode_png(m) for m in o.masks]} for o in outs]
 
 
@@ -178,7 +230,8 @@ def log_pyfunc(model_dir: Path, artifact_path: str = "medplib", example_image: n
     # Written out, not inferred from the example: the pixel prompts are optional columns.
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", "image"), ColSpec("string", "question"),
-                       *(ColSpec("string", k, required=False) for k in ("point", "box", "region"))]),
+                       *(ColSpec("string", k, required=False)
+                         for k in ("point", "box", "region", "examples", "example_style"))]),
         outputs=Schema([ColSpec("string", "answer"), ColSpec(Array("string"), "masks")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", 24)]))
     code = [str(Path(__file__).resolve().parent)]  # the medplib package travels with the model
@@ -262,9 +315,11 @@ def load_model(model: str | Path, tracking: "TrackingConfig | None" = None, fami
 
 
 def predict(model: "MedPLIB", image: str, question: str, *, point: str | None = None, box: str | None = None,
-            region: str | None = None, max_new_tokens: int = 24) -> dict:
+            region: str | None = None, examples: list[dict] | None = None, example_style: str | None = None,
+            max_new_tokens: int = 24) -> dict:
     """Answer one request as the served pyfunc does: `{"answer": str, "masks": [base64 PNG, ...]}`."""
-    row = {"image": image, "question": question, "point": point, "box": box, "region": region}
+    row = {"image": image, "question": question, "point": point, "box": box, "region": region,
+           "examples": examples, "example_style": example_style}
     return answer_rows(model, [row], max_new_tokens=max_new_tokens)[0]
 
 

@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--point", default=None, help="point prompt X,Y in image pixels")
     prompt.add_argument("--box", default=None, help="box prompt X1,Y1,X2,Y2 in image pixels (inclusive)")
     prompt.add_argument("--region", default=None, help="free-form prompt: a PNG mask the size of the image")
+    p.add_argument("--example", action="append", default=None, metavar="IMG:MASK",
+                   help="an in-context example: an image and its mask (PNG files); repeat for up to 3")
+    p.add_argument("--example-style", choices=["overlay", "separate"], default="overlay",
+                   help="how the examples are shown: the mask in blue over its image (default), or as an image")
     p.add_argument("--mask-out", type=Path, default=None, help="write the first predicted mask here as PNG")
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit (default: 24)")
     _device_option(p)
@@ -595,16 +599,26 @@ def _predict(args, ctx: RunContext) -> int:
     import base64
     import time
 
-    from medplib.serve import load_model, parse_request, predict
+    from medplib.serve import load_model, parse_examples, parse_request, predict
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: need at least 1")
     for flag, value in (("--image", args.image), ("--region", args.region)):
         if value is not None and not Path(value).is_file():
             raise FileNotFoundError(f"{flag} '{value}': no such file")
+    examples = []
+    for given in args.example or []:
+        image, sep, mask = given.rpartition(":")
+        if not sep or not image or not mask:
+            raise ValueError(f"--example {given!r}: give IMAGE:MASK, two PNG files")
+        for what, path in (("image", image), ("mask", mask)):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--example {given!r}: its {what} '{path}' is no such file")
+        examples.append({"image": image, "mask": mask})
     request = {"image": args.image, "question": args.question, "point": args.point, "box": args.box,
-               "region": args.region}
-    parse_request(request)  # bad prompts and images fail here, before a model is fetched
+               "region": args.region, "examples": examples or None, "example_style": args.example_style}
+    question = parse_request(request)[1]
+    parse_examples(request, 0, question)  # bad prompts, images and examples fail here, before a model is fetched
     _quiet_downloads()
     t0 = time.perf_counter()
     t = ctx.tracking

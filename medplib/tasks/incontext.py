@@ -10,8 +10,9 @@ by a generator seeded with the seed and the query's id, so an evaluation is repe
 in-context record a dataset reads.
 
 Not built yet (issue 17): in-context records of the training modalities in the grounding stages' data mixes, Dice
-against K on the zero-shot modalities, `medplib predict --example`; until then the tasks are in group `icl` only, in
-no stage's mix, and the data has no records of them.
+against K on the zero-shot modalities; until then the tasks are in group `icl` only, in no stage's mix, and the data
+has no records of them. A request may bring examples already (`medplib predict --example`, the served `examples`
+field): `prompt_with_examples` builds its prompt.
 """
 from __future__ import annotations
 
@@ -68,6 +69,20 @@ def question(k: int, structure: str, style: str) -> str:
         lines = [f"Example {i + 1}: {IMAGE_TOKEN} and its {structure} mask: {IMAGE_TOKEN}" for i in range(k)]
         lines.append(f"Segment the {structure} in this image as in the examples: {IMAGE_TOKEN}")
     return "\n".join(lines)
+
+
+def prompt_with_examples(request: str, k: int, style: str) -> str:
+    """A user's request made into an in-context prompt for `k` examples shown in `style`: "Segment the X." becomes
+    `question(k, X, style)`; any other request follows the example placeholders, then the query's `<image>`."""
+    m = _STRUCTURE.search(request)
+    if m:
+        return question(k, m.group(1), style)
+    if k == 0:
+        return request
+    if not 0 < k <= MAX_EXAMPLES or style not in STYLES:
+        question(k, "structure", style)  # raises the error that names the count or the style
+    shown = (f"{IMAGE_TOKEN}" if style == "overlay" else f"{IMAGE_TOKEN} and its mask: {IMAGE_TOKEN}")
+    return "\n".join([f"Example {i + 1}: {shown}" for i in range(k)] + [f"{request.strip()} {IMAGE_TOKEN}"])
 
 
 def structure_of(record: Record) -> str | None:

@@ -26,7 +26,7 @@ from medplib.eval.metrics import dice_iou
 from medplib.model import MedPLIB, point_prompt_mask
 from medplib.registry import Registry, use_tracking
 from medplib.serve import (
-    RequestError, encode_png, invoke, load_model, log_pyfunc, model_folder, parse_request, served,
+    RequestError, encode_png, invoke, load_model, log_pyfunc, model_folder, parse_request, predict, served,
 )
 
 from .tiny_grounder import ANSWER, QUESTION, SIZE, one_thread, phantom, train_tiny_grounder
@@ -79,10 +79,67 @@ def test_a_point_becomes_the_square_the_model_config_says():
     assert wide.sum() > default.sum()
 
 
+def test_in_context_examples_reach_the_model_as_shown_images_with_their_prompt():
+    """A request's `examples` (JSON text as served, or a list) become the images the prompt shows, overlaid in blue or
+    as mask images, and "Segment the X." a prompt with a placeholder per shown image and the query's."""
+    import json
+    from types import SimpleNamespace
+
+    from medplib.serve import answer_rows
+
+    image, target = phantom(20, 20)
+    seen = {}
+
+    class Recorder:
+        config = SimpleNamespace(point_prompt_size=41)
+
+        def generate(self, images, questions, regions, max_new_tokens, contexts=None):
+            seen.update(questions=questions, contexts=contexts)
+            return [SimpleNamespace(text="It is the liver.", masks=[]) for _ in images]
+
+    pair = {"image": encode_png(image), "mask": encode_png(target)}
+    rows = [{"image": encode_png(image), "question": "Segment the liver.", "examples": json.dumps([pair, pair])},
+            {"image": encode_png(image), "question": "What is this?", "examples": [pair], "example_style": "separate"},
+            {"image": encode_png(image), "question": "Segment the liver."}]
+    answer_rows(Recorder(), rows)
+    overlaid, separate, none = seen["contexts"]
+    assert len(overlaid) == 2 and overlaid[0].shape == (SIZE, SIZE, 3) and none == []
+    assert len(separate) == 2 and np.array_equal(separate[1], target.astype(np.uint8) * 255)
+    assert (overlaid[0][target] != np.repeat(image[target][:, None], 3, axis=1)).any()  # drawn in blue
+    q1, q2, q3 = seen["questions"]
+    assert q1.count("<image>") == 3 and q1.endswith("Segment the liver in this image: <image>")
+    assert q2.count("<image>") == 3 and q2.endswith("What is this? <image>") and q3 == "Segment the liver."
+    seen.clear()
+    answer_rows(Recorder(), rows[2:])
+    assert seen["contexts"] is None  # no examples: generate is called as before
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"image": "IMG", "question": "q", "examples": "[{"}, "field 'examples' is not JSON"),
+    ({"image": "IMG", "question": "q", "examples": "[1]"}, "field 'examples' must be a list of"),
+    ({"image": "IMG", "question": "q", "examples": [{"image": "IMG", "mask": "SMALL"}]},
+     "field 'examples[0].mask' is 8x8 but its image is 64x64"),
+    ({"image": "IMG", "question": "q", "examples": [{"image": "IMG", "mask": "IMG"}], "example_style": "sepia"},
+     "field 'example_style' = 'sepia'"),
+    ({"image": "IMG", "question": "<image> q", "examples": [{"image": "IMG", "mask": "IMG"}]},
+     "with examples the prompt places them itself"),
+])
+def test_bad_examples_name_the_field(row, message):
+    from medplib.serve import parse_examples
+
+    subs = {"IMG": encode_png(phantom(20, 20)[0]), "SMALL": encode_png(np.ones((8, 8), bool))}
+    row = {k: [{a: subs.get(b, b) for a, b in e.items()} for e in v] if isinstance(v, list) else subs.get(v, v)
+           for k, v in row.items()}
+    with pytest.raises(RequestError, match="Request row 3: .*" + re.escape(message)):
+        parse_examples(row, 3, row["question"])
+
+
 @pytest.mark.parametrize("row, message", [
     ({"question": "q"}, "field 'image' is missing"),
     ({"image": "IMG", "question": " "}, "field 'question' must be non-empty text, got ' '"),
     ({"image": "not base64!", "question": "q"}, "field 'image' is neither an existing file nor base64 ('not base64!'"),
+    ({"image": "!" * 300, "question": "q"}, "field 'image' is neither an existing file nor base64 ('!!!"),  # too long
+    # for a file name
     ({"image": base64.b64encode(b"not a png").decode(), "question": "q"}, "field 'image': not a readable image"),
     ({"image": "IMG", "question": "q", "point": "3"}, "field 'point' = '3' must be 2 comma-separated numbers"),
     ({"image": "IMG", "question": "q", "point": "a,b"}, "field 'point' = 'a,b' must be 2 comma-separated numbers"),
@@ -163,8 +220,14 @@ def test_registered_pyfunc_answers_like_the_model(champion_home, grounder: Path)
         with use_tracking(tracking):
             pyfunc = mlflow.pyfunc.load_model("models:/medplib@champion")
         out = pyfunc.predict(pd.DataFrame([row]), params={"max_new_tokens": 12})
+        # in-context examples through the logged signature (a JSON text column), as the model answers them in-process
+        example, example_mask = phantom(cx + 6, cy - 6)
+        shown = {**row, "examples": json.dumps([{"image": encode_png(example), "mask": encode_png(example_mask)}])}
+        served_ex = pyfunc.predict(pd.DataFrame([shown]), params={"max_new_tokens": 12})[0]
+        local_ex = predict(load_model(str(grounder), tracking), **shown, max_new_tokens=12)
     assert direct.text == ANSWER and out[0]["answer"] == direct.text
     np.testing.assert_array_equal(_png(out[0]["masks"][0]) > 0, direct.masks[0])
+    assert served_ex == local_ex
 
 
 @pytest.mark.integration
@@ -237,6 +300,13 @@ def test_cli_predict_names_bad_inputs(home, tmp_path: Path, capsys: pytest.Captu
         (["--image", str(tmp_path / "notes.txt")], f"field 'image' ({tmp_path / 'notes.txt'}): not a readable image"),
         ([*img, "--model", "models:/medplib@nope"], "Model 'models:/medplib@nope' cannot be fetched"),
         ([*img, "--model", str(tmp_path / "nope")], f"Model '{tmp_path / 'nope'}' is neither a folder nor an MLflow"),
+        ([*img, "--example", "nocolon"], "--example 'nocolon': give IMAGE:MASK, two PNG files"),
+        ([*img, "--example", f"{tmp_path / 'image.png'}:{tmp_path / 'gone.png'}"],
+         f"its mask '{tmp_path / 'gone.png'}' is no such file"),
+        ([*img, "--example", f"{tmp_path / 'image.png'}:{tmp_path / 'small.png'}"],
+         "field 'examples[0].mask' is 8x8 but its image is 64x64"),
+        ([*img, *["--example", f"{tmp_path / 'image.png'}:{tmp_path / 'image.png'}"] * 4],
+         "field 'examples' has 4 examples; at most 3"),
     ]:
         assert main(base + args) == 2, args
         err = capsys.readouterr().err
