@@ -28,6 +28,8 @@ SOURCES = [
      "validation fails naming the expectation and an example"),
     ("tests/serve/test_serve.py::test_bad_requests_name_the_field_and_value", "bad input: predict request",
      "RequestError naming the row, field and value"),
+    ("tests/serve/test_serve.py::test_bad_examples_name_the_field", "bad input: predict request",
+     "RequestError naming the row, field and value"),
     ("tests/serve/test_serve.py::test_cli_predict_names_bad_inputs", "bad input: CLI arguments", None),
     ("tests/test_cli.py::test_bad_arguments_give_clear_errors", "bad input: CLI arguments", None),
     ("tests/data/test_config.py::test_bad_overrides_name_the_key", "bad input: config", "ConfigError naming the key"),
