@@ -32,7 +32,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from medplib.data import boxes
-from medplib.serve import RequestError, encode_png, parse_request
+from medplib.serve import RequestError, encode_png, parse_examples, parse_request
 
 if TYPE_CHECKING:
     from medplib.registry import Registry
@@ -178,7 +178,7 @@ class Demo:
         from medplib.serve import answer_rows
 
         unknown = sorted(set(request) - {"model", "image", "sample", "question", "text", "task", "point", "box",
-                                         "region", "max_new_tokens"})
+                                         "region", "max_new_tokens", "examples", "example_style"})
         if unknown:
             raise DemoError(f"Unknown field '{unknown[0]}' in the request")
         image = request.get("image")
@@ -199,9 +199,20 @@ class Demo:
         task = request.get("task") or "ask"
         question, box_as_prompt = build_question(task, request.get("text") or request.get("question") or "",
                                                  request.get("box"), pixels.shape)
+        examples = request.get("examples") or None
+        for k, pair in enumerate(examples or []):
+            for part in ("image", "mask"):
+                value = pair.get(part) if isinstance(pair, dict) else None
+                try:  # base64 only, as the image
+                    base64.b64decode(value, validate=True)
+                except (TypeError, ValueError):
+                    raise DemoError(f"Field 'examples[{k}].{part}' must be a base64 PNG, got {str(value)[:40]!r}…") \
+                        from None
         row = {"image": image, "question": question, "point": request.get("point"),
-               "box": request.get("box") if box_as_prompt else None, "region": request.get("region")}
-        parse_request(row)  # prompt errors name their field before a model is loaded
+               "box": request.get("box") if box_as_prompt else None, "region": request.get("region"),
+               "examples": examples, "example_style": request.get("example_style") or None}
+        parse_request(row)  # prompt and example errors name their field before a model is loaded
+        question, _ = parse_examples(row, 0, question)
         t0 = time.perf_counter()
         with self._lock:
             model = self.model(request.get("model") or self.default_model)
@@ -280,6 +291,9 @@ PAGE = """<!doctype html>
  <label><input type="radio" name="tool" value="box"> box</label>
  <label><input type="radio" name="tool" value="shape"> free-form shape</label>
  <button id="clear">clear</button> <span id="prompt"></span></fieldset>
+<fieldset><legend>In-context examples (optional, up to 3: an image and its mask, PNG)</legend>
+ <span id="examples"></span> shown as <select id="exstyle"><option value="overlay">mask in blue over the image</option>
+ <option value="separate">mask as its own image</option></select></fieldset>
 <fieldset><legend>Question</legend><select id="task"></select>
  <input id="text" size="60" placeholder="question, structure name or clinical note">
  <button id="ask">Ask</button></fieldset>
@@ -294,6 +308,16 @@ const $ = id => document.getElementById(id);
 const canvas = $("canvas"), ctx = canvas.getContext("2d"), rctx = $("result").getContext("2d");
 let image = null, imageB64 = null, sample = null, prompt = null, drawing = null, shape = [];
 for (const [k, label] of Object.entries(TASKS)) $("task").add(new Option(label, k));
+for (let i = 0; i < 3; i++) $("examples").insertAdjacentHTML("beforeend", `<br>example ${i + 1}: image
+  <input type="file" id="exi${i}" accept="image/png"> mask <input type="file" id="exm${i}" accept="image/png">`);
+function fileB64(input) { const f = input.files[0]; if (!f) return Promise.resolve(null);
+  return new Promise(ok => { const rd = new FileReader(); rd.onload = () => ok(rd.result.split(",")[1]);
+    rd.readAsDataURL(f); }); }
+async function examples() {  // the pairs with both files chosen
+  const out = [];
+  for (let i = 0; i < 3; i++) { const [im, m] = await Promise.all([fileB64($("exi" + i)), fileB64($("exm" + i))]);
+    if (im && m) out.push({image: im, mask: m}); }
+  return out; }
 function showError(msg) { $("error").textContent = msg || ""; }
 async function getJSON(url) { const r = await fetch(url); const j = await r.json();
   if (!r.ok) throw new Error(j.error || r.statusText); return j; }
@@ -354,6 +378,7 @@ $("ask").onclick = async () => {
   if (!image) { showError("Pick a sample or upload a PNG first."); $("answer").textContent = ""; return; }
   const body = {model: $("model").value, task: $("task").value, text: $("text").value, ...describe()};
   if (prompt && prompt.kind === "shape") body.region = shapeMask();
+  const ex = await examples(); if (ex.length) { body.examples = ex; body.example_style = $("exstyle").value; }
   if (sample !== null) body.sample = sample; else body.image = imageB64;
   const r = await fetch("/api/ask", {method: "POST", headers: {"Content-Type": "application/json"},
     body: JSON.stringify(body)});

@@ -92,3 +92,37 @@ def test_requests_are_checked_before_a_model_is_loaded(tmp_path):
     with pytest.raises(DemoError, match="Field 'model' = 'other' is not one of the demo's models \\['folder'\\]"):
         demo.model("other")
     assert loaded == []
+
+
+def test_the_page_s_in_context_examples_reach_the_model_as_shown_images(tmp_path):
+    """Examples uploaded in the page (base64 image and mask pairs, up to 3) are shown to the model as its style says,
+    and the page is told the prompt it asked; a path, or a fourth example, is refused before a model is loaded."""
+    import base64
+    from types import SimpleNamespace
+
+    from medplib.serve import RequestError, encode_png
+
+    seen = {}
+
+    class Recorder:
+        config = SimpleNamespace(point_prompt_size=41)
+
+        def generate(self, images, questions, regions, max_new_tokens, contexts=None):
+            seen.update(questions=questions, contexts=contexts)
+            return [SimpleNamespace(text="It is the liver.", masks=[])]
+
+    loaded = []
+    demo = Demo("folder", None, tmp_path, lambda uri: loaded.append(uri) or Recorder())
+    image, mask = phantom(20, 20)
+    pair = {"image": encode_png(image), "mask": encode_png(mask)}
+    out = demo.ask({"image": encode_png(image), "task": "grounding", "text": "liver", "examples": [pair, pair],
+                    "example_style": "separate"})
+    assert out["answer"] == "It is the liver." and out["question"].count("<image>") == 5
+    assert out["question"] == seen["questions"][0] and len(seen["contexts"][0]) == 4
+    write_png(tmp_path / "x.png", image)
+    with pytest.raises(DemoError, match="Field 'examples\\[0\\].mask' must be a base64 PNG"):
+        demo.ask({"image": encode_png(image), "text": "hi", "examples": [{**pair, "mask": str(tmp_path / "x.png")}]})
+    with pytest.raises(RequestError, match="field 'examples' has 4 examples; at most 3"):
+        demo.ask({"image": encode_png(image), "text": "hi", "examples": [pair] * 4})
+    assert loaded == ["folder"]  # the refused requests loaded nothing
+    assert base64.b64decode(out["overlay"])[:4] == b"\x89PNG"

@@ -427,8 +427,9 @@ def test_demo_in_a_browser_draws_a_box_asks_and_shows_the_answer_and_overlay(cha
                                          ".getBoundingClientRect(); return [r.x, r.y]; })()")
             cx, cy = HELD_OUT
             scale = 384 / SIZE
-            browser.drag(left + (cx - 8) * scale, top + (cy - 8) * scale, left + (cx + 8) * scale,
-                         top + (cy + 8) * scale)
+            # aim at pixel centres: the canvas may sit at a fractional page position
+            browser.drag(left + (cx - 8 + .5) * scale, top + (cy - 8 + .5) * scale, left + (cx + 8 + .5) * scale,
+                         top + (cy + 8 + .5) * scale)
             assert browser.evaluate("JSON.stringify(describe())") == json.dumps({"box": f"{cx - 8},{cy - 8},"
                                                                                         f"{cx + 8},{cy + 8}"},
                                                                                 separators=(",", ":"))
