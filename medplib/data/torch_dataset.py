@@ -192,14 +192,18 @@ class MedDataset(Dataset):
 
     def __init__(self, data_dir: Path, tokenizer: ConversationTokenizer, image_size: int, sam_image_size: int,
                  split: str | None = None, tasks: Sequence[str] | None = None,
-                 records: Sequence[Record] | None = None, max_len: int | None = None):
-        """`max_len`: at most this many positions a sample (see `encode_within`); None keeps every conversation."""
+                 records: Sequence[Record] | None = None, max_len: int | None = None, seed: int = 0):
+        """`max_len`: at most this many positions a sample (see `encode_within`); None keeps every conversation.
+        Derived tasks named in `tasks` (in-context segmentation, or a group holding it) get their records made from the
+        split's with `seed`; `tasks` None takes the records as they are."""
         self.data_dir = Path(data_dir)
         self.tokenizer, self.max_len = tokenizer, max_len
         self.image_size, self.sam_image_size = image_size, sam_image_size
         recs = list(records) if records is not None else read_records(self.data_dir)
         chosen = None if tasks is None else registry.resolve(tasks)  # task names and/or groups (`vl`)
-        self.records = [r for r in recs if (split is None or r.split == split) and (chosen is None or r.task in chosen)]
+        pool = [r for r in recs if split is None or r.split == split]
+        self.records = pool if chosen is None else registry.with_derived(
+            [r for r in pool if r.task in chosen], chosen, "train", seed, pool=pool)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -12,13 +12,14 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from medplib.data.images import read_image, read_mask
-from medplib.data.schema import Record
+from medplib.data.schema import IMAGE_TOKEN, Record
 from medplib.data.torch_dataset import read_records, strip_paths
 from medplib import tasks as registry
 from medplib.model import MedPLIB
 from medplib.progress import StepProgress
 
 log = logging.getLogger(__name__)
+EVAL_SEED = 0  # what derived tasks' records (in-context examples) are drawn with: every model sees the same prompts
 
 
 @dataclass
@@ -38,6 +39,16 @@ def _question(rec: Record) -> tuple[str, str, list[str], list[str]]:
     human = next(t["value"] for t in turns if t["from"] == "human")
     gpt = next(t["value"] for t in turns if t["from"] == "gpt")
     return human, gpt, regions, masks
+
+
+def shown_context(rec: Record, data_dir: Path, question: str) -> list[np.ndarray]:
+    """The images `rec`'s question shows before its query image (its task's `show_context` of its context pairs);
+    none when the question has a single `<image>`."""
+    if question.count(IMAGE_TOKEN) <= 1 or not rec.context:
+        return []
+    pairs = [(read_image(data_dir / p["image"]), read_mask(data_dir / p["mask"]) if p.get("mask") else None)
+             for p in rec.context]
+    return registry.get(rec.task).show_context(pairs)
 
 
 def score_sample(rec: Record, prediction: str, pred_masks: Sequence[np.ndarray], reference: str,
@@ -83,7 +94,9 @@ def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("val", "te
     if tasks is None:
         tasks = family_of_model(model).tasks
     chosen = None if tasks is None else registry.resolve(tasks)
-    records = [r for r in read_records(data_dir) if r.split in splits and (chosen is None or r.task in chosen)]
+    pool = [r for r in read_records(data_dir) if r.split in splits]
+    records = registry.with_derived([r for r in pool if chosen is None or r.task in chosen], chosen, "eval",
+                                    EVAL_SEED, pool=pool)  # in-context prompts, made from the splits' grounding
     records.sort(key=lambda r: (r.split, r.task, r.id))
     if limit:  # the first `limit` records of each split
         taken: Counter[str] = Counter()
@@ -101,20 +114,23 @@ def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("val", "te
     bar = StepProgress("evaluate", len(records), "samples", disable=len(records) < 64)
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
-        images, questions, regions, refs, targets = [], [], [], [], []
+        images, questions, regions, refs, targets, contexts = [], [], [], [], [], []
         for rec in batch:
             human, gpt, region_paths, mask_paths = _question(rec)
             images.append(read_image(data_dir / rec.image))
+            contexts.append(shown_context(rec, data_dir, human))
             questions.append(human)
             regions.append([read_mask(data_dir / p) for p in region_paths])
             refs.append(gpt.replace("<SEG>", "").strip())
             targets.append(read_mask(data_dir / mask_paths[0]) if mask_paths else None)
         length = max(generation_length(rec.task, max_new_tokens) for rec in batch)
-        outputs = model.generate(images, questions, regions, max_new_tokens=length)
+        outputs = model.generate(images, questions, regions, max_new_tokens=length,
+                                 **({"contexts": contexts} if any(contexts) else {}))
         for rec, question, out, ref, target, image in zip(batch, questions, outputs, refs, targets, images):
             prediction = out.text.replace("<SEG>", "").strip()
             row = {"id": rec.id, "split": rec.split, "task": rec.task, "modality": rec.modality,
                    "question": question, "prediction": out.text, "reference": ref,
+                   **({"context": len(rec.context)} if rec.context else {}),
                    **score_sample(rec, prediction, out.masks, ref, target)}
             rows.append(row)
             if target is not None:  # a segmentation sample: keep it for the overlays
@@ -164,6 +180,14 @@ def overlay_grid(report: EvalReport, split: str = "test", per_side: int = 3) -> 
     return grids
 
 
+def report_figures(report: EvalReport) -> dict:
+    """Every task's figures of the report's tables (`Task.figures`), by name."""
+    out = {}
+    for task in registry.all_tasks():
+        out.update(task.figures(report.tables))
+    return out
+
+
 def table_markdown(table: dict[str, dict[str, float]], metrics: Sequence[str]) -> str:
     lines = ["| modality | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for modality, values in table.items():
@@ -203,5 +227,7 @@ def log_report(report: EvalReport, client, run_id: str, data_version: str | None
     client.log_table(run_id, pd.DataFrame(report.rows), "eval/samples.json")
     for modality, grid in overlay_grid(report).items():
         client.log_image(run_id, grid, f"eval/overlays/{modality}_best_worst.png")
+    for name, figure in report_figures(report).items():
+        client.log_figure(run_id, figure, f"eval/{name}.png")
     client.log_text(run_id, json.dumps({**report.summary, **{f"val.{k}": v for k, v in report.val_summary.items()}},
                                        indent=1), "eval/summary.json")

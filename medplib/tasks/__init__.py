@@ -19,6 +19,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from medplib.data.readers.dicom import LabelledSlice
+    from medplib.data.schema import Record
     from medplib.data.synth import Scene
 
 # MeCoVQA's split folders for annotation files; zero-shot images sit under zeroshot4grounding/ (grounding only).
@@ -67,6 +68,9 @@ class Task:
     # What `medplib demo` offers for this task: (label, question template), `{text}` the page's text field, `{box}`
     # the drawn box written as Med-GRIT box text; None: not offered.
     demo: tuple[str, str] | None = None
+    # A derived task's records are made from other tasks' records when a training set or an evaluation loads its
+    # split (`derive`), not written by ingest: in-context segmentation builds its prompts from grounding records.
+    derived: bool = False
 
     def check(self, turns: Sequence[dict], masks: Sequence[str], regions: Sequence[str]) -> tuple[Any, str] | None:
         """Why a record of this task cannot be used, as (the value at fault, reason); None when it can."""
@@ -84,6 +88,17 @@ class Task:
             return [c.get("image") for c in context], (f"task {self.name!r} takes {allowed} context image(s) "
                                                        f"but the record has {len(context)}")
         return None
+
+    def derive(self, pool: Sequence["Record"], purpose: str, seed: int) -> list["Record"]:
+        """A derived task's records made from `pool` (the loaded records of one or more splits, every task's):
+        `purpose` "train" (a stage's data mix) or "eval" (an evaluation's); the same pool and seed give the same
+        records, so training and evaluation are repeatable. The default (not a derived task) makes none."""
+        return []
+
+    def figures(self, tables: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+        """Matplotlib figures this task draws from an evaluation's tables ("<split>/<task>" → …), by artifact name
+        (logged as `eval/<name>.png`); the default draws none."""
+        return {}
 
     def synth(self, scene: "Scene") -> list[dict]:
         """The raw records this task asks about one synthetic phantom (may draw from `scene.rng`): MeCoVQA records,
@@ -199,6 +214,19 @@ def resolve(selection: Iterable[str]) -> tuple[str, ...]:
                              f"({sorted(by_group)})")
         out += [t for t in chosen if t not in out]
     return tuple(out)
+
+
+def with_derived(records: Sequence["Record"], chosen: Iterable[str] | None, purpose: str, seed: int,
+                 pool: Sequence["Record"] | None = None) -> list["Record"]:
+    """`records` plus the records of the derived tasks among `chosen` (task names; None: every task), each made from
+    `pool` (default `records`) by the task's `derive`."""
+    out = list(records)
+    names_ = set(_TASKS) if chosen is None else set(chosen)
+    source = list(records if pool is None else pool)
+    for task in _TASKS.values():
+        if task.derived and task.name in names_:
+            out += task.derive(source, purpose, seed)
+    return out
 
 
 def for_source(kind: str) -> dict[str, Task]:

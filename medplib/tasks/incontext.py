@@ -4,15 +4,23 @@ image and the request; the answer is `<SEG>` with the query's mask, scored as gr
 An example is shown in one of the two ways MedPLIB's in-context variant shows one: its mask overlaid on its image in
 blue at α 0.55 (task `icl`, one image an example), or the mask as an image of its own after the image (task
 `icl_mask`, two). The prompt (`question`) has one `<image>` per shown image, then the query's; the model reads them
-in that order (`Task.show_context`, `MedPLIB.embed_inputs`). The examples of a query are chosen when its sample is
+in that order (`Task.show_context`, `MedPLIB.embed_inputs`). The examples of a query are chosen when its records are
 made (`choose_examples`): grounding records of the same structure class and split, never on the query's image, drawn
-by a generator seeded with the seed and the query's id, so an evaluation is repeatable; `icl_record` makes the
-in-context record a dataset reads.
+by a generator seeded with the seed and the query's id (K examples are the first K of one seeded order, so K + 1
+examples include the K), so an evaluation is repeatable; `icl_record` makes the in-context record a dataset reads.
 
-Not built yet (issue 17): in-context records of the training modalities in the grounding stages' data mixes, Dice
-against K on the zero-shot modalities; until then the tasks are in group `icl` only, in no stage's mix, and the data
-has no records of them. A request may bring examples already (`medplib predict --example`, the served `examples`
-field): `prompt_with_examples` builds its prompt.
+Both tasks are derived (`Task.derive`): ingest writes none; their records are made from the grounding records of the
+split a stage or an evaluation loads.
+- Training (group "pixel": stages III and IV): a seeded quarter of the train split's grounding records per style,
+  K = 1..3. The train split holds the training modalities only (every zero-shot image is in the zero-shot split, and
+  the GX gate fails a dataset where one is not). Half of them do not name the structure (`question(k, None, …)`), so
+  the examples, not the name, say what to segment; the answer names it.
+- Evaluation: up to `EVAL_QUERIES` grounding records of the test split (in distribution) and of the zero-shot split
+  (held out), each asked with K = 0, 1, 2, 3 examples overlaid (`icl`) and K = 1, 2, 3 as mask images (`icl_mask`:
+  its K = 0 prompt is the same as `icl`'s). The tables carry Dice and IoU per K (`dice_k0` …); the summary keys
+  `icl_dice_k0` … `icl_dice_k3` are the held-out ones; `figures` draws Dice against K.
+A request may bring examples already (`medplib predict --example`, the served `examples` field):
+`prompt_with_examples` builds its prompt.
 """
 from __future__ import annotations
 
@@ -24,10 +32,14 @@ from typing import Sequence
 import numpy as np
 
 from medplib.data.schema import IMAGE_TOKEN, SEG_TOKEN, Record
-from medplib.tasks import Task, register
+from medplib.tasks import Cumulative, Task, register
 from medplib.tasks.grounding import mask_scores
 
 MAX_EXAMPLES = 3
+TRAIN_SHARE = 0.25  # of the train split's grounding records, per style, made in-context records of a stage's mix
+UNNAMED_SHARE = 0.5  # of those, asked without the structure's name
+EVAL_QUERIES = 48  # grounding records per evaluated split asked with K = 0..3 examples
+EVAL_SPLITS = ("test", "zeroshot")  # in distribution, held out
 BLUE, ALPHA = (0, 0, 255), 0.55  # MedPLIB's in-context variant: the example's mask in blue over its image
 STYLES = {"overlay": "icl", "separate": "icl_mask"}  # how an example is shown → the task that shows it so
 _STRUCTURE = re.compile(r"Segment the (.+?)\.")
@@ -53,12 +65,21 @@ def show_examples(pairs: Sequence[tuple[np.ndarray, np.ndarray | None]], style: 
     return out
 
 
-def question(k: int, structure: str, style: str) -> str:
-    """The request after `k` examples shown in `style`, with one `<image>` per shown image, then the query's."""
+def question(k: int, structure: str | None, style: str) -> str:
+    """The request after `k` examples shown in `style`, with one `<image>` per shown image, then the query's;
+    `structure` None: a request that does not name it (the examples say what to segment; K >= 1)."""
     if not 0 <= k <= MAX_EXAMPLES:
         raise ValueError(f"{k} examples: in-context segmentation takes 0 to {MAX_EXAMPLES}")
     if style not in STYLES:
         raise ValueError(f"example style {style!r}: use one of {sorted(STYLES)}")
+    if structure is None:
+        if k == 0:
+            raise ValueError("a request without examples must name the structure to segment")
+        if style == "overlay":
+            lines = [f"Example {i + 1}: {IMAGE_TOKEN}" for i in range(k)]
+            return "\n".join(lines + [f"The examples show a structure in blue. Find it in this image: {IMAGE_TOKEN}"])
+        lines = [f"Example {i + 1}: {IMAGE_TOKEN} and its mask: {IMAGE_TOKEN}" for i in range(k)]
+        return "\n".join(lines + [f"Find what the example masks show in this image: {IMAGE_TOKEN}"])
     if k == 0:
         return f"{IMAGE_TOKEN}\nSegment the {structure}."
     if style == "overlay":
@@ -97,40 +118,70 @@ def structure_of(record: Record) -> str | None:
 
 def choose_examples(query: Record, pool: Sequence[Record], k: int, seed: int) -> list[Record]:
     """`k` example records for `query`: grounding records of its structure class and split, on other images (never the
-    query's), each with one mask; the same seed and query give the same examples, in the same order."""
+    query's), each with one mask; the same seed and query give the same examples, in the same order, and `k + 1`
+    examples begin with the `k`."""
     if not 0 <= k <= MAX_EXAMPLES:
         raise ValueError(f"{k} examples: in-context segmentation takes 0 to {MAX_EXAMPLES}")
     structure = structure_of(query)
     if structure is None:
         raise ValueError(f"record {query.id}: its question names no structure (\"Segment the ….\")")
-    candidates = sorted((r for r in pool if r.task == "grounding" and r.split == query.split
-                         and r.image != query.image and len(r.masks) == 1 and structure_of(r) == structure),
-                        key=lambda r: r.id)
+    candidates = [r for r in _examples_by_class(pool).get((query.split, structure), []) if r.image != query.image]
     if k > len(candidates):
         raise ValueError(f"record {query.id}: {k} examples of the {structure} asked, {len(candidates)} other "
                          f"{query.split} image(s) have one")
-    digest = hashlib.sha256(f"{seed}:{query.id}".encode()).digest()
-    rng = np.random.default_rng(int.from_bytes(digest[:8], "big"))
-    return [candidates[i] for i in rng.choice(len(candidates), size=k, replace=False)]
+    return [candidates[i] for i in _rng(seed, query.id).permutation(len(candidates))[:k]]
 
 
-def icl_record(query: Record, examples: Sequence[Record], style: str) -> Record:
+def _examples_by_class(pool: Sequence[Record]) -> dict[tuple[str, str], list[Record]]:
+    """(split, structure) → the grounding records with one mask that can be examples, by id."""
+    out: dict[tuple[str, str], list[Record]] = {}
+    for r in sorted(pool, key=lambda r: r.id):
+        structure = structure_of(r) if r.task == "grounding" and len(r.masks) == 1 else None
+        if structure is not None:
+            out.setdefault((r.split, structure), []).append(r)
+    return out
+
+
+def _rng(seed: int, *keys: str) -> np.random.Generator:
+    digest = hashlib.sha256(":".join([str(seed), *keys]).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "big"))
+
+
+def icl_record(query: Record, examples: Sequence[Record], style: str, named: bool = True) -> Record:
     """The in-context record of `query` with `examples` shown in `style`: their pairs as its context, the request as
-    its question, the query's answer (its `<SEG>` and mask) as the answer."""
+    its question (not naming the structure unless `named`), the query's answer (its `<SEG>` and mask) as the answer."""
     structure = structure_of(query)
     answer = next(t["value"] for t in query.conversations if t.get("from") == "gpt")
-    return replace(query, id=f"{query.id}-icl{len(examples)}-{style}", task=STYLES[style],
-                   conversations=[{"from": "human", "value": question(len(examples), structure, style)},
+    suffix = "" if named else "-unnamed"
+    return replace(query, id=f"{query.id}-icl{len(examples)}-{style}{suffix}", task=STYLES[style],
+                   conversations=[{"from": "human",
+                                   "value": question(len(examples), structure if named else None, style)},
                                   {"from": "gpt", "value": answer}],
                    context=[{"image": e.image, "mask": e.masks[0]} for e in examples])
 
 
+class ByExamples(Cumulative):
+    """Grounding's Dice and IoU per modality, over all its rows and per number of examples (`dice_k0` …): a row's
+    `context` is its example count."""
+
+    def aggregate(self):
+        from medplib.eval.metrics import aggregate_by_modality
+
+        rows = [{"modality": r["modality"], "dice": r["dice"], "iou": r["iou"], "seg_generated": r["seg_generated"],
+                 f"dice_k{r.get('context', 0)}": r["dice"], f"iou_k{r.get('context', 0)}": r["iou"]}
+                for r in self.rows]
+        return aggregate_by_modality(rows)
+
+
 class InContextSegmentation(Task):
     name = "icl"
-    groups = ("icl",)  # in no stage's mix yet (see the module's docstring)
+    groups = ("icl", "pixel")  # stages III and IV train it beside grounding (derived from its train records)
     family = "icl_overlay"
     max_context = MAX_EXAMPLES
+    derived = True
     style = "overlay"
+    eval_ks: tuple[int, ...] = (0, 1, 2, 3)
+    summary = {f"icl_dice_k{k}": ("zeroshot", f"dice_k{k}") for k in range(MAX_EXAMPLES + 1)}
 
     def check(self, turns, masks, regions):
         if not masks:
@@ -147,14 +198,74 @@ class InContextSegmentation(Task):
     def show_context(self, pairs):
         return show_examples(pairs, self.style)
 
+    def derive(self, pool, purpose, seed):
+        by_class = _examples_by_class(pool)
+        queries = sorted((r for r in pool if r.task == "grounding" and len(r.masks) == 1 and structure_of(r)),
+                         key=lambda r: r.id)
+        out = []
+        if purpose == "train":
+            for query in queries:
+                rng = _rng(seed, query.id, self.name)
+                take, named = rng.random() < TRAIN_SHARE, rng.random() >= UNNAMED_SHARE
+                others = [r for r in by_class[(query.split, structure_of(query))] if r.image != query.image]
+                k = min(int(rng.integers(1, MAX_EXAMPLES + 1)), len(others))
+                if query.split == "train" and take and k:
+                    out.append(icl_record(query, choose_examples(query, others, k, seed), self.style, named))
+            return out
+        for split in EVAL_SPLITS:
+            # the first EVAL_QUERIES of a seeded order over the split's queries with MAX_EXAMPLES examples to draw on
+            others = {q.id: [r for r in by_class[(split, structure_of(q))] if r.image != q.image]
+                      for q in queries if q.split == split}
+            ready = sorted((q for q in queries if len(others.get(q.id, ())) >= MAX_EXAMPLES),
+                           key=lambda q: hashlib.sha256(f"{seed}:{q.id}".encode()).digest())
+            for query in ready[:EVAL_QUERIES]:
+                order = choose_examples(query, others[query.id], MAX_EXAMPLES, seed)
+                out += [icl_record(query, order[:k], self.style) for k in self.eval_ks]
+        return out
+
     def score(self, prediction, reference, pred_masks, target):
         return mask_scores(pred_masks, target)
+
+    def metric(self):
+        return ByExamples()
+
+    def figures(self, tables):
+        """Dice against K, in distribution (test) and held out (zero-shot), both example styles: one line chart."""
+        lines = {}
+        for name in STYLES.values():
+            for split, label in (("test", "in distribution"), ("zeroshot", "held out")):
+                row = tables.get(f"{split}/{name}", {}).get("all", {})
+                ks = [k for k in range(MAX_EXAMPLES + 1) if f"dice_k{k}" in row]
+                if ks:
+                    lines[f"{label}, {'overlaid' if name == 'icl' else 'mask images'}"] = (
+                        ks, [row[f"dice_k{k}"] for k in ks])
+        if not lines:
+            return {}
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(5, 3.5))
+        ax = fig.add_subplot()
+        for label, (ks, dice) in lines.items():
+            ax.plot(ks, dice, marker="o", linestyle="-" if "held out" in label else "--", label=label)
+        ax.set(xlabel="examples in the prompt (K)", ylabel="mean Dice", xticks=range(MAX_EXAMPLES + 1),
+               ylim=(0, 1), title="In-context segmentation: Dice against K")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        return {"icl_dice_vs_k": fig}
 
 
 class InContextMaskImages(InContextSegmentation):
     name = "icl_mask"
     family = "icl_maskimage"
     style = "separate"
+    eval_ks = (1, 2, 3)  # its K = 0 prompt is `icl`'s
+    summary = {}
+
+    def figures(self, tables):
+        return {}  # `icl` draws both styles
 
 
 register(InContextSegmentation())

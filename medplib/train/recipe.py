@@ -70,7 +70,8 @@ class StageRecipe:
         cfg = self.model.config
         pseudo_words = cfg.tisr.num_pseudo_words if self.model.tisr is not None else 0  # TISR's, before the prompt
         ds = MedDataset(self.data_dir, self.model.tokenizer, cfg.vision.image_size, cfg.sam.image_size,
-                        split="train", tasks=self.spec.tasks, max_len=self.spec.max_len - pseudo_words)
+                        split="train", tasks=self.spec.tasks, max_len=self.spec.max_len - pseudo_words,
+                        seed=self.spec.seed)
         if len(ds) == 0:
             raise ValueError(f"Stage {self.spec.stage} ({self.spec.name}) has no train records of tasks "
                              f"{list(self.spec.tasks)} ({', '.join(resolve(self.spec.tasks))}) in {self.data_dir}")

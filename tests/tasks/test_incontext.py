@@ -91,3 +91,112 @@ def test_an_in_context_record_reaches_the_model_as_context_images(tmp_path, styl
         "every in-context example needs its mask"
     sample = MedDataset(tmp_path, LengthTokenizer(), SIZE, SIZE, records=[rec])[0]
     assert sample.shown_context.shape == (shown, 3, SIZE, SIZE) and len(sample.seg_masks) == 1
+
+
+# --- derived records (issue 17, items 2 and 3) --------------------------------------------------------------------
+def _pool(root) -> list[Record]:
+    """Grounding records: 12 train images (liver on each, spleen on the even ones), 5 test and 5 zero-shot images."""
+    out, k = [], 0
+    for split, n in (("train", 12), ("test", 5), ("zeroshot", 5)):
+        for image in range(n):
+            for structure in ("liver",) + (("spleen",) if image % 2 == 0 else ()):
+                rec = _grounding(root, k, structure, split=split, image=100 * len(out) + image)
+                out.append(Record(**{**vars(rec), "image": f"images/{split}-{image}.png"}))
+                write_png(root / out[-1].image, np.full((SIZE, SIZE), 10 * image, np.uint8))
+                k += 1
+    return out
+
+
+def test_a_stage_mix_gets_in_context_records_of_the_train_split_only(tmp_path):
+    pool = _pool(tmp_path)
+    made = tasks.get("icl").derive(pool, "train", seed=3)
+    assert made == tasks.get("icl").derive(pool, "train", seed=3)  # repeatable
+    assert made != tasks.get("icl").derive(pool, "train", seed=4)
+    by_id = {r.id: r for r in pool}
+    assert made and all(r.split == "train" and r.task == "icl" and 1 <= len(r.context) <= 3 for r in made)
+    for rec in made:
+        query = by_id[rec.id.split("-icl")[0]]
+        assert rec.masks == query.masks and rec.image == query.image
+        assert all(c["image"] != rec.image and c["image"].startswith("images/train-") for c in rec.context)
+        asked = rec.conversations[0]["value"]
+        assert ("Segment the" in asked) != rec.id.endswith("-unnamed")  # named, or left to the examples
+        assert asked.count(IMAGE_TOKEN) == len(rec.context) + 1
+    # a quarter of the train queries per style (seeded), over seeds
+    queries = sum(r.split == "train" for r in pool)
+    share = np.mean([len(tasks.get(name).derive(pool, "train", seed)) / queries
+                     for seed in range(40) for name in ("icl", "icl_mask")])
+    assert 0.18 < share < 0.32
+    assert all(r.task == "icl_mask" for r in tasks.get("icl_mask").derive(pool, "train", seed=3))
+
+
+def test_an_evaluation_asks_each_query_with_nested_examples_for_each_k(tmp_path):
+    pool = _pool(tmp_path)
+    made = tasks.get("icl").derive(pool, "eval", seed=0)
+    assert {r.split for r in made} == {"test", "zeroshot"}  # in distribution and held out; never train
+    by_query: dict[str, list[Record]] = {}
+    for rec in made:
+        by_query.setdefault(rec.id.split("-icl")[0], []).append(rec)
+    for recs in by_query.values():
+        assert [len(r.context) for r in recs] == [0, 1, 2, 3]
+        assert recs[3].context[:2] == recs[2].context and recs[2].context[:1] == recs[1].context  # K + 1 ⊃ K
+        assert all(c["image"] != recs[0].image for c in recs[3].context)
+        assert "Segment the liver" in recs[3].conversations[0]["value"]  # the evaluation names the structure
+    # liver is on every image, so each test and zero-shot liver query has 4 other images; spleen on 3 images: 2 others
+    assert len(by_query) == 10
+    assert [len(r.context) for r in tasks.get("icl_mask").derive(pool, "eval", seed=0)][:3] == [1, 2, 3]
+
+
+def test_the_tables_have_dice_per_k_and_the_chart_draws_it():
+    task = tasks.get("icl")
+    metric = task.metric()
+    for k, dice in ((0, 0.2), (0, 0.4), (3, 0.8)):
+        metric.append({"modality": "pet", "context": k, "dice": dice, "iou": dice / 2, "seg_generated": 1.0,
+                       "question": "q", "prediction": "p", "reference": "r"})
+    table = metric.aggregate()
+    assert table["all"]["dice_k0"] == pytest.approx(0.3) and table["pet"]["dice_k3"] == pytest.approx(0.8)
+    assert table["all"]["dice"] == pytest.approx(1.4 / 3) and table["all"]["n"] == 3 and "dice_k1" not in table["all"]
+    assert tasks.summary_keys()["icl_dice_k3"] == ("zeroshot/icl", "dice_k3")
+    figures = task.figures({"zeroshot/icl": table, "test/icl_mask": {"all": {"dice_k1": 0.5, "dice_k2": 0.6}}})
+    [ax] = figures["icl_dice_vs_k"].axes
+    assert [list(line.get_ydata()) for line in ax.get_lines()] == [pytest.approx([0.3, 0.8]), [0.5, 0.6]]
+    assert task.figures({}) == {} and tasks.get("icl_mask").figures({"zeroshot/icl": table}) == {}
+
+
+def test_the_grounding_stages_read_in_context_records_and_a_plain_dataset_does_not(tmp_path):
+    pool = _pool(tmp_path)
+    mix = MedDataset(tmp_path, LengthTokenizer(), SIZE, SIZE, split="train", tasks=("pixel",), records=pool, seed=1)
+    derived = [r for r in mix.records if r.task in ("icl", "icl_mask")]
+    assert derived and len(mix) == 18 + len(derived)
+    assert mix[mix.records.index(derived[0])].shown_context is not None
+    assert len(MedDataset(tmp_path, LengthTokenizer(), SIZE, SIZE, records=pool)) == len(pool)
+
+
+def test_an_evaluation_gives_the_model_the_examples_and_scores_dice_per_k(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from medplib.eval.runner import evaluate
+    from medplib.model.model import Generation
+
+    pool = _pool(tmp_path)
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in pool))
+
+    class CopiesTheFirstExample:
+        """Segments as its first shown example's blue pixels say (none without one): Dice rises from K = 0."""
+
+        def eval(self):
+            return self
+
+        def generate(self, images, questions, regions, max_new_tokens, contexts=None):
+            contexts = contexts or [[] for _ in images]
+            out = []
+            for image, shown in zip(images, contexts):
+                mask = (shown[0][..., 2] > shown[0][..., 0] + 50) if shown else np.zeros(image.shape[:2], bool)
+                out.append(Generation("It is it. <SEG>", [mask]))
+            return out
+
+    report = evaluate(CopiesTheFirstExample(), tmp_path, splits=("test", "zeroshot"), tasks=("icl",))
+    held_out = report.tables["zeroshot/icl"]["all"]
+    assert held_out["dice_k0"] == 0.0 and held_out["dice_k1"] > 0.5 and held_out["n"] == 20
+    assert report.summary["icl_dice_k0"] == 0.0 and report.summary["icl_dice_k3"] == held_out["dice_k3"]
+    assert {r["context"] for r in report.rows if "context" in r} == {1, 2, 3}
