@@ -11,14 +11,17 @@ examples include the K), so an evaluation is repeatable; `icl_record` makes the 
 
 Both tasks are derived (`Task.derive`): ingest writes none; their records are made from the grounding records of the
 split a stage or an evaluation loads.
-- Training (group "pixel": stages III and IV): a seeded quarter of the train split's grounding records per style,
-  K = 1..3. The train split holds the training modalities only (every zero-shot image is in the zero-shot split, and
-  the GX gate fails a dataset where one is not). Half of them do not name the structure (`question(k, None, …)`), so
-  the examples, not the name, say what to segment; the answer names it.
-- Evaluation: up to `EVAL_QUERIES` grounding records of the test split (in distribution) and of the zero-shot split
-  (held out), each asked with K = 0, 1, 2, 3 examples overlaid (`icl`) and K = 1, 2, 3 as mask images (`icl_mask`:
-  its K = 0 prompt is the same as `icl`'s). The tables carry Dice and IoU per K (`dice_k0` …); the summary keys
-  `icl_dice_k0` … `icl_dice_k3` are the held-out ones; `figures` draws Dice against K.
+- Training, when a stage's mix names them (group "incontext": `train: {stage3: {tasks: [pixel, incontext]}, stage4:
+  {tasks: [vl, pixel, incontext]}}` in a config file; the defaults do not, see below): a seeded quarter of the train split's grounding
+  records per style, K = 1..3. The train split holds the training modalities only (every zero-shot image is in the
+  zero-shot split, and the GX gate fails a dataset where one is not). Half of them do not name the structure
+  (`question(k, None, …)`), so the examples, not the name, say what to segment; the answer names it.
+- Evaluation (every MedPLIB evaluation): up to `EVAL_QUERIES` grounding records of the test split (in distribution)
+  and of the zero-shot split (held out), each asked with K = 0, 1, 2, 3 examples overlaid (`icl`) and K = 1, 2, 3 as
+  mask images (`icl_mask`: its K = 0 prompt is `icl`'s). The tables carry Dice and IoU per K (`dice_k0` …); the
+  summary keys `icl_dice_k0` … `icl_dice_k3` are the held-out ones; `figures` draws Dice against K.
+Why the tiny preset's stages leave them out: trained in stages III and IV (two seeds, README), they cost grounding
+0.05-0.08 Dice and 13 minutes of `make run`, and Dice did not rise with K beyond the spread between the seeds.
 A request may bring examples already (`medplib predict --example`, the served `examples` field):
 `prompt_with_examples` builds its prompt.
 """
@@ -38,7 +41,7 @@ from medplib.tasks.grounding import mask_scores
 MAX_EXAMPLES = 3
 TRAIN_SHARE = 0.25  # of the train split's grounding records, per style, made in-context records of a stage's mix
 UNNAMED_SHARE = 0.5  # of those, asked without the structure's name
-EVAL_QUERIES = 48  # grounding records per evaluated split asked with K = 0..3 examples
+EVAL_QUERIES = 32  # grounding records per evaluated split asked with K = 0..3 examples
 EVAL_SPLITS = ("test", "zeroshot")  # in distribution, held out
 BLUE, ALPHA = (0, 0, 255), 0.55  # MedPLIB's in-context variant: the example's mask in blue over its image
 STYLES = {"overlay": "icl", "separate": "icl_mask"}  # how an example is shown → the task that shows it so
@@ -175,7 +178,7 @@ class ByExamples(Cumulative):
 
 class InContextSegmentation(Task):
     name = "icl"
-    groups = ("icl", "pixel")  # stages III and IV train it beside grounding (derived from its train records)
+    groups = ("incontext",)  # a stage mix that names it trains it (derived from its train records); the defaults do not
     family = "icl_overlay"
     max_context = MAX_EXAMPLES
     derived = True

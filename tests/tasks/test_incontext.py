@@ -162,11 +162,22 @@ def test_the_tables_have_dice_per_k_and_the_chart_draws_it():
     assert task.figures({}) == {} and tasks.get("icl_mask").figures({"zeroshot/icl": table}) == {}
 
 
-def test_the_grounding_stages_read_in_context_records_and_a_plain_dataset_does_not(tmp_path):
+def test_a_stage_mix_naming_icl_reads_in_context_records_and_a_plain_dataset_does_not(tmp_path):
+    from medplib.config import load_config
+    from medplib.config.stages import stage_spec
+
+    config = tmp_path / "icl.yaml"
+    config.write_text("train:\n  stage3: {tasks: [pixel, incontext]}\n  stage4: {tasks: [vl, pixel, incontext]}\n")
+    cfg = load_config("tiny", config)
+    for stage in (3, 4):
+        chosen = tasks.resolve(stage_spec(cfg, stage).tasks)
+        assert {"grounding", "textseg", "icl", "icl_mask"} <= set(chosen)
+        assert "icl" not in tasks.resolve(stage_spec(load_config("tiny"), stage).tasks)  # the defaults leave it out
     pool = _pool(tmp_path)
-    mix = MedDataset(tmp_path, LengthTokenizer(), SIZE, SIZE, split="train", tasks=("pixel",), records=pool, seed=1)
+    mix = MedDataset(tmp_path, LengthTokenizer(), SIZE, SIZE, split="train", tasks=("pixel", "incontext"), records=pool,
+                     seed=1)
     derived = [r for r in mix.records if r.task in ("icl", "icl_mask")]
-    assert derived and len(mix) == 18 + len(derived)
+    assert derived and len(mix) == 18 + len(derived)  # the 18 train grounding records, then the derived ones
     assert mix[mix.records.index(derived[0])].shown_context is not None
     assert len(MedDataset(tmp_path, LengthTokenizer(), SIZE, SIZE, records=pool)) == len(pool)
 
