@@ -17,7 +17,8 @@ split a stage or an evaluation loads.
   zero-shot split, and the GX gate fails a dataset where one is not). Half of them do not name the structure
   (`question(k, None, …)`), so the examples, not the name, say what to segment; the answer names it.
 - Evaluation (every MedPLIB evaluation): up to `EVAL_QUERIES` grounding records of the test split (in distribution)
-  and of the zero-shot split (held out), each asked with K = 0, 1, 2, 3 examples overlaid (`icl`) and K = 1, 2, 3 as
+  and of the zero-shot split (held out), and at most one in `EVAL_SHARE` of the split's (so a small dataset's
+  evaluation stays cheap), each asked with K = 0, 1, 2, 3 examples overlaid (`icl`) and K = 1, 2, 3 as
   mask images (`icl_mask`: its K = 0 prompt is `icl`'s). The tables carry Dice and IoU per K (`dice_k0` …); the
   summary keys `icl_dice_k0` … `icl_dice_k3` are the held-out ones; `figures` draws Dice against K.
 Why the tiny preset's stages leave them out: trained in stages III and IV (two seeds, README), they cost grounding
@@ -41,7 +42,8 @@ from medplib.tasks.grounding import mask_scores
 MAX_EXAMPLES = 3
 TRAIN_SHARE = 0.25  # of the train split's grounding records, per style, made in-context records of a stage's mix
 UNNAMED_SHARE = 0.5  # of those, asked without the structure's name
-EVAL_QUERIES = 32  # grounding records per evaluated split asked with K = 0..3 examples
+EVAL_QUERIES = 32  # grounding records per evaluated split asked with K = 0..3 examples, at most
+EVAL_SHARE = 16  # and at most one in this many of the split's grounding records: the sweep costs < half of grounding's
 EVAL_SPLITS = ("test", "zeroshot")  # in distribution, held out
 BLUE, ALPHA = (0, 0, 255), 0.55  # MedPLIB's in-context variant: the example's mask in blue over its image
 STYLES = {"overlay": "icl", "separate": "icl_mask"}  # how an example is shown → the task that shows it so
@@ -221,7 +223,8 @@ class InContextSegmentation(Task):
                       for q in queries if q.split == split}
             ready = sorted((q for q in queries if len(others.get(q.id, ())) >= MAX_EXAMPLES),
                            key=lambda q: hashlib.sha256(f"{seed}:{q.id}".encode()).digest())
-            for query in ready[:EVAL_QUERIES]:
+            limit = min(EVAL_QUERIES, max(1, sum(q.split == split for q in queries) // EVAL_SHARE))
+            for query in ready[:limit]:
                 order = choose_examples(query, others[query.id], MAX_EXAMPLES, seed)
                 out += [icl_record(query, order[:k], self.style) for k in self.eval_ks]
         return out

@@ -129,8 +129,12 @@ def test_a_stage_mix_gets_in_context_records_of_the_train_split_only(tmp_path):
     assert all(r.task == "icl_mask" for r in tasks.get("icl_mask").derive(pool, "train", seed=3))
 
 
-def test_an_evaluation_asks_each_query_with_nested_examples_for_each_k(tmp_path):
+def test_an_evaluation_asks_each_query_with_nested_examples_for_each_k(tmp_path, monkeypatch):
+    from medplib.tasks import incontext
+
     pool = _pool(tmp_path)
+    assert len({r.id.split("-icl")[0] for r in tasks.get("icl").derive(pool, "eval", seed=0)}) == 2  # 1 in 16, ≥ 1
+    monkeypatch.setattr(incontext, "EVAL_SHARE", 1)
     made = tasks.get("icl").derive(pool, "eval", seed=0)
     assert {r.split for r in made} == {"test", "zeroshot"}  # in distribution and held out; never train
     by_query: dict[str, list[Record]] = {}
@@ -182,13 +186,16 @@ def test_a_stage_mix_naming_icl_reads_in_context_records_and_a_plain_dataset_doe
     assert len(MedDataset(tmp_path, LengthTokenizer(), SIZE, SIZE, records=pool)) == len(pool)
 
 
-def test_an_evaluation_gives_the_model_the_examples_and_scores_dice_per_k(tmp_path):
+def test_an_evaluation_gives_the_model_the_examples_and_scores_dice_per_k(tmp_path, monkeypatch):
     import json
     from dataclasses import asdict
 
     from medplib.eval.runner import evaluate
     from medplib.model.model import Generation
 
+    from medplib.tasks import incontext
+
+    monkeypatch.setattr(incontext, "EVAL_SHARE", 1)
     pool = _pool(tmp_path)
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in pool))
 
