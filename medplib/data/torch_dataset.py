@@ -169,6 +169,12 @@ def read_records(data_dir: Path) -> list[Record]:
     return [Record.from_dict(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
+def context_pairs(rec: Record, data_dir: Path) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """The record's context pairs as read: (image uint8, mask bool or None), in order (what `Task.show_context` takes)."""
+    return [(read_image(Path(data_dir) / p["image"]), read_mask(Path(data_dir) / p["mask"]) if p.get("mask") else None)
+            for p in rec.context]
+
+
 @dataclass
 class Sample:
     input_ids: torch.Tensor  # (L,)
@@ -230,8 +236,7 @@ class MedDataset(Dataset):
 
     def _shown(self, rec: Record, n: int) -> torch.Tensor:
         """The `n` images the record's prompt shows before its query image, as its task shows its context pairs."""
-        pairs = [(read_image(self.data_dir / p["image"]),
-                  read_mask(self.data_dir / p["mask"]) if p["mask"] else None) for p in rec.context]
+        pairs = context_pairs(rec, self.data_dir)
         shown = registry.get(rec.task).show_context(pairs)
         if len(shown) != n:
             raise RecordError(f"record {rec.id}", "conversations", f"{n + 1} {IMAGE_TOKEN}",

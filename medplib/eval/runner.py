@@ -13,7 +13,7 @@ import numpy as np
 
 from medplib.data.images import read_image, read_mask
 from medplib.data.schema import IMAGE_TOKEN, Record
-from medplib.data.torch_dataset import read_records, strip_paths
+from medplib.data.torch_dataset import context_pairs, read_records, strip_paths
 from medplib import tasks as registry
 from medplib.model import MedPLIB
 from medplib.progress import StepProgress
@@ -46,9 +46,7 @@ def shown_context(rec: Record, data_dir: Path, question: str) -> list[np.ndarray
     none when the question has a single `<image>`."""
     if question.count(IMAGE_TOKEN) <= 1 or not rec.context:
         return []
-    pairs = [(read_image(data_dir / p["image"]), read_mask(data_dir / p["mask"]) if p.get("mask") else None)
-             for p in rec.context]
-    return registry.get(rec.task).show_context(pairs)
+    return registry.get(rec.task).show_context(context_pairs(rec, data_dir))
 
 
 def score_sample(rec: Record, prediction: str, pred_masks: Sequence[np.ndarray], reference: str,

@@ -134,6 +134,11 @@ def choose_examples(query: Record, pool: Sequence[Record], k: int, seed: int) ->
     if k > len(candidates):
         raise ValueError(f"record {query.id}: {k} examples of the {structure} asked, {len(candidates)} other "
                          f"{query.split} image(s) have one")
+    return _pick(query, candidates, k, seed)
+
+
+def _pick(query: Record, candidates: Sequence[Record], k: int, seed: int) -> list[Record]:
+    """The first `k` of `candidates` (the query's possible examples, by id) in the order seeded by seed and query."""
     return [candidates[i] for i in _rng(seed, query.id).permutation(len(candidates))[:k]]
 
 
@@ -209,13 +214,15 @@ class InContextSegmentation(Task):
                          key=lambda r: r.id)
         out = []
         if purpose == "train":
-            for query in queries:
+            for query in (q for q in queries if q.split == "train"):
                 rng = _rng(seed, query.id, self.name)
                 take, named = rng.random() < TRAIN_SHARE, rng.random() >= UNNAMED_SHARE
-                others = [r for r in by_class[(query.split, structure_of(query))] if r.image != query.image]
+                if not take:
+                    continue
+                others = [r for r in by_class[("train", structure_of(query))] if r.image != query.image]
                 k = min(int(rng.integers(1, MAX_EXAMPLES + 1)), len(others))
-                if query.split == "train" and take and k:
-                    out.append(icl_record(query, choose_examples(query, others, k, seed), self.style, named))
+                if k:
+                    out.append(icl_record(query, _pick(query, others, k, seed), self.style, named))
             return out
         for split in EVAL_SPLITS:
             # the first EVAL_QUERIES of a seeded order over the split's queries with MAX_EXAMPLES examples to draw on
@@ -225,7 +232,7 @@ class InContextSegmentation(Task):
                            key=lambda q: hashlib.sha256(f"{seed}:{q.id}".encode()).digest())
             limit = min(EVAL_QUERIES, max(1, sum(q.split == split for q in queries) // EVAL_SHARE))
             for query in ready[:limit]:
-                order = choose_examples(query, others[query.id], MAX_EXAMPLES, seed)
+                order = _pick(query, others[query.id], MAX_EXAMPLES, seed)
                 out += [icl_record(query, order[:k], self.style) for k in self.eval_ks]
         return out
 
