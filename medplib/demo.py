@@ -175,6 +175,7 @@ class Demo:
 
     def ask(self, request: dict) -> dict:
         """Answer one page request: `{answer, masks, overlay, boxes, question, model, seconds}`."""
+        from medplib import tasks
         from medplib.serve import answer_rows
 
         unknown = sorted(set(request) - {"model", "image", "sample", "question", "text", "task", "point", "box",
@@ -219,6 +220,8 @@ class Demo:
             out = answer_rows(model, [row], max_new_tokens=int(request.get("max_new_tokens") or self.max_new_tokens))[0]
         masks = [np.asarray(Image.open(io.BytesIO(base64.b64decode(m)))) > 0 for m in out["masks"]]
         h, w = pixels.shape[:2]
+        if task in tasks.names():  # what the task's masks stand for, in the text (visual grounding: their boxes)
+            out["answer"] = tasks.get(task).answer(out["answer"], masks)
         return {"answer": out["answer"], "question": question, "masks": out["masks"],
                 "overlay": encode_png(overlay(pixels, masks)), "boxes": answer_boxes(out["answer"], w, h),
                 "model": request.get("model") or self.default_model, "seconds": round(time.perf_counter() - t0, 3)}

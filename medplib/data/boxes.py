@@ -8,6 +8,8 @@ scores (and the synthetic generator and prompts when they write boxes).
   mask's bounding box is. To the grid: floor(pixel / side * 1000) (Qwen-VL's `int(x / w * 1000)`), so the last
   pixel of any side lands on 999 and no box leaves the grid. Back: the first pixel whose grid cell is x1, the last
   whose cell is x2, so an integer pixel box survives the round trip whenever the side is at most 1000 px.
+- Masks: a model that grounds through `<SEG>` (MedPLIB) learns a run of boxes as one mask (their union, `as_masks`)
+  and answers boxes as the bounding boxes of its mask's parts (`from_masks`).
 - IoU: of the boxes as continuous rectangles, (x2 - x1) * (y2 - y1) areas, as BiRD's `box_iou`; no overlap or an
   empty union is 0.
 Errors on record text are `BoxTextError`s whose reason starts with its kind ("malformed box text", "box corners
@@ -235,3 +237,51 @@ def random_box_hit_rate(width: float, height: float, truth: Box, above: float = 
     union = w * h + truth.area - inter
     overlap = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
     return float((overlap > above).mean())
+
+
+MIN_PART = 0.1  # a mask's part smaller than this fraction of its largest part is a speck, not a box (`mask_boxes`)
+
+
+def as_masks(text: str, width: int, height: int, token: str) -> tuple[str, list[np.ndarray]] | None:
+    """`text` with each run of boxes (boxes with only whitespace between them) replaced by `token`, and per `token`
+    the union of the run's boxes as a bool `height` x `width` mask; None when `text` has no box. A `<ref>` stays, so
+    `<ref>liver</ref><box>…</box>` becomes `<ref>liver</ref><SEG>`. Malformed box text is a BoxTextError."""
+    out: list[str] = []
+    masks: list[np.ndarray] = []
+    pos = 0
+    for m in _SPAN_RE.finditer(text):
+        if m.group(2) is None:  # a <ref>: it stays in the text before the run it names
+            continue
+        box = box_mask(parse_box(m.group(2)), width, height)
+        gap = text[pos:m.start()]
+        if masks and not gap.strip():
+            masks[-1] |= box
+        else:
+            out += [gap, token]
+            masks.append(box)
+        pos = m.end()
+    return ("".join(out) + text[pos:], masks) if masks else None
+
+
+def mask_boxes(mask: np.ndarray) -> list[Box]:
+    """The grid boxes of a mask's parts (8-connected), largest first; parts under `MIN_PART` of the largest are
+    left out."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(np.asarray(mask, bool), structure=np.ones((3, 3), bool))
+    if n == 0:
+        return []
+    sizes = ndimage.sum_labels(np.ones(labels.shape), labels, index=np.arange(1, n + 1))
+    order = [int(i) for i in np.argsort(-sizes, kind="stable") if sizes[i] >= MIN_PART * sizes.max()]
+    return [mask_box(labels == i + 1) for i in order]
+
+
+def from_masks(text: str, masks: list[np.ndarray], token: str) -> str:
+    """`text` with its k-th `token` replaced by the boxes of the k-th mask (`mask_boxes`; nothing for an empty
+    mask): the answer a model that grounds through `<SEG>` gives in box text. A `token` past the masks stays."""
+    parts = text.split(token)
+    out = [parts[0]]
+    for k, rest in enumerate(parts[1:]):
+        out.append("".join(format_box(b) for b in mask_boxes(masks[k])) if k < len(masks) else token)
+        out.append(rest)
+    return "".join(out)

@@ -218,10 +218,15 @@ class MedDataset(Dataset):
         rec = self.records[i]
         image = read_image(self.data_dir / rec.image)
         turns, regions, masks = strip_paths(rec.conversations)
+        targets = [read_mask(self.data_dir / p) for p in masks]
+        seg_form = registry.get(rec.task).seg_form(turns, *image.shape[:2])  # answers this model grounds as masks
+        if seg_form is not None:
+            turns, formed = seg_form
+            targets += formed
         ids, labels, regions = encode_within(turns, regions, self.tokenizer, self.max_len, rec.id)
         placeholders = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
         region_masks = [preprocess_mask(read_mask(self.data_dir / p), self.image_size, keep_any=True) for p in regions]
-        seg_masks = [preprocess_mask(read_mask(self.data_dir / p), self.sam_image_size).float() for p in masks]
+        seg_masks = [preprocess_mask(m, self.sam_image_size).float() for m in targets]
         return Sample(
             input_ids=torch.tensor(ids), labels=torch.tensor(labels),
             pixel_values=preprocess_image(image, self.image_size, CLIP_MEAN, CLIP_STD),

@@ -125,9 +125,10 @@ def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("val", "te
         outputs = model.generate(images, questions, regions, max_new_tokens=length,
                                  **({"contexts": contexts} if any(contexts) else {}))
         for rec, question, out, ref, target, image in zip(batch, questions, outputs, refs, targets, images):
-            prediction = out.text.replace("<SEG>", "").strip()
+            answered = registry.get(rec.task).answer(out.text, out.masks)  # what its masks stand for, in the text
+            prediction = answered.replace("<SEG>", "").strip()
             row = {"id": rec.id, "split": rec.split, "task": rec.task, "modality": rec.modality,
-                   "question": question, "prediction": out.text, "reference": ref,
+                   "question": question, "prediction": answered, "reference": ref,
                    **({"context": len(rec.context)} if rec.context else {}),
                    **score_sample(rec, prediction, out.masks, ref, target)}
             rows.append(row)

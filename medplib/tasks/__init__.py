@@ -126,6 +126,19 @@ class Task:
         """The raw MeCoVQA records this task asks about one real slice with label masks (DICOM, NIfTI readers)."""
         return []
 
+    def seg_form(self, turns: Sequence[dict], height: int, width: int) -> tuple[list[dict], list[np.ndarray]] | None:
+        """How a model that grounds through `<SEG>` (MedPLIB) is taught a record of this task: its conversation
+        (`strip_paths`' turns) with `<SEG>` where the answer grounds, and one target mask (bool, `height` x `width`,
+        the image's pixels) per `<SEG>`, in order; None (the default): the record as it is. The task's `answer` turns
+        a generation back into the answer the metric reads."""
+        return None
+
+    def answer(self, text: str, masks: Sequence[np.ndarray]) -> str:
+        """The response as this task's metric reads it, from a generation's text and the masks of its `<SEG>`s
+        (bool, the image's pixels, in order); the default is the text. A task with a `seg_form` writes what its masks
+        stand for back into the text."""
+        return text
+
     def score(self, prediction: str, reference: str, pred_masks: Sequence[np.ndarray],
               target: np.ndarray | None) -> dict:
         """The metric values of one generation (prediction text without `<SEG>`, masks, and the targets)."""

@@ -1,7 +1,8 @@
 """What the refer-and-ground tasks (BiRD's Med-GRIT-270k, REFERENCE §6–7) share: the box checks of a record and
 BiRD's aggregation, each modality's score then the unweighted mean over the modalities.
 
-Their task groups are "refer" and "vl": the visual-language stages (II and IV) train them beside the VQA tasks.
+Their task groups are "refer" and "vl": the visual-language stages (II and IV) train them beside the VQA tasks; visual
+grounding's are "refer" and "pixel" (MedPLIB answers it through `<SEG>`: refer_vg.py), stages III and IV.
 A record is one question/answer pair, the question starting with the `<image>` placeholder; every box in it must
 parse (medplib.data.boxes), and each task says where boxes must be and whether they must be named by `<ref>`.
 The synthetic generator writes their records in Med-GRIT's own layout (`medgrit/` in the synthetic source: one

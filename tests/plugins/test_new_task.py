@@ -137,7 +137,7 @@ def test_the_sixth_task_is_gone_after_the_fixture():
 def test_stage_mixes_and_the_gate_are_checked_against_the_registry(count_task):
     from medplib.config import ConfigError, load_config
 
-    assert tasks.resolve(["vl"]) == ("vqa_closed", "vqa_open", "region_vqa", "refer_vg", "refer_ro", "refer_gc",
+    assert tasks.resolve(["vl"]) == ("vqa_closed", "vqa_open", "region_vqa", "refer_ro", "refer_gc",
                                     "refer_mii", "report", "count_structures")
     cfg = load_config("tiny", {"train": {"stage4": {"tasks": ["count_structures", "grounding"]}}})
     assert cfg.train.stage4.tasks == ("count_structures", "grounding")
