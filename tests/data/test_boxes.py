@@ -113,3 +113,30 @@ def test_random_box_hit_rate():
     assert 0.0 < random_box_hit_rate(200, 200, Box(400, 400, 600, 600)) < 0.05
     with pytest.raises(ValueError, match="width -1"):
         random_box_hit_rate(-1, 10, whole)
+
+
+def test_a_run_of_boxes_becomes_one_seg_whose_mask_is_their_union():
+    text = "<ref>liver</ref><box>(0,0),(499,499)</box> <box>(500,500),(999,999)</box>, and <box>(0,500),(499,999)</box>."
+    out, masks = boxes.as_masks(text, 10, 10, "<SEG>")
+    assert out == "<ref>liver</ref><SEG>, and <SEG>."  # the <ref> stays before the run it names
+    assert [int(m.sum()) for m in masks] == [50, 25] and masks[0][:5, :5].all() and masks[0][5:, 5:].all()
+    assert not masks[0][:5, 5:].any() and masks[1][5:, :5].all()
+    assert boxes.as_masks("No box here, <ref>liver</ref> only.", 10, 10, "<SEG>") is None
+    with pytest.raises(BoxTextError, match="box corners reversed"):
+        boxes.as_masks("<box>(50,2),(30,4)</box>", 10, 10, "<SEG>")
+
+
+def test_a_masks_parts_are_its_boxes_specks_left_out():
+    mask = np.zeros((20, 20), bool)
+    mask[2:8, 2:10] = True  # 48 px
+    mask[12:18, 12:16] = True  # 24 px: a second part
+    mask[0, 19] = True  # 1 px < 10% of 48: a speck
+    assert boxes.mask_boxes(mask) == [boxes.to_grid((2, 2, 9, 7), 20, 20), boxes.to_grid((12, 12, 15, 17), 20, 20)]
+    assert boxes.mask_boxes(np.zeros((20, 20), bool)) == []
+    # the k-th <SEG> gets the k-th mask's boxes; an empty mask answers no box; a <SEG> past the masks stays
+    text = boxes.from_masks("<ref>a</ref><SEG> and <ref>b</ref><SEG><SEG>", [mask, np.zeros((20, 20), bool)], "<SEG>")
+    assert text == ("<ref>a</ref><box>(100,100),(450,350)</box><box>(600,600),(750,850)</box> and <ref>b</ref>"
+                    "<SEG>")
+    # a box learned as a mask comes back as the same box
+    _, (learned,) = boxes.as_masks("<box>(100,200),(449,649)</box>", 20, 20, "<SEG>")
+    assert boxes.mask_boxes(learned) == [Box(100, 200, 400, 600)]

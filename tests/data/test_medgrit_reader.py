@@ -136,16 +136,19 @@ def test_ingest_of_a_medgrit_folder_adds_up(source: Path, tmp_path: Path, home):
     assert all(r.conversations[0]["value"].startswith("<image>\n") for r in records)
 
 
-def test_medgrit_is_a_registered_source_and_the_vl_stages_read_its_tasks():
+def test_medgrit_is_a_registered_source_and_the_stages_read_its_tasks():
     from medplib import tasks
     from medplib.config import stage_spec
 
     assert "medgrit" in readers.kinds() and "medgrit:DIR" in readers.usage()
-    refer = set(tasks.groups()["refer"])
     assert tasks.groups()["refer"] == ["refer_vg", "refer_ro", "refer_gc", "refer_mii"]
-    for stage in (1, 2, 3, 4):
-        assert (refer <= set(tasks.resolve(stage_spec("tiny", stage).tasks))) is (stage in (2, 4)), stage
-        assert (refer <= set(tasks.resolve(stage_spec("full", stage).tasks))) is (stage in (2, 4)), stage
+    text = {"refer_ro", "refer_gc", "refer_mii"}  # answered in text: the visual-language stages
+    for preset in ("tiny", "full"):
+        for stage in (1, 2, 3, 4):
+            mix = set(tasks.resolve(stage_spec(preset, stage).tasks))
+            assert (text <= mix) is (stage in (2, 4)), (preset, stage)
+            # visual grounding is answered through <SEG>: the stages that train the mask decoder
+            assert ("refer_vg" in mix) is (stage in (3, 4)), (preset, stage)
 
 
 def test_synthetic_source_writes_med_grit_files_and_stages_them_through_the_reader(tmp_path: Path, home):

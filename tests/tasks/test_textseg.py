@@ -92,7 +92,7 @@ def test_scored_by_dice_and_iou_and_summarised_as_textseg_mdice():
 def test_textseg_joins_the_grounding_stages_and_takes_lvit_rows():
     names = tasks.names()  # after the built-in and refer tasks: their synthetic draws are unchanged
     assert names.index("textseg") > names.index("refer_mii")
-    assert tasks.groups()["pixel"] == ["grounding", "textseg"]
+    assert tasks.groups()["pixel"] == ["grounding", "refer_vg", "textseg"]
     assert tasks.for_source("lvit") == {"text": TEXTSEG} and TEXTSEG.synth_source == "lvit"
     for preset in ("tiny", "full"):
         for stage in (1, 2, 3, 4):
