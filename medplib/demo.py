@@ -88,7 +88,8 @@ def find_samples(data_dir: Path, per_modality: int = SAMPLES_PER_MODALITY) -> li
 
 def build_question(task: str, text: str, box: Any, image_shape: tuple[int, ...]) -> tuple[str, bool]:
     """The question a task asks, and whether the drawn box still goes to the model as a pixel prompt (False when
-    the template wrote it into the question as box text)."""
+    the template wrote it into the question as box text; True also when the task's `pixel_form` reads that box text
+    as a box prompt, as MedPLIB reads referring object classification's)."""
     offered = demo_tasks()
     if task not in offered:
         raise DemoError(f"Field 'task' = {task!r} is not one of {sorted(offered)}")
@@ -109,7 +110,14 @@ def build_question(task: str, text: str, box: Any, image_shape: tuple[int, ...])
     if not (0 <= x1 <= x2 < w and 0 <= y1 <= y2 < h):
         raise DemoError(f"Field 'box' = {box!r} is not inside the {w}x{h} image with x1 <= x2 and y1 <= y2")
     grid = boxes.to_grid((x1, y1, x2, y2), w, h)
-    return template.format(box=boxes.write([(None, grid)])), False
+    question = template.format(box=boxes.write([(None, grid)]))
+    from medplib import tasks
+
+    form = tasks.get(task).pixel_form([{"from": "human", "value": question}], [], [], h, w) \
+        if task in tasks.names() else None
+    if form is not None and len(form[1]) == 1:  # the model reads this task's box as a box prompt: the drawn box
+        return template.format(box="<region>"), True
+    return question, False
 
 
 def overlay(image: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -242,25 +242,38 @@ def random_box_hit_rate(width: float, height: float, truth: Box, above: float = 
 MIN_PART = 0.1  # a mask's part smaller than this fraction of its largest part is a speck, not a box (`mask_boxes`)
 
 
-def as_masks(text: str, width: int, height: int, token: str) -> tuple[str, list[np.ndarray]] | None:
-    """`text` with each run of boxes (boxes with only whitespace between them) replaced by `token`, and per `token`
-    the union of the run's boxes as a bool `height` x `width` mask; None when `text` has no box. A `<ref>` stays, so
-    `<ref>liver</ref><box>…</box>` becomes `<ref>liver</ref><SEG>`. Malformed box text is a BoxTextError."""
+def as_masks(text: str, width: int, height: int, token: str, runs: bool = True,
+             existing: Iterator[np.ndarray] | None = None) -> tuple[str, list[np.ndarray]] | None:
+    """`text` with its boxes replaced by `token` (each run of boxes, boxes with only whitespace between them, by one
+    `token` when `runs`, else each box by its own), and the mask of every `token` of the result in order (bool,
+    `height` x `width`): a replaced run's is its boxes' union; a `token` already in the text takes the next mask of
+    `existing`, the masks the record gives for those. A `<ref>` stays, so `<ref>liver</ref><box>…</box>` becomes
+    `<ref>liver</ref><SEG>`. None when `text` has no box; malformed box text is a BoxTextError."""
+    if not re.search(r"<box>.*?</box>", text, re.S):
+        return None  # before a mask of `existing` is taken
     out: list[str] = []
     masks: list[np.ndarray] = []
-    pos = 0
-    for m in _SPAN_RE.finditer(text):
-        if m.group(2) is None:  # a <ref>: it stays in the text before the run it names
-            continue
-        box = box_mask(parse_box(m.group(2)), width, height)
+    pos, run, replaced = 0, False, False
+    for m in re.finditer(rf"{re.escape(token)}|<ref>.*?</ref>|<box>(.*?)</box>", text, re.S):
         gap = text[pos:m.start()]
-        if masks and not gap.strip():
-            masks[-1] |= box
-        else:
+        if m.group().startswith("<ref>"):  # it stays in the text, before the run it names
+            continue
+        if m.group(1) is None:  # a token the record already has
+            if existing is None:
+                raise ValueError(f"{token} in {text!r} has no mask: pass the record's masks as `existing`")
             out += [gap, token]
-            masks.append(box)
+            masks.append(next(existing))
+            run = False
+        else:
+            box = box_mask(parse_box(m.group(1)), width, height)
+            if runs and run and not gap.strip():
+                masks[-1] = masks[-1] | box  # the whitespace between a run's boxes goes with them
+            else:
+                out += [gap, token]
+                masks.append(box)
+            run, replaced = True, True
         pos = m.end()
-    return ("".join(out) + text[pos:], masks) if masks else None
+    return ("".join(out) + text[pos:], masks) if replaced else None
 
 
 def mask_boxes(mask: np.ndarray) -> list[Box]:

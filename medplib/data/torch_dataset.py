@@ -97,9 +97,10 @@ def strip_paths(turns: Sequence[dict]) -> tuple[list[dict], list[str], list[str]
     return out, regions, masks
 
 
-def encode_within(turns: Sequence[dict], regions: Sequence[str], tokenizer: ConversationTokenizer,
-                  max_len: int | None, record_id: str) -> tuple[list[int], list[int], list[str]]:
-    """Ids, labels and region paths of a conversation (`strip_paths`' output) in at most `max_len` positions.
+def encode_within(turns: Sequence[dict], regions: Sequence, tokenizer: ConversationTokenizer,
+                  max_len: int | None, record_id: str) -> tuple[list[int], list[int], list]:
+    """Ids, labels and region prompts (paths or masks, one per `<region>` in order) of a conversation (`strip_paths`'
+    output) in at most `max_len` positions.
 
     A length counts the positions the LLM sees: text tokens with `<image>` expanded to its patch positions (LLaVA
     cuts at `model_max_length` after that expansion too). Only the context side is cut, never an answer's `<SEG>`:
@@ -217,15 +218,15 @@ class MedDataset(Dataset):
     def __getitem__(self, i: int) -> Sample:
         rec = self.records[i]
         image = read_image(self.data_dir / rec.image)
-        turns, regions, masks = strip_paths(rec.conversations)
-        targets = [read_mask(self.data_dir / p) for p in masks]
-        seg_form = registry.get(rec.task).seg_form(turns, *image.shape[:2])  # answers this model grounds as masks
-        if seg_form is not None:
-            turns, formed = seg_form
-            targets += formed
+        turns, region_paths, mask_paths = strip_paths(rec.conversations)
+        regions = [read_mask(self.data_dir / p) for p in region_paths]
+        targets = [read_mask(self.data_dir / p) for p in mask_paths]
+        form = registry.get(rec.task).pixel_form(turns, regions, targets, *image.shape[:2])  # boxes in text, as
+        if form is not None:  # box prompts and <SEG> answers
+            turns, regions, targets = form
         ids, labels, regions = encode_within(turns, regions, self.tokenizer, self.max_len, rec.id)
         placeholders = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
-        region_masks = [preprocess_mask(read_mask(self.data_dir / p), self.image_size, keep_any=True) for p in regions]
+        region_masks = [preprocess_mask(m, self.image_size, keep_any=True) for m in regions]
         seg_masks = [preprocess_mask(m, self.sam_image_size).float() for m in targets]
         return Sample(
             input_ids=torch.tensor(ids), labels=torch.tensor(labels),

@@ -115,10 +115,17 @@ def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("val", "te
         images, questions, regions, refs, targets, contexts = [], [], [], [], [], []
         for rec in batch:
             human, gpt, region_paths, mask_paths = _question(rec)
-            images.append(read_image(data_dir / rec.image))
+            image = read_image(data_dir / rec.image)
+            prompts = [read_mask(data_dir / p) for p in region_paths]
+            form = registry.get(rec.task).pixel_form([{"from": "human", "value": human}], prompts, [],
+                                                     *image.shape[:2])
+            if form is not None:  # the question as the model was taught it (a box in text as a box prompt)
+                (turn,), prompts, _ = form
+                human = turn["value"]
+            images.append(image)
             contexts.append(shown_context(rec, data_dir, human))
             questions.append(human)
-            regions.append([read_mask(data_dir / p) for p in region_paths])
+            regions.append(prompts)
             refs.append(gpt.replace("<SEG>", "").strip())
             targets.append(read_mask(data_dir / mask_paths[0]) if mask_paths else None)
         length = max(generation_length(rec.task, max_new_tokens) for rec in batch)

@@ -126,17 +126,21 @@ class Task:
         """The raw MeCoVQA records this task asks about one real slice with label masks (DICOM, NIfTI readers)."""
         return []
 
-    def seg_form(self, turns: Sequence[dict], height: int, width: int) -> tuple[list[dict], list[np.ndarray]] | None:
-        """How a model that grounds through `<SEG>` (MedPLIB) is taught a record of this task: its conversation
-        (`strip_paths`' turns) with `<SEG>` where the answer grounds, and one target mask (bool, `height` x `width`,
-        the image's pixels) per `<SEG>`, in order; None (the default): the record as it is. The task's `answer` turns
-        a generation back into the answer the metric reads."""
+    def pixel_form(self, turns: Sequence[dict], regions: Sequence[np.ndarray], targets: Sequence[np.ndarray],
+                   height: int, width: int) -> tuple[list[dict], list[np.ndarray], list[np.ndarray]] | None:
+        """How MedPLIB, which reads pixel prompts and grounds through `<SEG>`, takes a record of this task whose
+        prompts or answers are written in another form (boxes in text): its conversation (`strip_paths`' turns,
+        `<region></region>` per prompt, `<SEG>` per answered mask) with those turned into prompts or `<SEG>`s, and the
+        prompt masks and target masks (bool, `height` x `width`, the image's pixels) in the order of their tokens,
+        the record's own (`regions`, `targets`) among them; None (the default): the record as it is. Training and
+        evaluation both apply it (evaluation to the question); `answer` turns a generation back into the answer the
+        metric reads."""
         return None
 
     def answer(self, text: str, masks: Sequence[np.ndarray]) -> str:
         """The response as this task's metric reads it, from a generation's text and the masks of its `<SEG>`s
-        (bool, the image's pixels, in order); the default is the text. A task with a `seg_form` writes what its masks
-        stand for back into the text."""
+        (bool, the image's pixels, in order); the default is the text. A task whose `pixel_form` answers through
+        `<SEG>` writes what its masks stand for back into the text."""
         return text
 
     def score(self, prediction: str, reference: str, pred_masks: Sequence[np.ndarray],

@@ -17,6 +17,8 @@ import numpy as np
 
 from medplib.data import boxes
 from medplib.data.schema import SEG_TOKEN
+
+REGION_PLACEHOLDER = "<region></region>"  # a prompt in a conversation as `strip_paths` gives it
 from medplib.tasks import Cumulative, Task
 
 
@@ -70,10 +72,38 @@ class ReferTask(Task):
     """A Med-GRIT task: groups "refer" and "vl", open answers; its `source_codes` say what Med-GRIT calls it."""
 
     groups = ("refer", "vl")
+    # How MedPLIB takes the task's boxes (`pixel_form`): a question's as box prompts (`<region>`), an answer's runs of
+    # boxes as `<SEG>`s whose targets are their union (then `answer` writes the boxes of the predicted masks back).
+    box_prompts: bool = False
+    box_masks: bool = False
     synth_source = "medgrit"
     answer_box: str = "any"  # "required": the answer needs a box; "none": it may carry none
     question_box: str = "any"  # "required": the question needs a box
     paired: bool = False  # every box of the answer must be named by the <ref> just before it
+
+    def pixel_form(self, turns, regions, targets, height, width):
+        if not (self.box_prompts or self.box_masks):
+            return None
+        existing = {"human": iter(regions), "gpt": iter(targets)}
+        out, formed, changed = [], {"human": [], "gpt": []}, False
+        for turn in turns:
+            side = "human" if turn["from"] == "human" else "gpt"
+            wanted = self.box_prompts if side == "human" else self.box_masks
+            token = REGION_PLACEHOLDER if side == "human" else SEG_TOKEN
+            converted = boxes.as_masks(turn["value"], width, height, token, runs=side == "gpt",
+                                       existing=existing[side]) if wanted else None
+            if converted is None:  # as it is: its own prompts or targets, in order
+                n = turn["value"].count(token)
+                formed[side] += [next(existing[side]) for _ in range(n)]
+                out.append(dict(turn))
+            else:
+                out.append({**turn, "value": converted[0]})
+                formed[side] += converted[1]
+                changed = True
+        return (out, formed["human"], formed["gpt"]) if changed else None
+
+    def answer(self, text, masks):
+        return boxes.from_masks(text, list(masks), SEG_TOKEN) if self.box_masks else text
 
     def check(self, turns: Sequence[dict], masks: Sequence[str], regions: Sequence[str]):
         question = next((t.get("value") for t in turns if t.get("from") == "human"), "")

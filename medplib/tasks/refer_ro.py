@@ -35,6 +35,7 @@ class ReferringObject(ReferTask):
     source_codes = {"medgrit": "RO"}
     question_box = "required"
     answer_box = "none"
+    box_prompts = True  # MedPLIB reads the box as a box prompt, the region VQA way
     max_new_tokens = 16
     demo = ("Name what is in the drawn box (refer)", QUESTIONS[0])
     summary = {"refer_ro_accuracy": ("test", "accuracy"), "refer_ro_chance": ("test", "chance")}

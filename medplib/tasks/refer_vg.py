@@ -1,7 +1,7 @@
 """Visual grounding (BiRD's VG): name an object, answer its box(es); recall of the ground-truth boxes at IoU > 0.5.
 
 MedPLIB grounds through `<SEG>`, and so it answers this task: it learns each run of answer boxes as one `<SEG>` whose
-target is the boxes' union (`seg_form`), and its answer's boxes are the bounding boxes of that mask's parts
+target is the boxes' union (`pixel_form`), and its answer's boxes are the bounding boxes of that mask's parts
 (`answer`), written in box text that the metric reads as BiRD's evaluator does. So the task is in the pixel group
 (stages III and IV), where the mask decoder learns; the text-box answer (stage II, from BiRD's records as they are)
 stayed at chance level on the tiny model (recall 0.031-0.043 against 0.021, 2026-12-04).
@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 from medplib.data import boxes
-from medplib.data.schema import SEG_TOKEN
 from medplib.tasks import register
 from medplib.tasks.refer import ModalityMacro, ReferTask
 
@@ -40,6 +39,7 @@ class BoxRecall(ModalityMacro):
 class VisualGrounding(ReferTask):
     name = "refer_vg"
     groups = ("refer", "pixel")
+    box_masks = True
     family = "medgrit_vg"
     files = {"train": "train/MedGRIT_VG.json", "test": "test/MedGRIT_VG_test.json"}
     source_codes = {"medgrit": "VG"}
@@ -55,19 +55,6 @@ class VisualGrounding(ReferTask):
         name, mask = self.pick(scene, scene.structures)
         question = self.pick(scene, QUESTIONS).format(ref=f"<ref>{name}</ref>")
         return [self.pair(scene, question, boxes.write([(name, boxes.mask_box(mask))]))]
-
-    def seg_form(self, turns, height, width):
-        out, masks = [], []
-        for turn in turns:
-            converted = boxes.as_masks(turn["value"], width, height, SEG_TOKEN) if turn["from"] == "gpt" else None
-            if converted is not None:
-                turn = {**turn, "value": converted[0]}
-                masks += converted[1]
-            out.append(turn)
-        return (out, masks) if masks else None
-
-    def answer(self, text, masks):
-        return boxes.from_masks(text, list(masks), SEG_TOKEN)
 
     def score(self, prediction, reference, pred_masks, target):
         truth = [box for _, box in boxes.parse(reference)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from medplib import tasks
 from medplib.data import boxes
 from medplib.data.images import write_png
 from medplib.demo import Demo, DemoError, answer_boxes, build_question, demo_tasks, find_samples, overlay
@@ -14,7 +15,7 @@ from .tiny_grounder import phantom, write_phantom_dataset
 pytestmark = pytest.mark.unit
 
 
-def test_each_task_builds_its_question():
+def test_each_task_builds_its_question(monkeypatch):
     shape = (64, 80)
     assert build_question("ask", "What is at <region>?", None, shape) == ("What is at <region>?", True)
     assert build_question("grounding", " liver ", None, shape) == ("Segment the liver.", True)
@@ -23,7 +24,11 @@ def test_each_task_builds_its_question():
     assert build_question("refer_vg", "kidney", None, shape)[0] == "Please ground <ref>kidney</ref> in this image."
     assert build_question("refer_mii", "", None, shape)[0] == "Interpret this medical image."
     assert build_question("report", "", None, shape)[0] == "Write the findings of this chest X-ray."
-    # the drawn box is written into the question on Med-GRIT's grid, and no longer sent as a pixel prompt
+    # MedPLIB reads referring object classification's box as a box prompt (its pixel_form): the drawn box is sent as
+    # one, where the question had the box text
+    assert build_question("refer_ro", "", "0,0,39,31", shape) == ("What is the object in <region>?", True)
+    # a task whose box stays text gets the drawn box written into the question on Med-GRIT's grid, and not as a prompt
+    monkeypatch.setattr(tasks.get("refer_ro"), "box_prompts", False)
     question, box_as_prompt = build_question("refer_ro", "", "0,0,39,31", shape)
     assert not box_as_prompt
     [(name, box)] = boxes.parse(question)

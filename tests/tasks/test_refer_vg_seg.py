@@ -1,5 +1,6 @@
-"""Visual grounding through `<SEG>` (issue 16): MedPLIB learns an answer's boxes as one mask and answers boxes from
-its mask, which BiRD's recall reads from the text."""
+"""Boxes in text as MedPLIB takes them (issue 16, `Task.pixel_form`): visual grounding's answer boxes are learned as
+one `<SEG>` mask and answered from the predicted mask, which BiRD's recall reads from the text; referring object
+classification's question box is a box prompt."""
 from __future__ import annotations
 
 import json
@@ -76,3 +77,34 @@ def test_an_evaluation_reads_the_boxes_of_the_predicted_masks(tmp_path):
     assert rows[1]["prediction"] == "<ref>liver</ref>"  # an empty mask answers no box
     assert [r["recall"] for r in rows] == [1.0, 0.0, 1.0, 0.0]
     assert report.summary["refer_vg_recall"] == 0.5
+
+
+def test_the_box_of_a_referring_question_is_a_box_prompt(tmp_path):
+    from medplib.eval.runner import evaluate
+    from medplib.model.model import Generation
+
+    rec = _vg(tmp_path, 0)
+    rec.task = "refer_ro"
+    rec.conversations = [{"from": "human", "value": "<image>\nWhat is the object in " + boxes.format_box(LIVER) + "?"},
+                         {"from": "gpt", "value": "liver"}]
+    tok = Recorder()
+    sample = MedDataset(tmp_path, tok, image_size=SIZE, sam_image_size=SIZE, records=[rec])[0]
+    assert tok.seen[-1] == ["<image>\nWhat is the object in <region></region>?", "liver"]
+    target = np.zeros((SIZE, SIZE), bool)
+    target[8:29, 4:20] = True
+    assert sample.region_masks.shape == (1, SIZE, SIZE) and np.array_equal(sample.region_masks[0].numpy(), target)
+    assert sample.seg_masks.shape[0] == 0
+    (tmp_path / "records.jsonl").write_text(json.dumps(asdict(rec)) + "\n")
+    asked = []
+
+    class NamesWhatIsInTheBox:
+        def eval(self):
+            return self
+
+        def generate(self, images, questions, regions, max_new_tokens, contexts=None):
+            asked.extend(zip(questions, regions))
+            return [Generation("liver" if r and np.array_equal(r[0], target) else "kidney") for r in regions]
+
+    report = evaluate(NamesWhatIsInTheBox(), tmp_path, splits=("test",), tasks=("refer_ro",))
+    assert [q for q, _ in asked] == ["<image>\nWhat is the object in <region></region>?"]
+    assert report.summary["refer_ro_accuracy"] == 1.0
