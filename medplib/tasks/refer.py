@@ -17,9 +17,9 @@ import numpy as np
 
 from medplib.data import boxes
 from medplib.data.schema import SEG_TOKEN
+from medplib.tasks import Cumulative, Task
 
 REGION_PLACEHOLDER = "<region></region>"  # a prompt in a conversation as `strip_paths` gives it
-from medplib.tasks import Cumulative, Task
 
 
 class ModalityMacro(Cumulative):
