@@ -24,6 +24,7 @@ IMAGE_TOKEN = "<image>"
 SEG_TOKEN = "<SEG>"
 REGION_TOKEN = "<region>"  # a pixel prompt in the text: `<region>PATH</region>` in a record
 REGION_RE = re.compile(r"<region>(.*?)</region>", re.S)
+REGION_PLACEHOLDER = "<region></region>"  # a pixel prompt in a conversation the model reads (`strip_paths`' output)
 MASK_RE = re.compile(r"<mask>(.*?)</mask>", re.S)
 
 

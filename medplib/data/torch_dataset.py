@@ -23,7 +23,9 @@ from torch.utils.data import Dataset
 
 from medplib import tasks as registry
 from medplib.data.images import read_image, read_mask
-from medplib.data.schema import IMAGE_TOKEN, MASK_RE, REGION_RE, REGION_TOKEN, SEG_TOKEN, Record, RecordError
+from medplib.data.schema import (
+    IMAGE_TOKEN, MASK_RE, REGION_PLACEHOLDER, REGION_RE, REGION_TOKEN, SEG_TOKEN, Record, RecordError,
+)
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 SAM_MEAN, SAM_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -91,7 +93,7 @@ def strip_paths(turns: Sequence[dict]) -> tuple[list[dict], list[str], list[str]
         text = t["value"]
         regions += REGION_RE.findall(text)
         masks += MASK_RE.findall(text)
-        text = REGION_RE.sub("<region></region>", text)
+        text = REGION_RE.sub(REGION_PLACEHOLDER, text)
         text = MASK_RE.sub("", text)
         out.append({"from": t["from"], "value": re.sub(r" {2,}", " ", text).strip()})
     return out, regions, masks

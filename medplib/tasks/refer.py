@@ -16,10 +16,8 @@ from typing import Sequence
 import numpy as np
 
 from medplib.data import boxes
-from medplib.data.schema import SEG_TOKEN
+from medplib.data.schema import REGION_PLACEHOLDER, SEG_TOKEN
 from medplib.tasks import Cumulative, Task
-
-REGION_PLACEHOLDER = "<region></region>"  # a prompt in a conversation as `strip_paths` gives it
 
 
 class ModalityMacro(Cumulative):
