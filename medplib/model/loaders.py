@@ -163,6 +163,7 @@ def build_model(cfg: ModelConfig, tokenizer: MedTokenizer) -> MedPLIB:
     model = MedPLIB(cfg, tokenizer, clip=clip, llm=llm, sam=sam)
     if projector:
         model.projector.load_state_dict(projector)
+    model.loaded = {"vision": clip is not None, "llm": llm is not None, "sam": sam is not None}  # else random
     log.info("built MedPLIB: vision %s, llm %s, sam %s", cfg.vision.weights or "random", cfg.llm.weights or "random",
              cfg.sam.weights or "random")
     return model

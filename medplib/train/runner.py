@@ -61,9 +61,13 @@ def stage_dir(home: Home, stage: int | str, workspace: str | None = None) -> Pat
     return root / (f"stage{stage}" if isinstance(stage, int) else stage)
 
 
+VISION_PRETRAIN_FILE = "vision_pretrain.json"  # in the initial model's folder: how its tower was pretrained
+
+
 def build_init_model(cfg: Config, data_dir: Path, out: Path, seed: int = 42) -> Path:
     """The model stage I starts from: parts with local weights in the config are loaded (full preset), the rest
-    is seeded random init; without a tokenizer folder a BPE is trained on the train split's text (tiny)."""
+    is seeded random init; without a tokenizer folder a BPE is trained on the train split's text (tiny), and with
+    `model.vision.pretrain_epochs` a random vision tower is pretrained on the train split's captions (tiny)."""
     from medplib.model.loaders import build_model, load_tokenizer
 
     if cfg.preset == "full":
@@ -73,7 +77,19 @@ def build_init_model(cfg: Config, data_dir: Path, out: Path, seed: int = 42) -> 
         texts = [t["value"] for r in read_records(data_dir) if r.split == "train"
                  for t in strip_paths(r.conversations)[0]]
     torch.manual_seed(seed)
-    build_model(cfg.model, load_tokenizer(cfg.model, texts)).save_pretrained(out)
+    model = build_model(cfg.model, load_tokenizer(cfg.model, texts))
+    pretrained = None
+    vision = cfg.model.vision
+    if vision.pretrain_epochs and not model.loaded["vision"]:
+        from medplib.train.vision_pretrain import pretrain_vision
+
+        pretrained = pretrain_vision(model, data_dir, vision.pretrain_epochs, vision.pretrain_batch,
+                                     vision.pretrain_lr, seed=seed)
+    model.save_pretrained(out)
+    if pretrained is not None:
+        (out / VISION_PRETRAIN_FILE).write_text(json.dumps(pretrained.to_dict(), indent=1))
+    else:
+        (out / VISION_PRETRAIN_FILE).unlink(missing_ok=True)
     return out
 
 

@@ -20,7 +20,7 @@ class _Echo(torch.nn.Module):
 
     def save_pretrained(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps({"format": "echo", "w": float(self.w)}))
+        (folder / "config.json").write_text(json.dumps({"format": "echo", "w": self.w.detach().item()}))
         return folder
 
     @classmethod
@@ -50,7 +50,7 @@ def test_load_pretrained_dispatches_on_the_folder_format(tiny_model: MedPLIB, ec
     echo_dir = _Echo(0.5).save_pretrained(tmp_path / "e")
     assert isinstance(load_pretrained(medplib_dir), MedPLIB) and family_of(medplib_dir).name == "medplib"
     loaded = load_pretrained(echo_dir)
-    assert isinstance(loaded, _Echo) and float(loaded.w) == 0.5 and family_of(echo_dir) is echo_family
+    assert isinstance(loaded, _Echo) and float(loaded.w.detach()) == 0.5 and family_of(echo_dir) is echo_family
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "config.json").write_text('{"format": "llava"}')
     with pytest.raises(ValueError, match="format 'llava' belongs to no model family"):

@@ -172,8 +172,9 @@ def test_stage_one_is_skipped_on_data_without_alignment_records_when_llava_bring
     (data / "manifest.json").write_text('{"files": {}}')
     align_only = {"train": {"stage1": {"tasks": ["alignment"]}}}  # the full preset's stage I data
 
-    def context(llava: Path) -> RunContext:
-        return RunContext.resolve("tiny", {**align_only, "model": {"llm": {"weights": str(llava)}}},
+    def context(llava: Path) -> RunContext:  # CLIP from its folder (pre-trained: no captions needed to pretrain it)
+        model = {"llm": {"weights": str(llava)}, "vision": {"weights": str(checkpoints["clip"])}}
+        return RunContext.resolve("tiny", {**align_only, "model": model},
                                   home=tmp_path / "home", project=data.parent)
 
     ctx = context(checkpoints["llava-orig"])

@@ -73,9 +73,11 @@ def test_forward_shapes_losses_and_gradients(tiny_model: MedPLIB, tokenizer):
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     for name in ("region_encoder.region_fea_adapter.weight", "text_hidden_fcs.0.weight", "projector.0.weight",
-                 "sam.mask_decoder.iou_token.weight", "vision_tower.clip.embeddings.patch_embedding.weight"):
+                 "sam.mask_decoder.iou_token.weight"):
         grad = tiny_model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
+    # the tiny preset freezes its (pretrained) CLIP tower as MedPLIB does (model.vision.freeze)
+    assert all(p.grad is None and not p.requires_grad for p in tiny_model.vision_tower.parameters())
     # SAM's vision encoder learns too (initializer_range 0.02, not transformers' 1e-10)
     assert tiny_model.sam.vision_encoder.patch_embed.projection.weight.grad.abs().max() > 1e-8
     out = tiny_model.eval()(ids, torch.randn(2, 3, 64, 64), mask, region_masks=region,

@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from medplib.config.base import merge
 from medplib.config.model import ModelConfig
 from medplib.data.images import write_png
 from medplib.data.schema import Record
@@ -50,7 +51,8 @@ def one_thread() -> Iterator[None]:
 def train_tiny_grounder(out: Path, steps: int = 30, seed: int = 0) -> Path:
     """A seeded tiny model trained `steps` full-batch AdamW steps on four point-prompted discs, saved to `out`
     (steps=0: the random initial model)."""
-    cfg = ModelConfig.tiny()
+    # trained here, not from build_init_model's pretrained tower: the tower trains with the rest
+    cfg = merge(ModelConfig.tiny(), {"vision": {"freeze": False, "pretrain_epochs": 0}})
     tok = MedTokenizer.train(TEXTS, cfg.llm.vocab_size, cfg.vision.num_patches)
     torch.manual_seed(seed)
     model = MedPLIB(cfg, tok)
