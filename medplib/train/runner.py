@@ -209,6 +209,20 @@ def _start_mlflow_run(t: TrackingConfig, spec: StageSpec, cfg: Config, data_vers
     return run.info.run_id, t.tracking_uri
 
 
+def _log_vision_pretraining(tracking_uri: str, run_id: str, base: str | None) -> None:
+    """On the run of the stage that starts from the initial model: how its vision tower was pretrained, as metrics
+    `vision_pretrain.<key>` (steps, pairs, captions, first_loss, last_loss, retrieval, seconds)."""
+    path = Path(base) / VISION_PRETRAIN_FILE if base else None
+    if path is None or not path.exists():
+        return
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"vision_pretrain.{k}", float(v), now, 0) for k, v in json.loads(path.read_text()).items()]
+    MlflowClient(tracking_uri=tracking_uri).log_batch(run_id, metrics=metrics)
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -245,6 +259,7 @@ def train_stage(stage: int, ctx: RunContext, *, workers: int = 2, base: Path | N
         run_id, tracking_uri = _start_mlflow_run(ctx.tracking, spec, cfg, data_version, parent_run_id,
                                                  {k: str(v) for k, v in inputs.items()}, model_config, family.name,
                                                  ctx.with_data_version(data_version).dataset(), skipped)
+        _log_vision_pretraining(tracking_uri, run_id, inputs.get("base"))
     if skipped:
         log.warning("stage %d (%s) skipped: %s", stage, spec.name, skipped)
         if run_id:

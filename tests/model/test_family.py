@@ -110,7 +110,7 @@ def test_evaluate_and_predict_model_selects_the_family_and_checks_the_folder(ech
     assert _model_to_load("models:/echo-model/3", local) == ("echo", "models:/echo-model/3", "echo")
     assert _model_to_load("models:/medplib@champion", local) == ("medplib", "models:/medplib@champion", "medplib")
     assert _model_to_load("runs:/abc/medplib", local) == ("medplib", "runs:/abc/medplib", None)
-    assert float(load_model(echo_dir, family="echo").w) == 0.25
+    assert float(load_model(echo_dir, family="echo").w.detach()) == 0.25
     with pytest.raises(ValueError, match=r"holds a model of family 'echo' \(format 'echo'\), not of 'medplib': "
                                          r"pass --model echo"):
         load_model(echo_dir, family="medplib")
