@@ -90,7 +90,7 @@ def pretrain_tower(tower: nn.Module, pixels: torch.Tensor, captions: list[str], 
     are left as they were found. `heads` (default: new, seeded) take `bag_of_words` of the distinct captions."""
     import time
 
-    from medplib.progress import StepProgress, timing
+    from medplib.progress import StepProgress, training_detail
 
     if len(pixels) != len(captions) or not captions:
         raise ValueError(f"Vision pretraining needs image-caption pairs: got {len(pixels)} images and "
@@ -98,7 +98,8 @@ def pretrain_tower(tower: nn.Module, pixels: torch.Tensor, captions: list[str], 
     t0 = time.monotonic()
     generator = torch.Generator().manual_seed(seed)
     distinct = sorted(set(captions))
-    ids = torch.tensor([distinct.index(c) for c in captions])
+    index = {c: i for i, c in enumerate(distinct)}
+    ids = torch.tensor([index[c] for c in captions])
     bow, vocab = bag_of_words(distinct)
     if heads is None:
         with torch.random.fork_rng(devices=[]):
@@ -124,8 +125,9 @@ def pretrain_tower(tower: nn.Module, pixels: torch.Tensor, captions: list[str], 
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
-                bar.set(len(losses), detail=f"loss {losses[-1]:.4f}, " + timing(len(losses), steps - len(losses),
-                                                                                  time.monotonic() - t0))
+                elapsed = time.monotonic() - t0
+                bar.set(len(losses), detail=training_detail(len(losses), steps, 0, losses[-1],
+                                                            len(losses) * size / elapsed, elapsed))
         tower.eval()
         with torch.no_grad():
             text = F.normalize(heads.text(bow), dim=-1)
@@ -157,9 +159,8 @@ def caption_pairs(data_dir: Path, tasks: tuple[str, ...] = ("alignment",)) -> li
     for r in read_records(data_dir):
         if r.split != "train" or r.task not in chosen or not r.image:
             continue
-        answer = next((t["value"] for t in r.conversations if t.get("from") == "gpt"), "")
-        if words(answer):
-            pairs.append((r.image, answer))
+        if words(r.answer):
+            pairs.append((r.image, r.answer))
     return pairs
 
 
