@@ -29,6 +29,10 @@ class VisionConfig:
     pretrain_epochs: int = 0
     pretrain_batch: int = 128
     pretrain_lr: float = 1e-3
+    # each pretraining image moved by a random whole-pixel offset of up to this many pixels each way (edges
+    # replicated): without it the tower learns the training images more than what they show (held-out exact caption
+    # retrieval 0.76 → 0.95 with 4 on the default data)
+    pretrain_shift: int = 4
 
     @property
     def num_patches(self) -> int:
@@ -41,11 +45,14 @@ class VisionConfig:
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"Config key '{prefix}hidden_size' = {self.hidden_size} does not divide by "
                               f"'{prefix}num_heads' = {self.num_heads}")
-        for key, low in (("pretrain_epochs", 0), ("pretrain_batch", 2)):
+        for key, low in (("pretrain_epochs", 0), ("pretrain_batch", 2), ("pretrain_shift", 0)):
             if getattr(self, key) < low:
                 raise ConfigError(f"Config key '{prefix}{key}' = {getattr(self, key)} must be >= {low}")
         if self.pretrain_lr <= 0:
             raise ConfigError(f"Config key '{prefix}pretrain_lr' = {self.pretrain_lr} must be > 0")
+        if self.pretrain_shift >= self.image_size // 2:
+            raise ConfigError(f"Config key '{prefix}pretrain_shift' = {self.pretrain_shift} must be below half of "
+                              f"'{prefix}image_size' = {self.image_size} (pixels an image moves while pretraining)")
 
 
 @dataclass

@@ -4,7 +4,10 @@ the pre-trained CLIP that MedPLIB loads and freezes).
 Trained through the language model's loss alone, the tiny tower learned which modality an image is but not which
 structures it shows: closed "Is there a …?" questions sat at chance through every stage II variant tried. Trained
 the way CLIP is (an image and its caption close, other captions far), the same tower retrieves the exact caption of
-a held-out image (modality and structure set) 82% of the time, and frozen afterwards it lets stage II read presence.
+a held-out image (modality and structure set) 76% of the time, and frozen afterwards it lets stage II read presence.
+Each image moved by a few pixels every time it is drawn (`shift`, `model.vision.pretrain_shift`) keeps the tower from
+learning the training images rather than what they show: 4 pixels each way took held-out exact retrieval from 0.76 to
+0.94 (two seeds: 0.936, 0.941; the modality 0.92 → 1.00; on the default data's 408 validation and test captions).
 
 The text side is a bag of words of the caption through a two-layer MLP, enough for captions that list what an image
 shows; images with the same caption are each other's positives. The image side pools the patch features the LLM's
@@ -37,8 +40,9 @@ class PretrainResult:
     captions: int  # distinct captions among them
     first_loss: float
     last_loss: float
-    retrieval: float  # share of training images whose best-scoring caption is their own (after training)
+    retrieval: float  # share of training images whose best-scoring caption is their own (after training, unshifted)
     seconds: float
+    max_shift: int = 0  # pixels each way an image moved, at most, each time it was drawn
 
     def to_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in vars(self).items()}
@@ -82,9 +86,22 @@ class ContrastiveHeads(nn.Module):
         return self.image(torch.cat([feats.mean(1), feats.amax(1)], -1))
 
 
+def shift(pixels: torch.Tensor, most: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image of (N, C, H, W) moved by its own random offset of -`most`..`most` pixels in y and x, the edge
+    pixels replicated into the space it leaves (0: unchanged)."""
+    if most <= 0:
+        return pixels
+    n, _, h, w = pixels.shape
+    padded = F.pad(pixels, (most, most, most, most), mode="replicate")
+    dy, dx = torch.randint(0, 2 * most + 1, (2, n), generator=generator).tolist()
+    return torch.stack([padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(dy, dx))])
+
+
 def pretrain_tower(tower: nn.Module, pixels: torch.Tensor, captions: list[str], epochs: int, batch: int, lr: float,
-                   seed: int = 42, progress: bool = True, heads: ContrastiveHeads | None = None) -> PretrainResult:
-    """Train `tower` (a VisionTower) in place on (pixels[i], captions[i]) pairs for `epochs` passes of `batch` pairs.
+                   seed: int = 42, progress: bool = True, heads: ContrastiveHeads | None = None,
+                   max_shift: int = 0) -> PretrainResult:
+    """Train `tower` (a VisionTower) in place on (pixels[i], captions[i]) pairs for `epochs` passes of `batch` pairs,
+    each image moved by up to `max_shift` pixels each way (`shift`) every time it is drawn.
 
     `pixels` are CLIP-normalised (N, 3, H, W). The tower's parameters train whatever their `requires_grad` was and
     are left as they were found. `heads` (default: new, seeded) take `bag_of_words` of the distinct captions."""
@@ -119,7 +136,8 @@ def pretrain_tower(tower: nn.Module, pixels: torch.Tensor, captions: list[str], 
         with StepProgress("vision pretraining", steps, disable=not progress) as bar:
             for _ in range(steps):
                 idx = torch.randint(len(captions), (size,), generator=generator)
-                loss = contrastive_loss(heads.embed_images(tower, pixels[idx]), heads.text(bow[ids[idx]]), ids[idx],
+                images = shift(pixels[idx], max_shift, generator)
+                loss = contrastive_loss(heads.embed_images(tower, images), heads.text(bow[ids[idx]]), ids[idx],
                                         heads.logit_scale)
                 opt.zero_grad()
                 loss.backward()
@@ -141,7 +159,7 @@ def pretrain_tower(tower: nn.Module, pixels: torch.Tensor, captions: list[str], 
     k = max(1, steps // 10)
     result = PretrainResult(steps=steps, pairs=len(captions), captions=len(distinct),
                             first_loss=float(np.mean(losses[:k])), last_loss=float(np.mean(losses[-k:])),
-                            retrieval=hits / len(captions), seconds=time.monotonic() - t0)
+                            retrieval=hits / len(captions), seconds=time.monotonic() - t0, max_shift=max_shift)
     log.info("Vision pretraining: %d steps on %d image-caption pairs (%d captions), loss %.3f -> %.3f, training "
              "caption retrieval %.2f (chance %.3f), %.0f s", result.steps, result.pairs, result.captions,
              result.first_loss, result.last_loss, result.retrieval, 1 / len(distinct), result.seconds)
@@ -164,7 +182,8 @@ def caption_pairs(data_dir: Path, tasks: tuple[str, ...] = ("alignment",)) -> li
     return pairs
 
 
-def pretrain_vision(model, data_dir: Path, epochs: int, batch: int, lr: float, seed: int = 42) -> PretrainResult:
+def pretrain_vision(model, data_dir: Path, epochs: int, batch: int, lr: float, seed: int = 42,
+                    max_shift: int = 0) -> PretrainResult:
     """Pretrain `model.vision_tower` (a MedPLIB) on the train split's captions in `data_dir`."""
     from medplib.data.images import read_image
     from medplib.data.torch_dataset import CLIP_MEAN, CLIP_STD, preprocess_image
@@ -178,4 +197,5 @@ def pretrain_vision(model, data_dir: Path, epochs: int, batch: int, lr: float, s
     size = model.config.vision.image_size
     pixels = torch.stack([preprocess_image(read_image(Path(data_dir) / image), size, CLIP_MEAN, CLIP_STD)
                           for image, _ in pairs])
-    return pretrain_tower(model.vision_tower, pixels, [c for _, c in pairs], epochs, batch, lr, seed=seed)
+    return pretrain_tower(model.vision_tower, pixels, [c for _, c in pairs], epochs, batch, lr, seed=seed,
+                          max_shift=max_shift)

@@ -166,3 +166,32 @@ def test_no_caption_to_pretrain_on_is_a_clear_error_and_bad_keys_are_refused(tmp
                                 ("pretrain_lr", 0.0, "must be > 0")):
         with pytest.raises(ConfigError, match=rf"Config key 'model.vision.{key}' = {value} {message}"):
             load_config("tiny", {"model": {"vision": {key: value}}})
+
+
+def test_each_image_moves_by_its_own_offset_within_the_bound():
+    from medplib.train.vision_pretrain import shift
+
+    pixels = torch.zeros(64, 1, 16, 16)
+    pixels[:, 0, 8, 8] = 1.0  # one bright pixel in the middle of each image
+    moved = shift(pixels, 3, torch.Generator().manual_seed(0))
+    assert moved.shape == pixels.shape and torch.equal(moved.sum((1, 2, 3)), torch.ones(64))
+    where = [divmod(int(m.flatten().argmax()), 16) for m in moved]
+    offsets = {(y - 8, x - 8) for y, x in where}
+    assert all(abs(dy) <= 3 and abs(dx) <= 3 for dy, dx in offsets)
+    assert len(offsets) > 20  # its own offset per image (49 possible)
+    # edges replicated, not wrapped: a ramp moved by dx is the ramp's values dx on, clamped at its ends
+    ramp = torch.arange(16.0).expand(8, 1, 16, 16).clone()
+    out = shift(ramp, 4, torch.Generator().manual_seed(1))
+    for row in out[:, 0, 0]:
+        assert any(torch.equal(row, (torch.arange(16.0) + dx).clamp(0, 15)) for dx in range(-4, 5)), row
+    # seeded, and 0 leaves the images as they are
+    again = shift(pixels, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(moved, again) and shift(pixels, 0, torch.Generator()) is pixels
+
+
+def test_a_shift_of_half_the_image_is_refused():
+    with pytest.raises(ConfigError, match=r"Config key 'model.vision.pretrain_shift' = 32 must be below half of "
+                                          r"'model.vision.image_size' = 64"):
+        load_config("tiny", {"model": {"vision": {"pretrain_shift": 32}}})
+    with pytest.raises(ConfigError, match=r"Config key 'model.vision.pretrain_shift' = -1 must be >= 0"):
+        load_config("tiny", {"model": {"vision": {"pretrain_shift": -1}}})
