@@ -79,12 +79,10 @@ def build_init_model(cfg: Config, data_dir: Path, out: Path, seed: int = 42) -> 
     torch.manual_seed(seed)
     model = build_model(cfg.model, load_tokenizer(cfg.model, texts))
     pretrained = None
-    vision = cfg.model.vision
-    if vision.pretrain_epochs and not model.loaded["vision"]:
+    if cfg.model.vision.pretrain_epochs and not model.loaded["vision"]:
         from medplib.train.vision_pretrain import pretrain_vision
 
-        pretrained = pretrain_vision(model, data_dir, vision.pretrain_epochs, vision.pretrain_batch,
-                                     vision.pretrain_lr, seed=seed, max_shift=vision.pretrain_shift)
+        pretrained = pretrain_vision(model, data_dir, seed=seed)
     model.save_pretrained(out)
     if pretrained is not None:
         (out / VISION_PRETRAIN_FILE).write_text(json.dumps(pretrained.to_dict(), indent=1))
@@ -211,7 +209,7 @@ def _start_mlflow_run(t: TrackingConfig, spec: StageSpec, cfg: Config, data_vers
 
 def _log_vision_pretraining(tracking_uri: str, run_id: str, base: str | None) -> None:
     """On the run of the stage that starts from the initial model: how its vision tower was pretrained, as metrics
-    `vision_pretrain.<key>` (steps, pairs, captions, first_loss, last_loss, retrieval, seconds, max_shift)."""
+    `vision_pretrain.<key>` (the fields of vision_pretrain.PretrainResult)."""
     path = Path(base) / VISION_PRETRAIN_FILE if base else None
     if path is None or not path.exists():
         return

@@ -184,20 +184,20 @@ def caption_pairs(data_dir: Path, tasks: tuple[str, ...] = ("alignment",)) -> li
     return pairs
 
 
-def pretrain_vision(model, data_dir: Path, epochs: int, batch: int, lr: float, seed: int = 42,
-                    max_shift: int = 0) -> PretrainResult:
-    """Pretrain `model.vision_tower` (a MedPLIB) on the train split's captions in `data_dir`."""
+def pretrain_vision(model, data_dir: Path, seed: int = 42) -> PretrainResult:
+    """Pretrain `model.vision_tower` (a MedPLIB) on the train split's captions in `data_dir`, as its config's
+    `vision.pretrain_*` keys say (epochs, batch, lr, shift)."""
     from medplib.data.images import read_image
     from medplib.data.torch_dataset import CLIP_MEAN, CLIP_STD, preprocess_image
 
+    vision = model.config.vision
     pairs = caption_pairs(Path(data_dir))
     if not pairs:
-        raise ValueError(f"model.vision.pretrain_epochs = {epochs} but {data_dir}/records.jsonl has no train-split "
-                         "caption (alignment) record to pretrain the vision tower on: add caption records, or set "
-                         "model.vision.pretrain_epochs: 0 (and model.vision.freeze: false, so the tower trains in "
-                         "the stages)")
-    size = model.config.vision.image_size
-    pixels = torch.stack([preprocess_image(read_image(Path(data_dir) / image), size, CLIP_MEAN, CLIP_STD)
+        raise ValueError(f"model.vision.pretrain_epochs = {vision.pretrain_epochs} but {data_dir}/records.jsonl has "
+                         "no train-split caption (alignment) record to pretrain the vision tower on: add caption "
+                         "records, or set model.vision.pretrain_epochs: 0 (and model.vision.freeze: false, so the "
+                         "tower trains in the stages)")
+    pixels = torch.stack([preprocess_image(read_image(Path(data_dir) / image), vision.image_size, CLIP_MEAN, CLIP_STD)
                           for image, _ in pairs])
-    return pretrain_tower(model.vision_tower, pixels, [c for _, c in pairs], epochs, batch, lr, seed=seed,
-                          max_shift=max_shift)
+    return pretrain_tower(model.vision_tower, pixels, [c for _, c in pairs], vision.pretrain_epochs,
+                          vision.pretrain_batch, vision.pretrain_lr, seed=seed, max_shift=vision.pretrain_shift)
