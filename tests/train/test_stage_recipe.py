@@ -17,9 +17,9 @@ pytestmark = pytest.mark.e2e
 # from stage II) on the 48-image synthetic dataset, seed 42, one epoch a stage. A change to the model, data,
 # tokenizer or loop shows up here as a number.
 PINNED = {
-    # re-pinned: every synthetic structure made visible (the MR ventricle, the ultrasound field and structures)
-    1: [6.8205, 6.9113, 7.0178, 6.4339],
-    3: [9.7035, 9.9029, 9.4881, 9.6471],
+    # re-pinned: the tiny CLIP tower's pretraining moves each image by up to 4 pixels (model.vision.pretrain_shift)
+    1: [6.7077, 6.8193, 6.8257, 6.3838],
+    3: [9.6697, 9.8473, 9.4918, 9.6479],
 }
 
 
