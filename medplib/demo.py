@@ -221,7 +221,7 @@ class Demo:
                "box": request.get("box") if box_as_prompt else None, "region": request.get("region"),
                "examples": examples, "example_style": request.get("example_style") or None}
         parse_request(row)  # prompt and example errors name their field before a model is loaded
-        question, _ = parse_examples(row, 0, question)
+        question, _, _ = parse_examples(row, 0, question)
         t0 = time.perf_counter()
         with self._lock:
             model = self.model(request.get("model") or self.default_model)

@@ -128,18 +128,20 @@ def parse_request(row: dict, i: int = 0, point_side: int | None = None) -> tuple
     return image, question, regions
 
 
-def parse_examples(row: dict, i: int, question: str) -> tuple[str, list[np.ndarray]]:
+def parse_examples(row: dict, i: int,
+                   question: str) -> tuple[str, list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
     """In-context examples of a request row: `examples`, a JSON list (or list) of up to 3 {"image", "mask"} (PNG paths
     or base64 PNG), shown as `example_style` says ("overlay", default: the mask in blue over its image; "separate":
     the mask as an image of its own). Returns the question with a placeholder per shown image and the query's
-    (medplib.tasks.incontext), and the images to show; none given: the question as it was and no images."""
+    (medplib.tasks.incontext), the images to show, and the (image, bool mask) pairs (for a mask decoder that reads
+    examples); none given: the question as it was, no images and no pairs."""
     import json
 
     from medplib.tasks.incontext import MAX_EXAMPLES, STYLES, prompt_with_examples, show_examples
 
     given = row.get("examples")
     if not _present(given):
-        return question, []
+        return question, [], []
     if isinstance(given, str):
         try:
             given = json.loads(given)
@@ -165,7 +167,7 @@ def parse_examples(row: dict, i: int, question: str) -> tuple[str, list[np.ndarr
     if "<image>" in question:
         raise RequestError(f"Request row {i}: field 'question' has <image> placeholders; with examples the prompt "
                            "places them itself")
-    return prompt_with_examples(question, len(pairs), style), show_examples(pairs, style)
+    return prompt_with_examples(question, len(pairs), style), show_examples(pairs, style), pairs
 
 
 def _present(v: Any) -> bool:
@@ -200,10 +202,13 @@ def answer_rows(model, rows: list[dict], max_new_tokens: int = 24) -> list[dict]
     side = getattr(getattr(model, "config", None), "point_prompt_size", None)  # a family without pixel prompts: None
     parsed = [parse_request(r, i, side) for i, r in enumerate(rows)]
     shown = [parse_examples(r, i, q) for i, (r, (_, q, _)) in enumerate(zip(rows, parsed))]
-    examples = {"contexts": [c for _, c in shown]} if any(c for _, c in shown) else {}
-    if examples and "contexts" not in inspect.signature(model.generate).parameters:
+    examples = {"contexts": [c for _, c, _ in shown]} if any(c for _, c, _ in shown) else {}
+    accepts = inspect.signature(model.generate).parameters
+    if examples and "contexts" not in accepts:
         raise RequestError(f"This model ({type(model).__name__}) takes no in-context examples")
-    outs = model.generate([p[0] for p in parsed], [q for q, _ in shown], [p[2] for p in parsed],
+    if examples and "examples" in accepts:  # the pairs themselves, for a mask decoder that reads them
+        examples["examples"] = [pairs for _, _, pairs in shown]
+    outs = model.generate([p[0] for p in parsed], [q for q, _, _ in shown], [p[2] for p in parsed],
                           max_new_tokens=int(max_new_tokens), **examples)
     return [{"answer": o.text, "masks": [encode_png(m) for m in o.masks]} for o in outs]
 

@@ -104,6 +104,10 @@ class SamConfig:
     # SAM-Med2D's adapter beside every image-encoder block's MLP (medplib/model/sam_adapter.py); set by itself when
     # the `weights` folder carries adapter weights
     adapters: bool = False
+    # In-context examples given to the mask decoder as well as shown to the LLM: their SAM embeddings pooled under
+    # and outside their masks, compared with the query's (medplib/model/examples.py). Off: the decoder reads the
+    # `<SEG>` state alone (MedPLIB's; a checkpoint saved without it loads as it was).
+    example_prompt: bool = False
 
     def validate(self, prefix: str = "") -> None:
         if self.image_size % self.patch_size:
@@ -220,7 +224,10 @@ class ModelConfig:
         # the tower is pretrained contrastively on the captions, each image moved by up to 4 pixels each time it is
         # drawn, then frozen as MedPLIB freezes its CLIP (120 passes over the default data's 1,030 training captions:
         # 966 steps of 128, 94 s on 2 cores)
-        return cls(vision=VisionConfig(freeze=True, pretrain_epochs=120, pretrain_shift=4))
+        # in-context examples prompt the mask decoder too (medplib/model/examples.py; README, "In-context training,
+        # measured")
+        return cls(vision=VisionConfig(freeze=True, pretrain_epochs=120, pretrain_shift=4),
+                   sam=SamConfig(example_prompt=True))
 
     @classmethod
     def full(cls) -> "ModelConfig":

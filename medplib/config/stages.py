@@ -98,7 +98,7 @@ class StageSpec:
 
 NORMS = "llm.*norm*"
 EMBED = ("llm.model.embed_tokens.*", "llm.lm_head.*")
-GROUNDING = ("sam.mask_decoder.*", "text_hidden_fcs.*")
+GROUNDING = ("sam.mask_decoder.*", "text_hidden_fcs.*", "example_prompt.*")  # the last: with model.sam.example_prompt
 TISR = "tisr.*"  # TISR's plug-in, when the model has it (config model.tisr): trains with the VL data
 
 
@@ -145,7 +145,9 @@ def tiny_stages() -> dict[int, StageSpec]:
     0.88/0.88 → 0.93/0.92, zero-shot 0.36 → 0.47 (stage IV retrained from the same stage II and III; at lr 3e-4 instead
     of 1e-3 grounding fell to 0.71/0.67: the router needs the steps). With the tower pretrained on shifted images
     (`model.vision.pretrain_shift: 4`, the tiny default) the same stages give closed VQA 1.00/0.99 after stage II and
-    1.00/0.98 after stage IV, grounding 0.87/0.86.
+    1.00/0.98 after stage IV, grounding 0.87/0.86. Stages III and IV train on in-context records too (group
+    `incontext`), which the tiny model's example prompt (`model.sam.example_prompt`) reads: held-out Dice then rises
+    from K = 0 to K >= 1 examples (README, "In-context training, measured"); `full` keeps MedPLIB's mixes.
     """
     cpu = dict(micro_batch=16, grad_accum=1, max_len=512, warmup_ratio=0.05, checkpoint_every=50)
     return {
@@ -154,10 +156,10 @@ def tiny_stages() -> dict[int, StageSpec]:
         2: StageSpec(2, "vl_expert", tasks=("vl",),
                      train=("projector.*", "region_encoder.*", NORMS, *EMBED, TISR),
                      lora=LoraSpec(16, 32, 0.0, LLM_ALL), lr=2e-3, epochs=20, **cpu),
-        3: StageSpec(3, "grounding_expert", tasks=("pixel",), train=(*GROUNDING, "sam.*"),
+        3: StageSpec(3, "grounding_expert", tasks=("pixel", "incontext"), train=(*GROUNDING, "sam.*"),
                      lora=LoraSpec(8, 16, 0.0, FFN), loss=LossSpec(ce=1.0, bce=1.0, dice=5.0), lr=1e-3, epochs=14,
                      **{**cpu, "micro_batch": 8}),
-        4: StageSpec(4, "moe", tasks=("vl", "pixel"),
+        4: StageSpec(4, "moe", tasks=("vl", "pixel", "incontext"),
                      train=("*.router.*", *EMBED, *GROUNDING, "region_encoder.*", TISR),
                      lora=LoraSpec(8, 16, 0.0, ("gate_proj", "up_proj", "down_proj", "q_proj", "v_proj")),
                      loss=LossSpec(ce=1.0, bce=2.0, dice=0.5), lr=1e-3, epochs=2, **cpu),

@@ -194,6 +194,10 @@ class Sample:
     # What the prompt shows of them, one image per `<image>` placeholder before the query's (Task.show_context);
     # None when the prompt shows none. `collate` batches these for the model.
     shown_context: torch.Tensor | None = None  # (N, 3, Sv, Sv)
+    # A task whose context pairs are examples of the mask to produce (`Task.mask_examples`): the pairs in the SAM
+    # geometry, for a model whose mask decoder reads examples; None otherwise. `collate` batches these too.
+    example_pixel_values: torch.Tensor | None = None  # (K, 3, Ss, Ss)
+    example_masks: torch.Tensor | None = None  # (K, Ss, Ss) bool
 
 
 class MedDataset(Dataset):
@@ -239,6 +243,7 @@ class MedDataset(Dataset):
             seg_masks=torch.stack(seg_masks) if seg_masks else torch.zeros(0, self.sam_image_size, self.sam_image_size),
             record=rec,
             **(self._context(rec) if rec.context else {}),
+            **(self._examples(rec) if rec.context and registry.get(rec.task).mask_examples else {}),
             **({"shown_context": self._shown(rec, placeholders - 1)} if placeholders > 1 else {}),
         )
 
@@ -260,6 +265,18 @@ class MedDataset(Dataset):
             mask = read_mask(self.data_dir / pair["mask"]) if pair["mask"] else np.zeros(image.shape[:2], bool)
             masks.append(preprocess_mask(mask, self.image_size))
         return {"context_pixel_values": torch.stack(images), "context_masks": torch.stack(masks)}
+
+    def _examples(self, rec: Record) -> dict[str, torch.Tensor]:
+        pairs = context_pairs(rec, self.data_dir)
+        missing = [i for i, (_, mask) in enumerate(pairs) if mask is None]
+        if missing:
+            raise RecordError(f"record {rec.id}", f"context[{missing[0]}].mask", None,
+                              f"task {rec.task!r} takes its context pairs as examples of the mask to produce; "
+                              "every example needs its mask")
+        s = self.sam_image_size
+        return {"example_pixel_values": torch.stack([preprocess_image(image, s, SAM_MEAN, SAM_STD)
+                                                     for image, _ in pairs]),
+                "example_masks": torch.stack([preprocess_mask(mask, s) for _, mask in pairs])}
 
     def collate(self, samples: Sequence[Sample]) -> dict:
         """Right-padded batch; regions and SEG targets are concatenated in batch order, with their sample index."""
@@ -285,6 +302,7 @@ def collate(samples: Sequence[Sample], pad_token_id: int) -> dict:
         "seg_masks": torch.cat([s.seg_masks for s in samples]),
         "records": [s.record for s in samples],
         **_shown_batch(samples),
+        **_example_batch(samples),
     }
 
 
@@ -296,6 +314,17 @@ def _shown_batch(samples: Sequence[Sample]) -> dict:
         return {}
     return {"context_pixel_values": torch.cat([x for x in shown if x is not None]),
             "context_counts": torch.tensor([0 if x is None else len(x) for x in shown], dtype=torch.long)}
+
+
+def _example_batch(samples: Sequence[Sample]) -> dict:
+    """The batch's in-context examples for the mask decoder, in batch order, and how many each sample has; nothing
+    when no sample has any."""
+    pixels = [s.example_pixel_values for s in samples]
+    if all(x is None for x in pixels):
+        return {}
+    return {"example_pixel_values": torch.cat([x for x in pixels if x is not None]),
+            "example_masks": torch.cat([s.example_masks for s in samples if s.example_masks is not None]),
+            "example_counts": torch.tensor([0 if x is None else len(x) for x in pixels], dtype=torch.long)}
 
 
 @dataclass

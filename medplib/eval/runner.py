@@ -3,6 +3,7 @@ splits. The headline metrics are the tasks' summaries on test (reported) and the
 the promotion gate and any selection read: test is never used to choose)."""
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -112,7 +113,7 @@ def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("val", "te
     bar = StepProgress("evaluate", len(records), "samples", disable=len(records) < 64)
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
-        images, questions, regions, refs, targets, contexts = [], [], [], [], [], []
+        images, questions, regions, refs, targets, contexts, examples = [], [], [], [], [], [], []
         for rec in batch:
             human, gpt, region_paths, mask_paths = _question(rec)
             image = read_image(data_dir / rec.image)
@@ -124,13 +125,17 @@ def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("val", "te
                 human = turn["value"]
             images.append(image)
             contexts.append(shown_context(rec, data_dir, human))
+            examples.append(context_pairs(rec, data_dir) if rec.context and registry.get(rec.task).mask_examples
+                            else [])
             questions.append(human)
             regions.append(prompts)
             refs.append(gpt.replace("<SEG>", "").strip())
             targets.append(read_mask(data_dir / mask_paths[0]) if mask_paths else None)
         length = max(generation_length(rec.task, max_new_tokens) for rec in batch)
-        outputs = model.generate(images, questions, regions, max_new_tokens=length,
-                                 **({"contexts": contexts} if any(contexts) else {}))
+        given = {"contexts": contexts} if any(contexts) else {}
+        if any(examples) and "examples" in inspect.signature(model.generate).parameters:
+            given["examples"] = examples  # the pairs themselves, for a mask decoder that reads them
+        outputs = model.generate(images, questions, regions, max_new_tokens=length, **given)
         for rec, question, out, ref, target, image in zip(batch, questions, outputs, refs, targets, images):
             answered = registry.get(rec.task).answer(out.text, out.masks)  # what its masks stand for, in the text
             prediction = answered.replace("<SEG>", "").strip()

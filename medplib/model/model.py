@@ -4,7 +4,8 @@ CLIP vision tower → `mlp2x_gelu` projector → image features scattered into t
 pixel prompts → patch-grid pooling → region adapter → one embedding per `<region>`;
 LLaMA (every MLP optionally a top-1 MoE) → answer tokens; a `<SEG>`'s last hidden state (`seg_state`: the one that
 emits it, as LISA / MedPLIB read it, or the one at it) → `text_hidden_fcs` → SAM sparse prompt → SAM mask decoder
-(single mask) on the SAM image encoder's embedding.
+(single mask) on the SAM image encoder's embedding; with `model.sam.example_prompt`, in-context examples prompt the
+mask decoder too (medplib/model/examples.py).
 Optional: TISR's plug-in (`model.tisr`, medplib/model/tisr.py) puts pseudo-words from the image before the prompt.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ from medplib.config.model import ModelConfig, TISRConfig
 from medplib.data.torch_dataset import (
     CLIP_MEAN, CLIP_STD, SAM_MEAN, SAM_STD, preprocess_image, preprocess_mask, unsquare,
 )
+from medplib.model.examples import ExamplePrompt
 from medplib.model.losses import (
     IGNORE_INDEX, LossWeights, answer_cross_entropy, mask_bce, sigmoid_focal_loss, soft_dice_loss,
 )
@@ -200,6 +202,7 @@ class MedPLIB(nn.Module):
         self.sam = sam or SamModel(sam_config(config))
         if config.sam.adapters:
             attach_adapters(self.sam)  # SAM-Med2D's (a loaded SAM that has them keeps them)
+        self.example_prompt = ExamplePrompt(config.sam.hidden_size) if config.sam.example_prompt else None
         self.tisr: TextualInversion | None = None
         if config.tisr.enabled:
             self.attach_tisr(config.tisr)
@@ -221,8 +224,18 @@ class MedPLIB(nn.Module):
         """The dtype each floating input of `forward` must arrive in: that of the module reading it (a bf16 SAM
         encoder refuses fp32 pixels). Masks and targets are not listed: the losses read them in fp32."""
         clip = next(self.vision_tower.parameters()).dtype
-        return {"pixel_values": clip, "context_pixel_values": clip,
-                "sam_pixel_values": next(self.sam.vision_encoder.parameters()).dtype}
+        sam = next(self.sam.vision_encoder.parameters()).dtype
+        return {"pixel_values": clip, "context_pixel_values": clip, "sam_pixel_values": sam,
+                "example_pixel_values": sam}
+
+    def attach_example_prompt(self) -> None:
+        """Give the mask decoder the example prompt (`model.sam.example_prompt`; zero-initialised: the model's masks
+        are unchanged until it trains); it is saved with the model."""
+        if self.example_prompt is not None:
+            raise ValueError("The model already has the example prompt")
+        ref = self.text_hidden_fcs[0].weight
+        self.example_prompt = ExamplePrompt(self.config.sam.hidden_size).to(device=ref.device, dtype=ref.dtype)
+        self.config.sam.example_prompt = True
 
     def attach_tisr(self, config: TISRConfig) -> None:
         """Add TISR's plug-in (a new, seeded textual-inversion module) to this model; it is saved with it."""
@@ -318,18 +331,30 @@ class MedPLIB(nn.Module):
         return emitting
 
     def segment(self, sam_pixel_values: torch.Tensor, seg_hidden: torch.Tensor,
-                seg_batch_index: torch.Tensor) -> torch.Tensor:
-        """States that emit `<SEG>` (S, H) and their images → mask logits (S, Ss, Ss) at the SAM input size."""
+                seg_batch_index: torch.Tensor, examples: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """States that emit `<SEG>` (S, H) and their images → mask logits (S, Ss, Ss) at the SAM input size.
+
+        `examples` (with the example prompt): the batch's in-context examples as (pixels (E, 3, Ss, Ss), masks
+        (E, Ss, Ss), examples per sample (B,)), in batch order; a sample with none is segmented as without them."""
         used, inverse = torch.unique(seg_batch_index, return_inverse=True)
         image_embeddings = self.sam.vision_encoder(sam_pixel_values[used]).last_hidden_state[inverse]
         n = seg_hidden.shape[0]
-        sparse = self.text_hidden_fcs(seg_hidden).to(image_embeddings.dtype)[:, None, None, :]  # (S, 1, 1, C)
+        sparse = self.text_hidden_fcs(seg_hidden).to(image_embeddings.dtype)  # (S, C)
         _, dense = self.sam.prompt_encoder(None, None, None, None)
+        dense = dense.expand(n, -1, -1, -1)
+        if self.example_prompt is not None and examples is not None and len(examples[0]):
+            pixels, masks, counts = examples
+            found = self.example_prompt.prototypes(self.sam.vision_encoder(pixels).last_hidden_state, masks)
+            prototypes, has = self.example_prompt.per_sample(found, counts)
+            extra_sparse, extra_dense = self.example_prompt(image_embeddings, prototypes[seg_batch_index])
+            keep = has[seg_batch_index].to(sparse.dtype)  # no examples: no prompt (a zero prototype is not "none")
+            sparse = sparse + keep[:, None] * extra_sparse
+            dense = dense + keep[:, None, None, None] * extra_dense
         positional = self.sam.get_image_wide_positional_embeddings().repeat(n, 1, 1, 1)
         low_res, _ = self.sam.mask_decoder(image_embeddings=image_embeddings, image_positional_embeddings=positional,
-                                           sparse_prompt_embeddings=sparse,
-                                           dense_prompt_embeddings=dense.expand(n, -1, -1, -1),
-                                           multimask_output=False)
+                                           sparse_prompt_embeddings=sparse[:, None, None, :],  # (S, 1, 1, C)
+                                           dense_prompt_embeddings=dense, multimask_output=False)
         size = self.config.sam.image_size
         return F.interpolate(low_res[:, 0], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
 
@@ -339,12 +364,15 @@ class MedPLIB(nn.Module):
                 region_masks: torch.Tensor | None = None, region_batch_index: torch.Tensor | None = None,
                 seg_masks: torch.Tensor | None = None, loss_weights: LossWeights = LossWeights(),
                 records: Sequence | None = None, context_pixel_values: torch.Tensor | None = None,
-                context_counts: torch.Tensor | None = None) -> MedPLIBOutput:
+                context_counts: torch.Tensor | None = None, example_pixel_values: torch.Tensor | None = None,
+                example_masks: torch.Tensor | None = None,
+                example_counts: torch.Tensor | None = None) -> MedPLIBOutput:
         """Teacher-forced pass; with `labels` (and `seg_masks` for `<SEG>` tokens) it returns the weighted loss.
 
         `records` (a collated batch's) name each sample's task: TISR's refinement reads the reports among them.
         `context_pixel_values` (C, 3, S, S) and `context_counts` (B,): the context images the prompts show before
-        their query image (see `embed_inputs`).
+        their query image (see `embed_inputs`). `example_pixel_values` (E, 3, Ss, Ss), `example_masks` (E, Ss, Ss) and
+        `example_counts` (B,): the in-context examples the example prompt gives the mask decoder (see `segment`).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -366,7 +394,9 @@ class MedPLIB(nn.Module):
             if sam_pixel_values is None:
                 raise ValueError(f"The input has {int(emitting.sum())} <SEG> token(s) but no sam_pixel_values")
             out.seg_batch_index = emitting.nonzero()[:, 0]
-            out.mask_logits = self.segment(sam_pixel_values, hidden[emitting], out.seg_batch_index)
+            examples = ((example_pixel_values, example_masks, example_counts)
+                        if example_pixel_values is not None else None)
+            out.mask_logits = self.segment(sam_pixel_values, hidden[emitting], out.seg_batch_index, examples)
 
         if labels is None:
             out.logits = self.llm.lm_head(hidden)
@@ -406,13 +436,16 @@ class MedPLIB(nn.Module):
     def generate(self, images: Sequence[np.ndarray], questions: Sequence[str],
                  regions: Sequence[Sequence[np.ndarray]] | None = None, max_new_tokens: int = 32,
                  mask_threshold: float = 0.0,
-                 contexts: Sequence[Sequence[np.ndarray]] | None = None) -> list[Generation]:
+                 contexts: Sequence[Sequence[np.ndarray]] | None = None,
+                 examples: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]] | None = None) -> list[Generation]:
         """Greedy answers for a batch of (image, question[, region masks][, context images]); one mask per generated
         `<SEG>`, about the query image.
 
         A question holds one `<region>` (or `<region></region>`) per prompt mask; `<image>` is added if absent. With
         context images (e.g. in-context examples, as the task shows them), the question holds one `<image>` per
-        context image and one more for the query, which comes last.
+        context image and one more for the query, which comes last. `examples`: each sample's in-context (image, mask)
+        pairs, which a model with the example prompt gives its mask decoder (the prompt shows them through
+        `contexts`); a model without it ignores them.
         """
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
@@ -501,12 +534,26 @@ class MedPLIB(nn.Module):
             sam_pixels = torch.stack([preprocess_image(im, s, SAM_MEAN, SAM_STD) for im in images]).to(
                 device, self.input_dtypes()["sam_pixel_values"])
             logits = self.segment(sam_pixels, torch.stack([h for hs in seg_hidden for h in hs]),
-                                  torch.tensor(seg_index, device=device))
+                                  torch.tensor(seg_index, device=device), self._example_batch(examples, batch))
             for b, lg in zip(seg_index, logits):
                 full = unsquare(lg.cpu(), *images[b].shape[:2])
                 results[b].mask_logits.append(full)
                 results[b].masks.append((full > mask_threshold).numpy())
         return results
+
+    def _example_batch(self, examples: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]] | None,
+                       batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """`generate`'s example pairs as `segment` takes them; None without the example prompt or any example."""
+        if self.example_prompt is None or not examples or not any(examples):
+            return None
+        if len(examples) != batch:
+            raise ValueError(f"{batch} images but {len(examples)} example lists")
+        s, device = self.config.sam.image_size, next(self.parameters()).device
+        pairs = [pair for sample in examples for pair in sample]
+        pixels = torch.stack([preprocess_image(image, s, SAM_MEAN, SAM_STD) for image, _ in pairs])
+        masks = torch.stack([preprocess_mask(np.asarray(mask, bool), s) for _, mask in pairs])
+        return (pixels.to(device, self.input_dtypes()["example_pixel_values"]), masks.to(device),
+                torch.tensor([len(sample) for sample in examples], device=device))
 
     # --- mixture of experts ----------------------------------------------------------------------------------
     def moe_layers(self) -> list[MoEFeedForward]:
@@ -581,6 +628,10 @@ class MedPLIB(nn.Module):
                         m.capacity_factor_eval, m.straight_through)
             _stream_into(self.sam, f, "sam.", grounding / WEIGHTS_FILE, strict=True)
             _stream_into(self.text_hidden_fcs, f, "text_hidden_fcs.", grounding / WEIGHTS_FILE, strict=True)
+            if theirs.sam.example_prompt:
+                if self.example_prompt is None:
+                    self.attach_example_prompt()
+                _stream_into(self.example_prompt, f, "example_prompt.", grounding / WEIGHTS_FILE, strict=True)
         self.config.moe.num_experts = 2
 
 

@@ -61,6 +61,9 @@ class Task:
     headline: str | None = None  # the summary key the promotion gate guards (default: its first on the test split)
     ranges: dict[str, float] = {}  # summary key → its metric's full range when not [0, 1] (CIDEr: 10)
     max_context: int = 0  # context images (with optional masks) a record may carry besides its query image
+    # Its context pairs are examples of the mask to produce (in-context segmentation): a model whose mask decoder reads
+    # examples (`model.sam.example_prompt`) is given them as well as the images its prompt shows.
+    mask_examples: bool = False
     source_codes: dict[str, str] = {}  # source kind → what that source calls this task (Med-GRIT: "VG", …)
     # The source kind whose own layout the synthetic generator writes this task's records in (under a subfolder of
     # that name, read back by that kind's reader when `synth` is staged); None: the MeCoVQA layout.

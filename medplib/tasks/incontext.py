@@ -11,9 +11,9 @@ examples include the K), so an evaluation is repeatable; `icl_record` makes the 
 
 Both tasks are derived (`Task.derive`): ingest writes none; their records are made from the grounding records of the
 split a stage or an evaluation loads.
-- Training, when a stage's mix names them (group "incontext": `train: {stage3: {tasks: [pixel, incontext]}, stage4:
-  {tasks: [vl, pixel, incontext]}}` in a config file; the defaults do not, see below): a seeded quarter of the train split's grounding
-  records per style, K = 1..3. The train split holds the training modalities only (every zero-shot image is in the
+- Training, when a stage's mix names them (group "incontext": the tiny preset's stages III and IV do; `full` keeps
+  MedPLIB's mixes, and a config file adds them: `train: {stage3: {tasks: [pixel, incontext]}, …}`): a seeded quarter
+  of the train split's grounding records per style, K = 1..3. The train split holds the training modalities only (every zero-shot image is in the
   zero-shot split, and the GX gate fails a dataset where one is not). Half of them do not name the structure
   (`question(k, None, …)`), so the examples, not the name, say what to segment; the answer names it.
 - Evaluation (every MedPLIB evaluation): up to `EVAL_QUERIES` grounding records of the test split (in distribution)
@@ -21,8 +21,10 @@ split a stage or an evaluation loads.
   evaluation stays cheap), each asked with K = 0, 1, 2, 3 examples overlaid (`icl`) and K = 1, 2, 3 as
   mask images (`icl_mask`: its K = 0 prompt is `icl`'s). The tables carry Dice and IoU per K (`dice_k0` …); the
   summary keys `icl_dice_k0` … `icl_dice_k3` are the held-out ones; `figures` draws Dice against K.
-Why the tiny preset's stages leave them out: trained in stages III and IV (two seeds, README), they cost grounding
-0.05-0.08 Dice and 13 minutes of `make run`, and Dice did not rise with K beyond the spread between the seeds.
+The examples reach the model twice: shown to the LLM in the prompt, and, with `model.sam.example_prompt` (the tiny
+preset's), given to the mask decoder as prototypes and similarity maps (`Task.mask_examples`, medplib/model/examples.py).
+Shown to the LLM alone, training on them cost grounding 0.05-0.08 Dice and Dice did not rise with K beyond the spread
+between two seeds; with the decoder reading them it does (README, "In-context training, measured").
 A request may bring examples already (`medplib predict --example`, the served `examples` field):
 `prompt_with_examples` builds its prompt.
 """
@@ -185,9 +187,10 @@ class ByExamples(Cumulative):
 
 class InContextSegmentation(Task):
     name = "icl"
-    groups = ("incontext",)  # a stage mix that names it trains it (derived from its train records); the defaults do not
+    groups = ("incontext",)  # a stage mix that names it trains it (derived from its train records): tiny III and IV
     family = "icl_overlay"
     max_context = MAX_EXAMPLES
+    mask_examples = True
     derived = True
     style = "overlay"
     eval_ks: tuple[int, ...] = (0, 1, 2, 3)

@@ -16,14 +16,18 @@ from medplib.config.stages import StageSpec
 
 
 def build_stage_model(spec: StageSpec, base: Path, grounding: Path | None = None,
-                      tisr: TISRConfig | None = None, dtype: torch.dtype | None = None) -> MedPLIB:
+                      tisr: TISRConfig | None = None, dtype: torch.dtype | None = None,
+                      example_prompt: bool = False) -> MedPLIB:
     """Stage I–III: the previous stage's folder (LoRA already merged). Stage IV: MedPLIB's upcycling, expert 0 =
     the grounding model's FFNs (stage III), expert 1 = the VL model's (stage II), grounding path from stage III,
     streamed from stage III's file (its model is never built). `tisr` enabled (the config's `model.tisr`) and a base
-    without TISR's plug-in: the plug-in is attached. `dtype`: the weights' dtype in memory (bf16 on a GPU)."""
+    without TISR's plug-in: the plug-in is attached; so is the example prompt with `example_prompt` (the config's
+    `model.sam.example_prompt`). `dtype`: the weights' dtype in memory (bf16 on a GPU)."""
     model = MedPLIB.from_pretrained(base, dtype)
     if tisr is not None and tisr.enabled and model.tisr is None:
         model.attach_tisr(tisr)
+    if example_prompt and model.example_prompt is None:
+        model.attach_example_prompt()
     if spec.stage == 4:
         if grounding is None:
             raise ValueError("Stage 4 needs the grounding expert (stage 3 output) as well as stage 2's model")
@@ -57,11 +61,13 @@ class StageRecipe:
         self.grounding = Path(config["grounding"]) if config.get("grounding") else None
         tisr = (config.get("model") or {}).get("tisr")
         self.tisr = from_dict(TISRConfig, tisr, "model.tisr.") if tisr else None
+        self.example_prompt = bool(((config.get("model") or {}).get("sam") or {}).get("example_prompt"))
         self.dtype = _dtype(config.get("dtype"))
         self.model: MedPLIB | None = None
 
     def build_model(self) -> MedPLIB:
-        self.model = build_stage_model(self.spec, self.base, self.grounding, self.tisr, self.dtype)
+        self.model = build_stage_model(self.spec, self.base, self.grounding, self.tisr, self.dtype,
+                                       self.example_prompt)
         return self.model
 
     def train_dataset(self) -> MedDataset:

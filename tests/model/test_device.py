@@ -64,7 +64,7 @@ def test_the_stage_recipe_trains_a_bf16_model_from_a_cpu_fp32_batch(tiny_model: 
     Unmoved, SAM's encoder refuses the fp32 pixels; through the recipe, the loss and gradients come out."""
     model = tiny_model.to(torch.bfloat16).train()
     assert model.input_dtypes() == {"pixel_values": torch.bfloat16, "context_pixel_values": torch.bfloat16,
-                                    "sam_pixel_values": torch.bfloat16}
+                                    "sam_pixel_values": torch.bfloat16, "example_pixel_values": torch.bfloat16}
     batch = _batch(tokenizer)
     with pytest.raises(RuntimeError, match="BFloat16"):
         model(**batch)

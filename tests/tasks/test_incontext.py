@@ -170,13 +170,16 @@ def test_a_stage_mix_naming_icl_reads_in_context_records_and_a_plain_dataset_doe
     from medplib.config import load_config
     from medplib.config.stages import stage_spec
 
+    from medplib.config.stages import full_stages
+
     config = tmp_path / "icl.yaml"
-    config.write_text("train:\n  stage3: {tasks: [pixel, incontext]}\n  stage4: {tasks: [vl, pixel, incontext]}\n")
-    cfg = load_config("tiny", config)
+    config.write_text("train:\n  stage3: {tasks: [pixel]}\n  stage4: {tasks: [vl, pixel]}\n")
+    plain = load_config("tiny", config)
     for stage in (3, 4):
-        chosen = tasks.resolve(stage_spec(cfg, stage).tasks)
+        chosen = tasks.resolve(stage_spec(load_config("tiny"), stage).tasks)  # the tiny preset trains on them
         assert {"grounding", "textseg", "icl", "icl_mask"} <= set(chosen)
-        assert "icl" not in tasks.resolve(stage_spec(load_config("tiny"), stage).tasks)  # the defaults leave it out
+        assert "icl" not in tasks.resolve(stage_spec(plain, stage).tasks)  # a config file leaves them out
+        assert "icl" not in tasks.resolve(full_stages()[stage].tasks)  # MedPLIB's mixes have none
     pool = _pool(tmp_path)
     mix = MedDataset(tmp_path, LengthTokenizer(), SIZE, SIZE, split="train", tasks=("pixel", "incontext"), records=pool,
                      seed=1)

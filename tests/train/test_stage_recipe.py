@@ -19,7 +19,8 @@ pytestmark = pytest.mark.e2e
 PINNED = {
     # re-pinned: the tiny CLIP tower's pretraining moves each image by up to 4 pixels (model.vision.pretrain_shift)
     1: [6.7077, 6.8193, 6.8257, 6.3838],
-    3: [9.6697, 9.8473, 9.4918, 9.6479],
+    # stage III re-pinned again: its mix takes the in-context records, which the example prompt reads
+    3: [9.5505, 9.5711, 9.8201, 9.5609],
 }
 
 
