@@ -44,8 +44,8 @@ from medplib.tasks.grounding import mask_scores
 MAX_EXAMPLES = 3
 TRAIN_SHARE = 0.25  # of the train split's grounding records, per style, made in-context records of a stage's mix
 UNNAMED_SHARE = 0.5  # of those, asked without the structure's name
-EVAL_QUERIES = 32  # grounding records per evaluated split asked with K = 0..3 examples, at most
-EVAL_SHARE = 16  # and at most one in this many of the split's grounding records: the sweep costs < half of grounding's
+EVAL_QUERIES = 128  # grounding records per evaluated split asked with K = 0..3 examples, at most
+EVAL_SHARE = 8  # and at most one in this many of the split's grounding records: the sweep costs < grounding's
 EVAL_SPLITS = ("test", "zeroshot")  # in distribution, held out
 BLUE, ALPHA = (0, 0, 255), 0.55  # MedPLIB's in-context variant: the example's mask in blue over its image
 STYLES = {"overlay": "icl", "separate": "icl_mask"}  # how an example is shown → the task that shows it so
