@@ -11,7 +11,6 @@ A model is named by a saved MedPLIB folder, a pyfunc folder, or an MLflow URI (`
 from __future__ import annotations
 
 import base64
-import inspect
 import io
 import logging
 import os
@@ -199,14 +198,15 @@ class MedPLIBPyfunc(mlflow.pyfunc.PythonModel):
 
 def answer_rows(model, rows: list[dict], max_new_tokens: int = 24) -> list[dict]:
     """Answer request rows with a loaded MedPLIB model: [{"answer": str, "masks": [base64 PNG, ...]}]."""
+    from medplib.model.family import generate_takes
+
     side = getattr(getattr(model, "config", None), "point_prompt_size", None)  # a family without pixel prompts: None
     parsed = [parse_request(r, i, side) for i, r in enumerate(rows)]
     shown = [parse_examples(r, i, q) for i, (r, (_, q, _)) in enumerate(zip(rows, parsed))]
     examples = {"contexts": [c for _, c, _ in shown]} if any(c for _, c, _ in shown) else {}
-    accepts = inspect.signature(model.generate).parameters
-    if examples and "contexts" not in accepts:
+    if examples and not generate_takes(model, "contexts"):
         raise RequestError(f"This model ({type(model).__name__}) takes no in-context examples")
-    if examples and "examples" in accepts:  # the pairs themselves, for a mask decoder that reads them
+    if examples and generate_takes(model, "examples"):  # the pairs themselves, for a mask decoder that reads them
         examples["examples"] = [pairs for _, _, pairs in shown]
     outs = model.generate([p[0] for p in parsed], [q for q, _, _ in shown], [p[2] for p in parsed],
                           max_new_tokens=int(max_new_tokens), **examples)

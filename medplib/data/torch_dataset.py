@@ -234,6 +234,7 @@ class MedDataset(Dataset):
         placeholders = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
         region_masks = [preprocess_mask(m, self.image_size, keep_any=True) for m in regions]
         seg_masks = [preprocess_mask(m, self.sam_image_size).float() for m in targets]
+        pairs = context_pairs(rec, self.data_dir) if rec.context else []  # read once; three views of them below
         return Sample(
             input_ids=torch.tensor(ids), labels=torch.tensor(labels),
             pixel_values=preprocess_image(image, self.image_size, CLIP_MEAN, CLIP_STD),
@@ -242,14 +243,13 @@ class MedDataset(Dataset):
             torch.zeros(0, self.image_size, self.image_size, dtype=torch.bool),
             seg_masks=torch.stack(seg_masks) if seg_masks else torch.zeros(0, self.sam_image_size, self.sam_image_size),
             record=rec,
-            **(self._context(rec) if rec.context else {}),
-            **(self._examples(rec) if rec.context and registry.get(rec.task).mask_examples else {}),
-            **({"shown_context": self._shown(rec, placeholders - 1)} if placeholders > 1 else {}),
+            **(self._context(pairs) if pairs else {}),
+            **(self._examples(rec, pairs) if pairs and registry.get(rec.task).mask_examples else {}),
+            **({"shown_context": self._shown(rec, pairs, placeholders - 1)} if placeholders > 1 else {}),
         )
 
-    def _shown(self, rec: Record, n: int) -> torch.Tensor:
+    def _shown(self, rec: Record, pairs: list, n: int) -> torch.Tensor:
         """The `n` images the record's prompt shows before its query image, as its task shows its context pairs."""
-        pairs = context_pairs(rec, self.data_dir)
         shown = registry.get(rec.task).show_context(pairs)
         if len(shown) != n:
             raise RecordError(f"record {rec.id}", "conversations", f"{n + 1} {IMAGE_TOKEN}",
@@ -257,17 +257,14 @@ class MedDataset(Dataset):
                               f"{len(shown)} image(s) for its {len(pairs)} context pair(s), and one is the query's")
         return torch.stack([preprocess_image(im, self.image_size, CLIP_MEAN, CLIP_STD) for im in shown])
 
-    def _context(self, rec: Record) -> dict[str, torch.Tensor]:
-        images, masks = [], []
-        for pair in rec.context:
-            image = read_image(self.data_dir / pair["image"])
-            images.append(preprocess_image(image, self.image_size, CLIP_MEAN, CLIP_STD))
-            mask = read_mask(self.data_dir / pair["mask"]) if pair["mask"] else np.zeros(image.shape[:2], bool)
-            masks.append(preprocess_mask(mask, self.image_size))
+    def _context(self, pairs: list) -> dict[str, torch.Tensor]:
+        """The context pairs in the CLIP geometry; a pair without a mask gets an all-False one."""
+        images = [preprocess_image(image, self.image_size, CLIP_MEAN, CLIP_STD) for image, _ in pairs]
+        masks = [preprocess_mask(mask if mask is not None else np.zeros(image.shape[:2], bool), self.image_size)
+                 for image, mask in pairs]
         return {"context_pixel_values": torch.stack(images), "context_masks": torch.stack(masks)}
 
-    def _examples(self, rec: Record) -> dict[str, torch.Tensor]:
-        pairs = context_pairs(rec, self.data_dir)
+    def _examples(self, rec: Record, pairs: list) -> dict[str, torch.Tensor]:
         missing = [i for i, (_, mask) in enumerate(pairs) if mask is None]
         if missing:
             raise RecordError(f"record {rec.id}", f"context[{missing[0]}].mask", None,

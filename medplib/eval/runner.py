@@ -3,7 +3,6 @@ splits. The headline metrics are the tasks' summaries on test (reported) and the
 the promotion gate and any selection read: test is never used to choose)."""
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ import numpy as np
 from medplib.data.images import read_image, read_mask
 from medplib.data.schema import IMAGE_TOKEN, Record
 from medplib.data.torch_dataset import context_pairs, read_records, strip_paths
+from medplib.model.family import generate_takes
 from medplib import tasks as registry
 from medplib.model import MedPLIB
 from medplib.progress import StepProgress
@@ -42,12 +42,12 @@ def _question(rec: Record) -> tuple[str, str, list[str], list[str]]:
     return human, gpt, regions, masks
 
 
-def shown_context(rec: Record, data_dir: Path, question: str) -> list[np.ndarray]:
-    """The images `rec`'s question shows before its query image (its task's `show_context` of its context pairs);
-    none when the question has a single `<image>`."""
-    if question.count(IMAGE_TOKEN) <= 1 or not rec.context:
+def shown_context(rec: Record, pairs: Sequence[tuple], question: str) -> list[np.ndarray]:
+    """The images `rec`'s question shows before its query image (its task's `show_context` of its context `pairs`,
+    as `context_pairs` reads them); none when the question has a single `<image>`."""
+    if question.count(IMAGE_TOKEN) <= 1 or not pairs:
         return []
-    return registry.get(rec.task).show_context(context_pairs(rec, data_dir))
+    return registry.get(rec.task).show_context(list(pairs))
 
 
 def score_sample(rec: Record, prediction: str, pred_masks: Sequence[np.ndarray], reference: str,
@@ -124,16 +124,16 @@ def evaluate(model: MedPLIB, data_dir: Path, splits: Sequence[str] = ("val", "te
                 (turn,), prompts, _ = form
                 human = turn["value"]
             images.append(image)
-            contexts.append(shown_context(rec, data_dir, human))
-            examples.append(context_pairs(rec, data_dir) if rec.context and registry.get(rec.task).mask_examples
-                            else [])
+            pairs = context_pairs(rec, data_dir) if rec.context else []  # read once: shown, and maybe examples
+            contexts.append(shown_context(rec, pairs, human))
+            examples.append(pairs if registry.get(rec.task).mask_examples else [])
             questions.append(human)
             regions.append(prompts)
             refs.append(gpt.replace("<SEG>", "").strip())
             targets.append(read_mask(data_dir / mask_paths[0]) if mask_paths else None)
         length = max(generation_length(rec.task, max_new_tokens) for rec in batch)
         given = {"contexts": contexts} if any(contexts) else {}
-        if any(examples) and "examples" in inspect.signature(model.generate).parameters:
+        if any(examples) and generate_takes(model, "examples"):
             given["examples"] = examples  # the pairs themselves, for a mask decoder that reads them
         outputs = model.generate(images, questions, regions, max_new_tokens=length, **given)
         for rec, question, out, ref, target, image in zip(batch, questions, outputs, refs, targets, images):

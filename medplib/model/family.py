@@ -8,6 +8,7 @@ registry knows where to find it without importing every family up front.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,12 @@ def family_of_model(model: Any) -> ModelFamily:
         if isinstance(model, family.model_class):
             return family
     raise ValueError(f"{type(model).__name__} is the model class of no model family ({', '.join(family_names())})")
+
+
+def generate_takes(model: Any, keyword: str) -> bool:
+    """Whether `model.generate` takes `keyword`: what a family's model can be handed (in-context images shown in the
+    prompt, `contexts`; the example pairs themselves, for a mask decoder that reads them, `examples`)."""
+    return keyword in inspect.signature(model.generate).parameters
 
 
 def load_pretrained(folder: Path | str, family: str | None = None):
