@@ -64,6 +64,8 @@ def contrast(modality: str, bright: float) -> float:
     fan or aperture it is placed on), in the channel where they differ most."""
     field = np.array(LOOKS[modality][0])
     return float(np.abs(structure_colour(modality, bright) - field).max() / NOISE[modality])
+
+
 POINT_SIDE_AT_336 = 41  # MedPLIB: a point prompt becomes a 41x41 square at 336 px
 
 

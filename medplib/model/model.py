@@ -234,7 +234,12 @@ class MedPLIB(nn.Module):
         if self.example_prompt is not None:
             raise ValueError("The model already has the example prompt")
         ref = self.text_hidden_fcs[0].weight
-        self.example_prompt = ExamplePrompt(self.config.sam.hidden_size).to(device=ref.device, dtype=ref.dtype)
+        # Its layers' default init draws from the global generator before they are zeroed: fork it, so a stage's
+        # random stream (batches' order is the sampler's own; dropout, augmentation) is the same whether the prompt
+        # was attached here or came with the model (the pipeline's stage II saves it; `train --stage 3` from a stage
+        # II saved without it attaches it here).
+        with torch.random.fork_rng(devices=[]):
+            self.example_prompt = ExamplePrompt(self.config.sam.hidden_size).to(device=ref.device, dtype=ref.dtype)
         self.config.sam.example_prompt = True
 
     def attach_tisr(self, config: TISRConfig) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from medplib.config.model import ModelConfig
 from medplib.data.images import write_png
 from medplib.data.schema import Record
 from medplib.data.torch_dataset import MedDataset
@@ -146,3 +147,17 @@ def test_the_prompt_is_saved_loaded_and_carried_into_stage_iv(tiny_model: MedPLI
     vl.upcycle_from_saved(tmp_path / "stage3")
     assert vl.config.sam.example_prompt
     assert torch.equal(vl.example_prompt.dense.weight, grounding.example_prompt.dense.weight)
+
+
+def test_attaching_the_prompt_leaves_the_random_stream_alone(tokenizer, tmp_path):
+    """A stage's random stream is the same whether its model came with the prompt (loaded: no init draws) or had it
+    attached (`train --stage 3` from a stage II saved without it): the attach forks the global generator."""
+    config = ModelConfig.tiny()
+    config.sam.example_prompt = False
+    model = MedPLIB(config, tokenizer)
+    torch.manual_seed(42)
+    before = torch.rand(3)
+    torch.manual_seed(42)
+    model.attach_example_prompt()
+    assert torch.equal(torch.rand(3), before)
+    assert model.example_prompt is not None and not any(p.any() for p in model.example_prompt.parameters())
