@@ -24,7 +24,8 @@ split a stage or an evaluation loads.
 The examples reach the model twice: shown to the LLM in the prompt, and, with `model.sam.example_prompt` (the tiny
 preset's), given to the mask decoder as prototypes and similarity maps (`Task.mask_examples`, medplib/model/examples.py).
 Shown to the LLM alone, training on them cost grounding 0.05-0.08 Dice and Dice did not rise with K beyond the spread
-between two seeds; with the decoder reading them it does (README, "In-context training, measured").
+between two seeds; with the decoder reading them it rises (README, "In-context training, measured": by more than the
+spread between two stage III/IV seeds, not yet between two whole-pipeline seeds, whose K = 0 differs most).
 A request may bring examples already (`medplib predict --example`, the served `examples` field):
 `prompt_with_examples` builds its prompt.
 """
