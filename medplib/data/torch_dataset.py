@@ -178,6 +178,13 @@ def context_pairs(rec: Record, data_dir: Path) -> list[tuple[np.ndarray, np.ndar
             for p in rec.context]
 
 
+def example_tensors(pairs: Sequence[tuple[np.ndarray, np.ndarray]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-context examples, (image, mask) pairs, in the SAM geometry a mask decoder reads them in: pixels
+    (K, 3, size, size) and bool masks (K, size, size) (the dataset's samples and `MedPLIB.generate` alike)."""
+    return (torch.stack([preprocess_image(image, size, SAM_MEAN, SAM_STD) for image, _ in pairs]),
+            torch.stack([preprocess_mask(np.asarray(mask, bool), size) for _, mask in pairs]))
+
+
 @dataclass
 class Sample:
     input_ids: torch.Tensor  # (L,)
@@ -270,10 +277,8 @@ class MedDataset(Dataset):
             raise RecordError(f"record {rec.id}", f"context[{missing[0]}].mask", None,
                               f"task {rec.task!r} takes its context pairs as examples of the mask to produce; "
                               "every example needs its mask")
-        s = self.sam_image_size
-        return {"example_pixel_values": torch.stack([preprocess_image(image, s, SAM_MEAN, SAM_STD)
-                                                     for image, _ in pairs]),
-                "example_masks": torch.stack([preprocess_mask(mask, s) for _, mask in pairs])}
+        pixels, masks = example_tensors(pairs, self.sam_image_size)
+        return {"example_pixel_values": pixels, "example_masks": masks}
 
     def collate(self, samples: Sequence[Sample]) -> dict:
         """Right-padded batch; regions and SEG targets are concatenated in batch order, with their sample index."""

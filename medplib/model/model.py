@@ -35,7 +35,7 @@ from transformers.initialization import no_init_weights
 from medplib.config.base import from_dict, to_dict
 from medplib.config.model import ModelConfig, TISRConfig
 from medplib.data.torch_dataset import (
-    CLIP_MEAN, CLIP_STD, SAM_MEAN, SAM_STD, preprocess_image, preprocess_mask, unsquare,
+    CLIP_MEAN, CLIP_STD, SAM_MEAN, SAM_STD, example_tensors, preprocess_image, preprocess_mask, unsquare,
 )
 from medplib.model.examples import ExamplePrompt
 from medplib.model.losses import (
@@ -553,10 +553,8 @@ class MedPLIB(nn.Module):
             return None
         if len(examples) != batch:
             raise ValueError(f"{batch} images but {len(examples)} example lists")
-        s, device = self.config.sam.image_size, next(self.parameters()).device
-        pairs = [pair for sample in examples for pair in sample]
-        pixels = torch.stack([preprocess_image(image, s, SAM_MEAN, SAM_STD) for image, _ in pairs])
-        masks = torch.stack([preprocess_mask(np.asarray(mask, bool), s) for _, mask in pairs])
+        device = next(self.parameters()).device
+        pixels, masks = example_tensors([pair for sample in examples for pair in sample], self.config.sam.image_size)
         return (pixels.to(device, self.input_dtypes()["example_pixel_values"]), masks.to(device),
                 torch.tensor([len(sample) for sample in examples], device=device))
 
