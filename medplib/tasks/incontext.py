@@ -15,7 +15,11 @@ split a stage or an evaluation loads.
   MedPLIB's mixes, and a config file adds them: `train: {stage3: {tasks: [pixel, incontext]}, …}`): a seeded quarter
   of the train split's grounding records per style, K = 1..3. The train split holds the training modalities only (every zero-shot image is in the
   zero-shot split, and the GX gate fails a dataset where one is not). Half of them do not name the structure
-  (`question(k, None, …)`), so the examples, not the name, say what to segment; the answer names it.
+  (`question(k, None, …)`), so the examples, not the name, say what to segment; the answer names it. Half of the
+  named ones call it by a made-up name (`made_up_name`, `alias`) in the question and the answer, and a quarter of the
+  train grounding records alone on their image are asked with a made-up name and no example (K = 0, `icl` only): a
+  held-out structure's name is one the model never read, spelled in pieces of words it has, and without these
+  records it answered such a request with a trained name and often no `<SEG>`, which is what K = 0 measured most.
 - Evaluation (every MedPLIB evaluation): up to `EVAL_QUERIES` grounding records of the test split (in distribution)
   and of the zero-shot split (held out), and at most one in `EVAL_SHARE` of the split's (so a small dataset's
   evaluation stays cheap), each asked with K = 0, 1, 2, 3 examples overlaid (`icl`) and K = 1, 2, 3 as
@@ -24,8 +28,8 @@ split a stage or an evaluation loads.
 The examples reach the model twice: shown to the LLM in the prompt, and, with `model.sam.example_prompt` (the tiny
 preset's), given to the mask decoder as prototypes and similarity maps (`Task.mask_examples`, medplib/model/examples.py).
 Shown to the LLM alone, training on them cost grounding 0.05-0.08 Dice and Dice did not rise with K beyond the spread
-between two seeds; with the decoder reading them it rises (README, "In-context training, measured": by more than the
-spread between two stage III/IV seeds, not yet between two whole-pipeline seeds, whose K = 0 differs most).
+between two seeds; with the decoder reading them and the made-up names it rises by more than the spread between two
+whole-pipeline seeds (README, "In-context training, measured").
 A request may bring examples already (`medplib predict --example`, the served `examples` field):
 `prompt_with_examples` builds its prompt.
 """
@@ -45,6 +49,8 @@ from medplib.tasks.grounding import mask_scores
 MAX_EXAMPLES = 3
 TRAIN_SHARE = 0.25  # of the train split's grounding records, per style, made in-context records of a stage's mix
 UNNAMED_SHARE = 0.5  # of those, asked without the structure's name
+ALIAS_SHARE = 0.5  # of the named ones, asked with a made-up name (`alias`) in place of the structure's
+ALONE_SHARE = 0.25  # of the train grounding records alone on their image, asked with a made-up name and no example
 EVAL_QUERIES = 128  # grounding records per evaluated split asked with K = 0..3 examples, at most
 EVAL_SHARE = 8  # and at most one in this many of the split's grounding records: the sweep costs < grounding's
 EVAL_SPLITS = ("test", "zeroshot")  # in distribution, held out
@@ -160,17 +166,37 @@ def _rng(seed: int, *keys: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "big"))
 
 
-def icl_record(query: Record, examples: Sequence[Record], style: str, named: bool = True) -> Record:
+def icl_record(query: Record, examples: Sequence[Record], style: str, named: bool = True,
+               alias: str | None = None) -> Record:
     """The in-context record of `query` with `examples` shown in `style`: their pairs as its context, the request as
-    its question (not naming the structure unless `named`), the query's answer (its `<SEG>` and mask) as the answer."""
+    its question (not naming the structure unless `named`), the query's answer (its `<SEG>` and mask) as the answer.
+    `alias`: a name the structure is called by instead of its own, in the question and the answer."""
     structure = structure_of(query)
     answer = next(t["value"] for t in query.conversations if t.get("from") == "gpt")
     suffix = "" if named else "-unnamed"
+    if alias is not None:
+        if not named:
+            raise ValueError("an alias names the structure: a request without its name takes none")
+        answer, structure, suffix = answer.replace(f"the {structure}", f"the {alias}"), alias, "-alias"
     return replace(query, id=f"{query.id}-icl{len(examples)}-{style}{suffix}", task=STYLES[style],
                    conversations=[{"from": "human",
                                    "value": question(len(examples), structure if named else None, style)},
                                   {"from": "gpt", "value": answer}],
                    context=[{"image": e.image, "mask": e.masks[0]} for e in examples])
+
+
+_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+
+
+def made_up_name(rng: np.random.Generator, taken: set[str]) -> str:
+    """A pronounceable word of 2-4 syllables that is none of `taken` (the dataset's structure names), sometimes two:
+    a name the model has never read, spelled in pieces of words it has, as a held-out structure's name is."""
+    while True:
+        words = ["".join(str(rng.choice(list(_CONSONANTS))) + str(rng.choice(list(_VOWELS)))
+                         for _ in range(int(rng.integers(2, 5)))) for _ in range(1 + int(rng.random() < 0.2))]
+        name = " ".join(words)
+        if name not in taken:
+            return name
 
 
 class ByExamples(Cumulative):
@@ -218,15 +244,24 @@ class InContextSegmentation(Task):
                          key=lambda r: r.id)
         out = []
         if purpose == "train":
+            taken = {name for (_, name) in by_class}
+            on_image: dict[str, int] = {}
+            for q in queries:
+                on_image[q.image] = on_image.get(q.image, 0) + 1
             for query in (q for q in queries if q.split == "train"):
                 rng = _rng(seed, query.id, self.name)
                 take, named = rng.random() < TRAIN_SHARE, rng.random() >= UNNAMED_SHARE
+                aliased, alone = rng.random() < ALIAS_SHARE, rng.random() < ALONE_SHARE
+                alias = made_up_name(rng, taken)  # drawn for every query: the stream does not depend on the shares
+                if alone and self.style == "overlay" and on_image[query.image] == 1:
+                    out.append(icl_record(query, [], self.style, alias=alias))  # K = 0: the only structure there
                 if not take:
                     continue
                 others = [r for r in by_class[("train", structure_of(query))] if r.image != query.image]
                 k = min(int(rng.integers(1, MAX_EXAMPLES + 1)), len(others))
                 if k:
-                    out.append(icl_record(query, _pick(query, others, k, seed), self.style, named))
+                    out.append(icl_record(query, _pick(query, others, k, seed), self.style, named,
+                                          alias if named and aliased else None))
             return out
         for split in EVAL_SPLITS:
             # the first EVAL_QUERIES of a seeded order over the split's queries with MAX_EXAMPLES examples to draw on

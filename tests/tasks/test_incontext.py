@@ -3,6 +3,8 @@ shows them (the mask overlaid in blue at α 0.55, or as an image of its own), ex
 query's image; the records they make go through the dataset to the model's context images."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,7 @@ from medplib.data.images import write_png
 from medplib.data.schema import IMAGE_TOKEN, Record
 from medplib.data.torch_dataset import MedDataset
 from medplib.tasks.incontext import (
-    ALPHA, choose_examples, icl_record, overlay, question, show_examples, structure_of,
+    ALPHA, choose_examples, icl_record, made_up_name, overlay, question, show_examples, structure_of,
 )
 from tests.stub_tokenizer import LengthTokenizer
 
@@ -113,7 +115,8 @@ def test_a_stage_mix_gets_in_context_records_of_the_train_split_only(tmp_path):
     assert made == tasks.get("icl").derive(pool, "train", seed=3)  # repeatable
     assert made != tasks.get("icl").derive(pool, "train", seed=4)
     by_id = {r.id: r for r in pool}
-    assert made and all(r.split == "train" and r.task == "icl" and 1 <= len(r.context) <= 3 for r in made)
+    assert made and all(r.split == "train" and r.task == "icl" and len(r.context) <= 3 for r in made)
+    assert all(r.id.endswith("-icl0-overlay-alias") for r in made if not r.context)  # K = 0: a made-up name
     for rec in made:
         query = by_id[rec.id.split("-icl")[0]]
         assert rec.masks == query.masks and rec.image == query.image
@@ -123,10 +126,34 @@ def test_a_stage_mix_gets_in_context_records_of_the_train_split_only(tmp_path):
         assert asked.count(IMAGE_TOKEN) == len(rec.context) + 1
     # a quarter of the train queries per style (seeded), over seeds
     queries = sum(r.split == "train" for r in pool)
-    share = np.mean([len(tasks.get(name).derive(pool, "train", seed)) / queries
+    share = np.mean([sum(bool(r.context) for r in tasks.get(name).derive(pool, "train", seed)) / queries
                      for seed in range(40) for name in ("icl", "icl_mask")])
     assert 0.18 < share < 0.32
     assert all(r.task == "icl_mask" for r in tasks.get("icl_mask").derive(pool, "train", seed=3))
+
+
+def test_made_up_names_stand_for_the_structure_in_the_question_and_the_answer(tmp_path):
+    pool = _pool(tmp_path)
+    by_id = {r.id: r for r in pool}
+    alone = {r.image for r in pool if sum(q.image == r.image for q in pool) == 1}  # liver alone: the odd images
+    made = [r for seed in range(30) for name in ("icl", "icl_mask") for r in tasks.get(name).derive(pool, "train", seed)
+            if r.id.endswith("-alias")]
+    assert {len(r.context) for r in made} == {0, 1, 2, 3}
+    for rec in made:
+        query = by_id[rec.id.split("-icl")[0]]
+        asked, answer = rec.conversations[0]["value"], rec.conversations[1]["value"]
+        said = re.match(r"It is the (.+?)\. <SEG>", answer)
+        assert said and rec.masks == query.masks
+        name = said.group(1)
+        assert name not in ("liver", "spleen") and f"the {name} " in asked.replace(".", " ")
+        assert structure_of(query) not in asked
+        if not rec.context:  # asked with no example: only where the structure is the only one on its image
+            assert rec.task == "icl" and rec.image in alone
+    assert made_up_name(np.random.default_rng(0), set()) == made_up_name(np.random.default_rng(0), set())
+    first = made_up_name(np.random.default_rng(0), set())
+    assert made_up_name(np.random.default_rng(0), {first}) != first
+    with pytest.raises(ValueError, match="alias"):
+        icl_record(pool[0], [], "overlay", named=False, alias="bofa")
 
 
 def test_an_evaluation_asks_each_query_with_nested_examples_for_each_k(tmp_path, monkeypatch):
