@@ -19,8 +19,8 @@ pytestmark = pytest.mark.e2e
 PINNED = {
     # re-pinned: the tiny CLIP tower's pretraining moves each image by up to 4 pixels (model.vision.pretrain_shift)
     1: [6.7077, 6.8193, 6.8257, 6.3838],
-    # stage III re-pinned again: its mix takes the in-context records, which the example prompt reads
-    3: [9.5505, 9.5711, 9.8201, 9.5609],
+    # stage III re-pinned again: its in-context records call some structures by made-up names (and ask K = 0)
+    3: [9.6503, 9.5633, 9.8201, 9.9755],
 }
 
 
