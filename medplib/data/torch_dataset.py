@@ -2,8 +2,8 @@
 
 Geometry: every image is padded to a square (centred) and resized, once for the CLIP tower and once for the SAM
 encoder; prompt masks follow the CLIP geometry, target masks the SAM geometry. `unsquare` undoes it for outputs.
-A record's context images (in-context examples, other views) come as extra tensors on the sample. When its prompt
-has an `<image>` placeholder for them (one per shown image, before the query's), the sample also carries the images
+A record's context images (in-context examples, other views) reach the sample as what uses them. When its prompt
+has an `<image>` placeholder for them (one per shown image, before the query's), the sample carries the images
 the task shows for them (`Task.show_context`: the images, or example masks drawn in), which `collate` batches as
 `context_pixel_values` with `context_counts` for the model; a prompt with one `<image>` shows none.
 """
@@ -193,12 +193,8 @@ class Sample:
     sam_pixel_values: torch.Tensor  # (3, Ss, Ss) SAM input
     region_masks: torch.Tensor  # (R, Sv, Sv) bool, one per <region>
     seg_masks: torch.Tensor  # (S, Ss, Ss) float, one per <SEG>
-    record: Record
-    # The record's context pairs, in the CLIP geometry; None when it has none. A pair without a mask has an all-False
-    # mask (ingest refuses empty masks).
-    context_pixel_values: torch.Tensor | None = None  # (K, 3, Sv, Sv)
-    context_masks: torch.Tensor | None = None  # (K, Sv, Sv) bool
-    # What the prompt shows of them, one image per `<image>` placeholder before the query's (Task.show_context);
+    record: Record  # its context pairs (`record.context`) are read only as the two fields below need them
+    # What the prompt shows of the record's context pairs, one image per `<image>` placeholder before the query's (Task.show_context);
     # None when the prompt shows none. `collate` batches these for the model.
     shown_context: torch.Tensor | None = None  # (N, 3, Sv, Sv)
     # A task whose context pairs are examples of the mask to produce (`Task.mask_examples`): the pairs in the SAM
@@ -241,7 +237,9 @@ class MedDataset(Dataset):
         placeholders = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
         region_masks = [preprocess_mask(m, self.image_size, keep_any=True) for m in regions]
         seg_masks = [preprocess_mask(m, self.sam_image_size).float() for m in targets]
-        pairs = context_pairs(rec, self.data_dir) if rec.context else []  # read once; three views of them below
+        task = registry.get(rec.task)
+        # the context pairs, read once, when the prompt shows them or the task hands them over as examples
+        pairs = context_pairs(rec, self.data_dir) if rec.context and (placeholders > 1 or task.mask_examples) else []
         return Sample(
             input_ids=torch.tensor(ids), labels=torch.tensor(labels),
             pixel_values=preprocess_image(image, self.image_size, CLIP_MEAN, CLIP_STD),
@@ -250,8 +248,7 @@ class MedDataset(Dataset):
             torch.zeros(0, self.image_size, self.image_size, dtype=torch.bool),
             seg_masks=torch.stack(seg_masks) if seg_masks else torch.zeros(0, self.sam_image_size, self.sam_image_size),
             record=rec,
-            **(self._context(pairs) if pairs else {}),
-            **(self._examples(rec, pairs) if pairs and registry.get(rec.task).mask_examples else {}),
+            **(self._examples(rec, pairs) if pairs and task.mask_examples else {}),
             **({"shown_context": self._shown(rec, pairs, placeholders - 1)} if placeholders > 1 else {}),
         )
 
@@ -263,13 +260,6 @@ class MedDataset(Dataset):
                               f"the prompt has {n + 1} {IMAGE_TOKEN} placeholders, but task {rec.task!r} shows "
                               f"{len(shown)} image(s) for its {len(pairs)} context pair(s), and one is the query's")
         return torch.stack([preprocess_image(im, self.image_size, CLIP_MEAN, CLIP_STD) for im in shown])
-
-    def _context(self, pairs: list) -> dict[str, torch.Tensor]:
-        """The context pairs in the CLIP geometry; a pair without a mask gets an all-False one."""
-        images = [preprocess_image(image, self.image_size, CLIP_MEAN, CLIP_STD) for image, _ in pairs]
-        masks = [preprocess_mask(mask if mask is not None else np.zeros(image.shape[:2], bool), self.image_size)
-                 for image, mask in pairs]
-        return {"context_pixel_values": torch.stack(images), "context_masks": torch.stack(masks)}
 
     def _examples(self, rec: Record, pairs: list) -> dict[str, torch.Tensor]:
         missing = [i for i, (_, mask) in enumerate(pairs) if mask is None]

@@ -134,14 +134,12 @@ def test_context_pairs_round_trip_bad_ones_are_quarantined(tmp_path: Path, icl_t
     assert report.success, report.summary()
     assert (report.n_records, report.n_images, report.n_masks) == (4, 6, 6)
 
-    # the torch dataset: context as extra tensors, none for a single-image record
+    # the torch dataset: the records keep their pairs; a prompt with one <image> shows none of them
     ds = MedDataset(data, LengthTokenizer(), 32, 32)
     sample = ds[ds.records.index(by_n[3])]
-    assert sample.context_pixel_values.shape == (3, 3, 32, 32) and sample.context_masks.shape == (3, 32, 32)
-    assert all(m.any() for m in sample.context_masks)
-    assert ds[ds.records.index(by_n[0])].context_pixel_values is None
+    assert sample.record.context == three and sample.shown_context is None
     second = ds[ds.records.index(view)]
-    assert second.context_pixel_values.shape == (1, 3, 32, 32) and not second.context_masks.any()
+    assert second.record.context == [{"image": images[1], "mask": None}] and second.shown_context is None
     assert set(ds.collate([sample, second])) >= {"input_ids", "pixel_values", "seg_masks"}
 
 

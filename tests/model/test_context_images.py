@@ -62,7 +62,7 @@ def test_the_dataset_shows_what_the_task_shows_and_collate_batches_it(shows_mask
     ds = MedDataset(tmp_path, tokenizer, SIZE, SIZE, records=[two, none])
     a, b = ds[0], ds[1]
     assert a.shown_context.shape == (2, 3, SIZE, SIZE) and b.shown_context is None
-    assert a.context_pixel_values.shape == (1, 3, SIZE, SIZE)  # the raw pair is still there
+    assert a.record.context == two.context and b.record.context == none.context  # the pairs stay on the record
     batch = ds.collate([a, b])
     assert batch["context_pixel_values"].shape == (2, 3, SIZE, SIZE)
     assert batch["context_counts"].tolist() == [2, 0]
