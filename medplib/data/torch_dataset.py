@@ -194,8 +194,8 @@ class Sample:
     region_masks: torch.Tensor  # (R, Sv, Sv) bool, one per <region>
     seg_masks: torch.Tensor  # (S, Ss, Ss) float, one per <SEG>
     record: Record  # its context pairs (`record.context`) are read only as the two fields below need them
-    # What the prompt shows of the record's context pairs, one image per `<image>` placeholder before the query's (Task.show_context);
-    # None when the prompt shows none. `collate` batches these for the model.
+    # What the prompt shows of the record's context pairs, one image per `<image>` placeholder before the query's
+    # (Task.show_context); None when the prompt shows none. `collate` batches these for the model.
     shown_context: torch.Tensor | None = None  # (N, 3, Sv, Sv)
     # A task whose context pairs are examples of the mask to produce (`Task.mask_examples`): the pairs in the SAM
     # geometry, for a model whose mask decoder reads examples; None otherwise. `collate` batches these too.
@@ -230,14 +230,14 @@ class MedDataset(Dataset):
         turns, region_paths, mask_paths = strip_paths(rec.conversations)
         regions = [read_mask(self.data_dir / p) for p in region_paths]
         targets = [read_mask(self.data_dir / p) for p in mask_paths]
-        form = registry.get(rec.task).pixel_form(turns, regions, targets, *image.shape[:2])  # boxes in text, as
+        task = registry.get(rec.task)
+        form = task.pixel_form(turns, regions, targets, *image.shape[:2])  # boxes in text, as
         if form is not None:  # box prompts and <SEG> answers
             turns, regions, targets = form
         ids, labels, regions = encode_within(turns, regions, self.tokenizer, self.max_len, rec.id)
         placeholders = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
         region_masks = [preprocess_mask(m, self.image_size, keep_any=True) for m in regions]
         seg_masks = [preprocess_mask(m, self.sam_image_size).float() for m in targets]
-        task = registry.get(rec.task)
         # the context pairs, read once, when the prompt shows them or the task hands them over as examples
         pairs = context_pairs(rec, self.data_dir) if rec.context and (placeholders > 1 or task.mask_examples) else []
         return Sample(

@@ -13,13 +13,14 @@ Both tasks are derived (`Task.derive`): ingest writes none; their records are ma
 split a stage or an evaluation loads.
 - Training, when a stage's mix names them (group "incontext": the tiny preset's stages III and IV do; `full` keeps
   MedPLIB's mixes, and a config file adds them: `train: {stage3: {tasks: [pixel, incontext]}, …}`): a seeded quarter
-  of the train split's grounding records per style, K = 1..3. The train split holds the training modalities only (every zero-shot image is in the
-  zero-shot split, and the GX gate fails a dataset where one is not). Half of them do not name the structure
-  (`question(k, None, …)`), so the examples, not the name, say what to segment; the answer names it. Half of the
-  named ones call it by a made-up name (`made_up_name`, `alias`) in the question and the answer, and a quarter of the
-  train grounding records alone on their image are asked with a made-up name and no example (K = 0, `icl` only): a
-  held-out structure's name is one the model never read, spelled in pieces of words it has, and without these
-  records it answered such a request with a trained name and often no `<SEG>`, which is what K = 0 measured most.
+  of the train split's grounding records per style, K = 1..3. The train split holds the training modalities only
+  (every zero-shot image is in the zero-shot split, and the GX gate fails a dataset where one is not). Half of them
+  do not name the structure (`question(k, None, …)`), so the examples, not the name, say what to segment; the answer
+  names it. Half of the named ones call it by a made-up name (`made_up_name`, `alias`) in the question and the
+  answer, and a quarter of the train grounding records alone on their image are asked with a made-up name and no
+  example (K = 0, `icl` only): a held-out structure's name is one the model never read, spelled in pieces of words it
+  has, and without these records it answered such a request with a trained name and often no `<SEG>`, which is what
+  K = 0 measured most.
 - Evaluation (every MedPLIB evaluation): up to `EVAL_QUERIES` grounding records of the test split (in distribution)
   and of the zero-shot split (held out), and at most one in `EVAL_SHARE` of the split's (so a small dataset's
   evaluation stays cheap), each asked with K = 0, 1, 2, 3 examples overlaid (`icl`) and K = 1, 2, 3 as
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from dataclasses import replace
 from typing import Sequence
 
@@ -185,14 +187,14 @@ def icl_record(query: Record, examples: Sequence[Record], style: str, named: boo
                    context=[{"image": e.image, "mask": e.masks[0]} for e in examples])
 
 
-_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+_CONSONANTS, _VOWELS = tuple("bdfgklmnprstvz"), tuple("aeiou")
 
 
 def made_up_name(rng: np.random.Generator, taken: set[str]) -> str:
     """A pronounceable word of 2-4 syllables that is none of `taken` (the dataset's structure names), sometimes two:
     a name the model has never read, spelled in pieces of words it has, as a held-out structure's name is."""
     while True:
-        words = ["".join(str(rng.choice(list(_CONSONANTS))) + str(rng.choice(list(_VOWELS)))
+        words = ["".join(str(rng.choice(_CONSONANTS)) + str(rng.choice(_VOWELS))
                          for _ in range(int(rng.integers(2, 5)))) for _ in range(1 + int(rng.random() < 0.2))]
         name = " ".join(words)
         if name not in taken:
@@ -245,9 +247,7 @@ class InContextSegmentation(Task):
         out = []
         if purpose == "train":
             taken = {name for (_, name) in by_class}
-            on_image: dict[str, int] = {}
-            for q in queries:
-                on_image[q.image] = on_image.get(q.image, 0) + 1
+            on_image = Counter(q.image for q in queries)  # grounding queries per image: its structures
             for query in (q for q in queries if q.split == "train"):
                 rng = _rng(seed, query.id, self.name)
                 take, named = rng.random() < TRAIN_SHARE, rng.random() >= UNNAMED_SHARE
